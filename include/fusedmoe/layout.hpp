@@ -1,0 +1,133 @@
+// fusedmoe/layout.hpp — the one description of every buffer of a rank's symmetric workspace.
+//
+// Host code sizes the allocation from it, kernels (and the CPU oracle) address through it, and
+// tests/cpp/test_layout.cpp checks that sizes add up, sections are aligned and never overlap,
+// and worst cases fit. Every rank of a world has the same layout (a symmetric region), so an
+// offset computed on one rank addresses the same buffer on a peer.
+//
+// Sections of rank q's workspace (element = the layer's dtype; "rows" are H elements):
+//   recv_rows   [W sources][rows_per_source][H]   rows other ranks dispatched to q's experts.
+//               Within one source's block rows are ordered by q's local expert. Dropless: expert
+//               e_l starts at psum_{e' < e_l} count(source, e'), so the block needs at most
+//               T_max · min(k, E_local) rows. Capacity mode: expert e_l owns the fixed range
+//               [e_l · C, (e_l + 1) · C), C = capacity(T_max).
+//   recv_meta   [W sources][rows_per_source] int32  token·k + j of each received row, so that
+//               the owner knows where in the source's ret_rows the result goes.
+//   recv_flags  [W sources][E_local] uint64  {epoch:32 | row count:32}, raised by the source.
+//   hidden      [W sources][rows_per_source][I] activation between the two GEMMs (scratch).
+//   ret_rows    [T_max][k][H]   expert outputs of q's tokens, returned by the owning ranks;
+//               (token, j) lives at row token·k + j.
+//   ret_flags   [E][m_tiles] uint64 epoch flags, one per returned tile of BLOCK_M rows.
+//   counters    [W][E_local][m_tiles] uint32 tile-completion counters (scratch).
+//   task_queue  [task_capacity] 16-byte task records + head/tail words.
+#pragma once
+
+#include <cstdint>
+
+#include "fusedmoe/macros.hpp"
+
+namespace fusedmoe {
+
+struct LayoutParams {
+  int64_t world_size = 1;
+  int64_t max_local_experts = 1;   // E_local (max over ranks)
+  int64_t num_experts = 1;         // E
+  int64_t top_k = 1;
+  int64_t hidden_size = 1;         // H
+  int64_t ffn_size = 1;            // I
+  int64_t max_tokens = 0;          // T_max: most tokens any rank holds in one call
+  int64_t capacity = 0;            // rows per (source, expert); 0 = dropless
+  int64_t element_size = 4;        // bytes of the layer's dtype
+  int64_t block_m = 128;           // rows per tile
+};
+
+struct Section {
+  int64_t offset = 0;  // bytes from the workspace base
+  int64_t bytes = 0;
+};
+
+struct WorkspaceLayout {
+  static constexpr int64_t kAlignment = 256;  // TMA needs 16 B, swizzled tiles 128 B
+  static constexpr int64_t kTaskBytes = 16;
+
+  LayoutParams p;
+  int64_t rows_per_source = 0;
+  int64_t m_tiles = 0;        // ceil(T_max / block_m): tiles of one (source, expert) or token range
+  int64_t task_capacity = 0;  // worst-case number of tasks of one launch
+  Section recv_rows, recv_meta, recv_flags, hidden, ret_rows, ret_flags, counters, task_queue;
+  int64_t total_bytes = 0;
+
+  FUSEDMOE_HD static int64_t align_up(int64_t value, int64_t alignment) {
+    return (value + alignment - 1) / alignment * alignment;
+  }
+
+  FUSEDMOE_HD static WorkspaceLayout make(const LayoutParams& params) {
+    WorkspaceLayout l;
+    l.p = params;
+    const int64_t k_local = params.top_k < params.max_local_experts ? params.top_k
+                                                                    : params.max_local_experts;
+    l.rows_per_source = params.capacity > 0 ? params.max_local_experts * params.capacity
+                                            : params.max_tokens * k_local;
+    l.m_tiles = (params.max_tokens + params.block_m - 1) / params.block_m;
+    // Every (source, local expert) segment contributes at most ceil(count / block_m) m-tiles,
+    // and sum over experts of ceil(c_e / BM) <= rows / BM + E_local. Each m-tile is one GEMM
+    // task of each GEMM; plus one dispatch and one combine task per token tile.
+    const int64_t gemm_tiles = params.world_size *
+                               ((l.rows_per_source + params.block_m - 1) / params.block_m +
+                                params.max_local_experts);
+    l.task_capacity = 2 * gemm_tiles + 2 * l.m_tiles + 1;
+    int64_t cursor = 0;
+    auto take = [&cursor](int64_t bytes) {
+      Section s;
+      s.offset = cursor;
+      s.bytes = bytes;
+      cursor = align_up(cursor + bytes, kAlignment);
+      return s;
+    };
+    const int64_t row_bytes = params.hidden_size * params.element_size;
+    l.recv_rows = take(params.world_size * l.rows_per_source * row_bytes);
+    l.recv_meta = take(params.world_size * l.rows_per_source * 4);
+    l.recv_flags = take(params.world_size * params.max_local_experts * 8);
+    l.hidden = take(params.world_size * l.rows_per_source * params.ffn_size * params.element_size);
+    l.ret_rows = take(params.max_tokens * params.top_k * row_bytes);
+    l.ret_flags = take(params.num_experts * l.m_tiles * 8);
+    l.counters = take(params.world_size * params.max_local_experts * l.m_tiles * 4);
+    l.task_queue = take(l.task_capacity * kTaskBytes + 16);
+    l.total_bytes = cursor;
+    return l;
+  }
+
+  // Row index (in rows of H) inside recv_rows for row `row` of local expert `local_expert` sent
+  // by `source`. `psum_before` = rows the source sent to q's local experts before this one
+  // (ignored in capacity mode, where the range is fixed).
+  FUSEDMOE_HD int64_t recv_row(int64_t source, int64_t local_expert, int64_t psum_before,
+                               int64_t row) const {
+    const int64_t within = p.capacity > 0 ? local_expert * p.capacity + row : psum_before + row;
+    return source * rows_per_source + within;
+  }
+  FUSEDMOE_HD int64_t recv_flag_index(int64_t source, int64_t local_expert) const {
+    return source * p.max_local_experts + local_expert;
+  }
+  FUSEDMOE_HD int64_t ret_row(int64_t token_idx, int64_t choice) const {
+    return token_idx * p.top_k + choice;
+  }
+  FUSEDMOE_HD int64_t ret_flag_index(int64_t expert_idx, int64_t m_tile) const {
+    return expert_idx * m_tiles + m_tile;
+  }
+  FUSEDMOE_HD int64_t counter_index(int64_t source, int64_t local_expert, int64_t m_tile) const {
+    return (source * p.max_local_experts + local_expert) * m_tiles + m_tile;
+  }
+};
+
+// Flag word: epoch in the high 32 bits, payload (row count) in the low 32 bits.
+FUSEDMOE_HD uint64_t make_flag(uint32_t epoch, uint32_t count) {
+  return (static_cast<uint64_t>(epoch) << 32) | count;
+}
+FUSEDMOE_HD uint32_t flag_epoch(uint64_t flag) { return static_cast<uint32_t>(flag >> 32); }
+FUSEDMOE_HD uint32_t flag_count(uint64_t flag) { return static_cast<uint32_t>(flag & 0xffffffffu); }
+// Wrap-safe "epoch a is at or after b".
+FUSEDMOE_HD bool epoch_reached(uint32_t seen, uint32_t expected) {
+  return static_cast<int32_t>(seen - expected) >= 0;
+}
+
+}  // namespace fusedmoe

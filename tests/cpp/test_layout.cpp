@@ -1,0 +1,145 @@
+// tests/cpp/test_layout.cpp — workspace layout (sizes add up, alignment, no overlap, worst
+// cases), flag words, the planner, and the counter-based noise.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+
+#include "fusedmoe/fusedmoe.hpp"
+
+namespace fusedmoe {
+namespace {
+
+std::vector<Section> sections(const WorkspaceLayout& l) {
+  return {l.recv_rows, l.recv_meta, l.recv_flags, l.hidden, l.ret_rows, l.ret_flags, l.counters, l.task_queue};
+}
+
+LayoutParams params(int64_t world, int64_t local, int64_t k, int64_t tokens, int64_t capacity) {
+  return LayoutParams{.world_size = world, .max_local_experts = local, .num_experts = world * local, .top_k = k,
+                      .hidden_size = 48, .ffn_size = 80, .max_tokens = tokens, .capacity = capacity,
+                      .element_size = 2, .block_m = 64};
+}
+
+TEST(Layout, SectionsAlignedOrderedNonOverlappingAndSumToTotal) {
+  for (auto p : {params(1, 8, 2, 1000, 0), params(8, 4, 8, 333, 0), params(4, 2, 2, 17, 20), params(2, 1, 1, 0, 0)}) {
+    WorkspaceLayout l = WorkspaceLayout::make(p);
+    int64_t end = 0;
+    for (const Section& s : sections(l)) {
+      EXPECT_EQ(s.offset % WorkspaceLayout::kAlignment, 0);
+      EXPECT_GE(s.offset, end) << "overlap";
+      end = s.offset + s.bytes;
+    }
+    EXPECT_GE(l.total_bytes, end);
+    EXPECT_LT(l.total_bytes - end, WorkspaceLayout::kAlignment);
+    EXPECT_EQ(l.total_bytes % WorkspaceLayout::kAlignment, 0);
+  }
+}
+
+TEST(Layout, SectionSizes) {
+  WorkspaceLayout l = WorkspaceLayout::make(params(4, 3, 2, 100, 0));
+  EXPECT_EQ(l.rows_per_source, 100 * 2);  // dropless: T_max · min(k, E_local)
+  EXPECT_EQ(l.recv_rows.bytes, 4 * 200 * 48 * 2);
+  EXPECT_EQ(l.recv_meta.bytes, 4 * 200 * 4);
+  EXPECT_EQ(l.recv_flags.bytes, 4 * 3 * 8);
+  EXPECT_EQ(l.hidden.bytes, 4 * 200 * 80 * 2);
+  EXPECT_EQ(l.ret_rows.bytes, 100 * 2 * 48 * 2);
+  EXPECT_EQ(l.m_tiles, 2);
+  EXPECT_EQ(l.ret_flags.bytes, 12 * 2 * 8);
+  WorkspaceLayout capped = WorkspaceLayout::make(params(4, 3, 2, 100, 20));
+  EXPECT_EQ(capped.rows_per_source, 3 * 20);
+  WorkspaceLayout k_above_local = WorkspaceLayout::make(params(4, 1, 4, 10, 0));
+  EXPECT_EQ(k_above_local.rows_per_source, 10);  // a token sends one row per local expert at most
+}
+
+// Worst case: every slot the router can produce lands inside the source's block, and distinct
+// (source, expert, row) map to distinct rows.
+TEST(Layout, RecvRowsOfAllSlotsAreDistinctAndInBounds) {
+  for (int64_t capacity : {0, 5}) {
+    const int64_t world = 3, local = 2, tokens = 7, k = 2;
+    WorkspaceLayout l = WorkspaceLayout::make(params(world, local, k, tokens, capacity));
+    std::set<int64_t> seen;
+    for (int64_t s = 0; s < world; ++s) {
+      // Worst dropless split for one source: all k·T rows over its local experts.
+      const int64_t per_expert = capacity ? capacity : tokens;
+      int64_t psum = 0;
+      for (int64_t e = 0; e < local; ++e) {
+        const int64_t rows = capacity ? capacity : (e == 0 ? per_expert : tokens * std::min(k, local) - per_expert);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row = l.recv_row(s, e, psum, r);
+          EXPECT_GE(row, s * l.rows_per_source);
+          EXPECT_LT(row, (s + 1) * l.rows_per_source);
+          EXPECT_TRUE(seen.insert(row).second) << "row " << row << " used twice";
+        }
+        psum += rows;
+      }
+    }
+  }
+}
+
+TEST(Layout, IndexFunctionsStayInsideTheirSections) {
+  WorkspaceLayout l = WorkspaceLayout::make(params(8, 4, 8, 300, 0));
+  EXPECT_LT(l.recv_flag_index(7, 3) * 8, l.recv_flags.bytes);
+  EXPECT_LT(l.ret_row(299, 7) * 48 * 2, l.ret_rows.bytes);
+  EXPECT_LT(l.ret_flag_index(31, l.m_tiles - 1) * 8, l.ret_flags.bytes);
+  EXPECT_LT(l.counter_index(7, 3, l.m_tiles - 1) * 4, l.counters.bytes);
+  EXPECT_GE(l.task_capacity * WorkspaceLayout::kTaskBytes, 0);
+}
+
+TEST(Flags, EpochAndCountPackAndWrapSafely) {
+  const uint64_t f = make_flag(0xfffffffeu, 1234);
+  EXPECT_EQ(flag_epoch(f), 0xfffffffeu);
+  EXPECT_EQ(flag_count(f), 1234u);
+  EXPECT_TRUE(epoch_reached(5, 5));
+  EXPECT_TRUE(epoch_reached(6, 5));
+  EXPECT_FALSE(epoch_reached(4, 5));
+  EXPECT_TRUE(epoch_reached(1, 0xffffffffu));   // wrapped past
+  EXPECT_FALSE(epoch_reached(0xffffffffu, 1));  // not yet wrapped
+}
+
+TEST(Planner, PlansFitSharedMemoryAndCoverTheShape) {
+  MoeConfig c;
+  c.hidden_size = 2048;
+  c.ffn_size = 2048;
+  c.num_experts = 64;
+  c.top_k = 2;
+  c.dtype = DType::kBFloat16;
+  TilePlan plan = make_plan(c, 16384, DeviceInfo{});
+  EXPECT_LE(plan.smem_bytes, DeviceInfo{}.smem_per_block);
+  EXPECT_GE(plan.stages, 2);
+  EXPECT_EQ(plan.num_blocks, 132);
+  EXPECT_EQ(plan.n0_tiles * plan.block_n0, 2048);
+  EXPECT_TRUE(plan.use_wgmma);
+  EXPECT_FALSE(plan.to_string().empty());
+  TilePlan decode = make_plan(c, 128, DeviceInfo{.sm_count = 114, .cc_major = 8});
+  EXPECT_EQ(decode.block_m, 64);
+  EXPECT_FALSE(decode.use_wgmma);
+  EXPECT_EQ(decode.num_blocks, 114);
+  EXPECT_THROW(make_plan(c, 16, DeviceInfo{.smem_per_block = 4096}), Error);
+  EXPECT_THROW(make_plan(c, -1, DeviceInfo{}), Error);
+}
+
+TEST(Noise, DeterministicUniformAndNormal) {
+  EXPECT_EQ(noise::hash(1, 2, 3, 4), noise::hash(1, 2, 3, 4));
+  EXPECT_NE(noise::hash(1, 2, 3, 4), noise::hash(1, 2, 3, 5));
+  EXPECT_NE(noise::hash(1, 2, 3, 4), noise::hash(2, 2, 3, 4));
+  double sum = 0, sum_sq = 0, nsum = 0, nsum_sq = 0;
+  const int n = 20000;
+  for (int i = 0; i < n; ++i) {
+    const double u = noise::uniform(9, noise::kGShardSecond, static_cast<uint64_t>(i), 0);
+    ASSERT_GT(u, 0.0);
+    ASSERT_LT(u, 1.0);
+    sum += u;
+    sum_sq += u * u;
+    const double z = noise::normal(9, noise::kNoisyGate, static_cast<uint64_t>(i), 3);
+    nsum += z;
+    nsum_sq += z * z;
+  }
+  EXPECT_NEAR(sum / n, 0.5, 0.01);
+  EXPECT_NEAR(sum_sq / n - 0.25, 1.0 / 12.0 - 0.0, 0.01);
+  EXPECT_NEAR(nsum / n, 0.0, 0.03);
+  EXPECT_NEAR(nsum_sq / n, 1.0, 0.04);
+}
+
+}  // namespace
+}  // namespace fusedmoe
