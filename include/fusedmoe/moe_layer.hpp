@@ -48,9 +48,12 @@ struct ForwardArgs {
   uint64_t seed = 0;                     // noise key (fusedmoe/noise.hpp)
   int64_t token_offset = 0;              // global index of x's first token, for the noise key
   const int32_t* forced_topk_idx = nullptr;  // [T, k]: use this selection instead of top-k
+  void* stream = nullptr;                // cudaStream_t for the CUDA backend (nullptr = default)
 };
 
-// Every pointer is optional except y.
+// Every pointer is optional except y. Pointers (and views) live where the backend computes:
+// host memory for the cpu and naive backends, device memory for the cuda backend (which then
+// never synchronises with the host: aux_loss and z_loss are doubles in device memory).
 struct ForwardOutputs {
   TensorView y;                    // [T, H]
   int32_t* topk_idx = nullptr;     // [T, k] selected experts; -1 = no expert (GShard drop)
@@ -78,6 +81,8 @@ struct MoeGrads {
 };
 
 struct LoadStats {
+  // Per-expert sums are kept by the host backends; the cuda backend leaves them zero (its counts
+  // stay on the device, in ForwardOutputs::expert_counts / kept_counts).
   std::vector<int64_t> routed;   // [E] assignments before capacity, summed over calls
   std::vector<int64_t> kept;     // [E] assignments computed
   int64_t tokens = 0;            // tokens seen

@@ -154,7 +154,7 @@ void MoeLayer::reset_load_stats() {
   stats_.kept.assign(static_cast<size_t>(config_.num_experts), 0);
 }
 
-bool MoeLayer::cuda_available() { return cuda_device_present() && make_cuda_backend() != nullptr; }
+bool MoeLayer::cuda_available() { return cuda_device_present(); }
 
 void MoeLayer::check_forward(const ForwardArgs& args, const char* what) const {
   FUSEDMOE_CHECK(args.x.defined(), what << ": x is missing (expected shape [T, " << config_.hidden_size << "])");
@@ -164,7 +164,7 @@ void MoeLayer::check_forward(const ForwardArgs& args, const char* what) const {
   FUSEDMOE_CHECK(args.x.dtype == config_.dtype, "x: dtype " << to_string(args.x.dtype) << ", expected "
                                                             << to_string(config_.dtype) << " (config dtype)");
   FUSEDMOE_CHECK(args.token_offset >= 0, "token_offset = " << args.token_offset << ": must be >= 0");
-  if (args.forced_topk_idx) {
+  if (args.forced_topk_idx && backend_ != Backend::kCuda) {  // device memory otherwise
     const int64_t n = args.x.shape[0] * config_.top_k;
     for (int64_t i = 0; i < n; ++i) {
       const int32_t e = args.forced_topk_idx[i];
@@ -184,14 +184,20 @@ void MoeLayer::forward(const ForwardArgs& args, const ForwardOutputs& out) {
   const auto tokens_per_rank = resolve_tokens_per_rank(config_, T, args.tokens_per_rank);
   check_view(out.y, "y", true, config_.dtype, {T, config_.hidden_size});
   check_optional(out.topk_weight, "topk_weight", true, config_.dtype, {T, config_.top_k});
-  std::vector<int64_t> routed(static_cast<size_t>(config_.num_experts)), kept(routed.size());
-  ForwardOutputs o = out;
-  if (!o.expert_counts) o.expert_counts = routed.data();
-  if (!o.kept_counts) o.kept_counts = kept.data();
-  impl_->forward(config_, weights_, args, tokens_per_rank, o);
-  for (int64_t e = 0; e < config_.num_experts; ++e) {
-    stats_.routed[static_cast<size_t>(e)] += o.expert_counts[e];
-    stats_.kept[static_cast<size_t>(e)] += o.kept_counts[e];
+  if (backend_ == Backend::kCuda) {
+    // Counts stay on the device (reading them would synchronise): per-expert statistics come
+    // from the expert_counts / kept_counts outputs.
+    impl_->forward(config_, weights_, args, tokens_per_rank, out);
+  } else {
+    std::vector<int64_t> routed(static_cast<size_t>(config_.num_experts)), kept(routed.size());
+    ForwardOutputs o = out;
+    if (!o.expert_counts) o.expert_counts = routed.data();
+    if (!o.kept_counts) o.kept_counts = kept.data();
+    impl_->forward(config_, weights_, args, tokens_per_rank, o);
+    for (int64_t e = 0; e < config_.num_experts; ++e) {
+      stats_.routed[static_cast<size_t>(e)] += o.expert_counts[e];
+      stats_.kept[static_cast<size_t>(e)] += o.kept_counts[e];
+    }
   }
   stats_.tokens += T;
   stats_.calls += 1;

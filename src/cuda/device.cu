@@ -21,9 +21,6 @@ bool cuda_device_present() {
   return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
 }
 
-// The GPU backend arrives with the GPU stages; until then the library reports none.
-std::unique_ptr<BackendImpl> make_cuda_backend() { return nullptr; }
-
 // Computes three layout values on the device (tests compare them with the host's).
 bool layout_probe_on_device(const LayoutParams& params, int64_t out_host[3]) {
   int64_t* out = nullptr;

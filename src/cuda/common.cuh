@@ -1,0 +1,81 @@
+// src/cuda/common.cuh — CUDA helpers shared by the GPU stages: the API-call check (throws
+// fusedmoe::Error with file:line and the CUDA error), element conversion to and from fp32, warp
+// reductions, and a stream-ordered scratch allocator.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "fusedmoe/error.hpp"
+
+#define FUSEDMOE_CUDA_CHECK(call)                                                             \
+  do {                                                                                        \
+    cudaError_t fusedmoe_status_ = (call);                                                    \
+    FUSEDMOE_CHECK(fusedmoe_status_ == cudaSuccess,                                           \
+                   #call << " failed: " << cudaGetErrorName(fusedmoe_status_) << " ("         \
+                         << cudaGetErrorString(fusedmoe_status_) << ")");                     \
+  } while (0)
+
+// After a launch: a bad configuration surfaces here, not at the next synchronisation.
+#define FUSEDMOE_LAUNCH_CHECK() FUSEDMOE_CUDA_CHECK(cudaGetLastError())
+
+namespace fusedmoe::cuda {
+
+template <class T> __device__ __forceinline__ float to_f32(T v);
+template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+
+template <class T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Stream-ordered scratch buffers (cudaMallocAsync), freed in order at destruction. Capturable in
+// CUDA graphs (allocations become graph memory nodes).
+class Scratch {
+ public:
+  explicit Scratch(cudaStream_t stream) : stream_(stream) {}
+  ~Scratch() {
+    for (void* p : blocks_) cudaFreeAsync(p, stream_);
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+
+  template <class T>
+  T* alloc(int64_t count) {
+    void* p = nullptr;
+    const size_t bytes = static_cast<size_t>(count > 0 ? count : 1) * sizeof(T);
+    FUSEDMOE_CUDA_CHECK(cudaMallocAsync(&p, bytes, stream_));
+    blocks_.push_back(p);
+    return static_cast<T*>(p);
+  }
+  template <class T>
+  T* zeros(int64_t count) {
+    T* p = alloc<T>(count);
+    FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(p, 0, static_cast<size_t>(count > 0 ? count : 1) * sizeof(T), stream_));
+    return p;
+  }
+
+ private:
+  cudaStream_t stream_;
+  std::vector<void*> blocks_;
+};
+
+}  // namespace fusedmoe::cuda

@@ -1,0 +1,315 @@
+// src/cuda/cuda_backend.cu — the modular GPU backend (one GPU, world size 1): router → slots →
+// gather → grouped GEMM0 → activation → grouped GEMM1 → combine, and the backward pass through
+// the same stages in reverse. Every buffer is stream-ordered scratch; nothing synchronises with
+// the host, so forward and backward can be captured in a CUDA graph. Backward recomputes the
+// forward intermediates (routing is deterministic and noise is keyed).
+// Test: tests/gpu/test_gpu_layer.cpp against the CPU oracle with the same routing.
+#include <algorithm>
+
+#include "core/backend.hpp"
+#include "cuda/common.cuh"
+#include "cuda/simple_gemm.cuh"
+#include "cuda/stages.cuh"
+
+namespace fusedmoe {
+namespace cuda {
+namespace {
+
+bool resolved_renormalize(const MoeConfig& c) {
+  if (c.gate == GateKind::kSwitchTop1) return false;
+  if (c.gate == GateKind::kGShardTop2) return true;
+  return c.renormalize;
+}
+
+template <class T>
+const T* ptr(const TensorView& v) { return v.defined() ? static_cast<const T*>(v.data) : nullptr; }
+template <class T>
+T* mut(const TensorView& v) { return v.defined() ? static_cast<T*>(v.data) : nullptr; }
+
+// C = A · B over groups; every operand addressed by (group stride, row stride, column stride).
+struct Operand {
+  const void* data;
+  int64_t group = 0, rows = 0, cols = 0;  // strides (elements)
+};
+
+template <class TA, class TB, class TC>
+void gemm(cudaStream_t stream, VaryDim vary, const int64_t* offsets, int groups, int64_t m, int64_t n, int64_t k,
+          Operand a, Operand b, void* c, int64_t c_group, int64_t c_rows, bool accumulate = false) {
+  SimpleGemmParams p;
+  p.num_groups = groups;
+  p.offsets = offsets;
+  p.vary = vary;
+  p.m = m; p.n = n; p.k = k;
+  p.a = a.data; p.a_group = a.group; p.a_sm = a.rows; p.a_sk = a.cols;
+  p.b = b.data; p.b_group = b.group; p.b_sk = b.rows; p.b_sn = b.cols;
+  p.c = c; p.c_group = c_group; p.c_sm = c_rows; p.c_sn = 1;
+  p.accumulate = accumulate;
+  simple_gemm<TA, TB, TC>(p, stream);
+}
+
+// Everything forward computes, kept for backward.
+template <class T>
+struct ForwardState {
+  explicit ForwardState(cudaStream_t s) : scratch(s) {}
+  Scratch scratch;
+  RouterParams rp;
+  RoutingBuffers r;
+  const float* router_input_f32 = nullptr;  // jittered router input (Switch, training)
+  int64_t capacity = 0, rows_max = 0, rows_per_expert_max = 0;
+  T* xperm = nullptr;      // [rows_max, H]
+  T* pre = nullptr;        // [rows_max, N1]
+  T* act = nullptr;        // [rows_max, I]
+  T* out_rows = nullptr;   // [rows_max, H]
+  float* dense = nullptr;  // [T, H] shared experts' sum (fp32), null without shared experts
+};
+
+template <class T>
+void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& args, ForwardState<T>& st,
+                 uint8_t* kept_out) {
+  cudaStream_t stream = static_cast<cudaStream_t>(args.stream);
+  const int64_t Tn = args.x.shape[0], H = c.hidden_size, E = c.num_experts, k = c.top_k;
+  const int64_t I = c.ffn_size, N1 = c.ffn_in_width();
+  const T* x = ptr<T>(args.x);
+  Scratch& s = st.scratch;
+  RouterParams& rp = st.rp;
+  rp = RouterParams{.num_tokens = Tn, .num_experts = E, .top_k = k, .gate = c.gate,
+                    .renormalize = resolved_renormalize(c), .training = args.training, .seed = args.seed,
+                    .token_offset = args.token_offset, .forced_topk_idx = args.forced_topk_idx};
+  RoutingBuffers& r = st.r;
+  const int64_t chunks = ceil_div(Tn, kSlotChunk);
+  r.logits = s.alloc<float>(Tn * E);
+  r.probs = s.alloc<float>(Tn * E);
+  r.lse = s.alloc<float>(Tn);
+  r.prob_sum = s.alloc<float>(Tn);
+  r.renorm_sum = s.alloc<float>(Tn);
+  r.selected = s.alloc<int32_t>(Tn * k);
+  r.idx = s.alloc<int32_t>(Tn * k);
+  r.weight = s.alloc<float>(Tn * k);
+  r.chunk_counts = s.alloc<int32_t>(k * chunks * E);
+  r.routed = s.alloc<int64_t>(E);
+  r.kept_count = s.alloc<int64_t>(E);
+  r.row_offsets = s.alloc<int64_t>(E + 1);
+  r.row_of = s.alloc<int32_t>(Tn * k);
+  r.kept = kept_out ? kept_out : s.alloc<uint8_t>(Tn * k);
+  st.capacity = c.capacity(Tn);
+  st.rows_per_expert_max = std::max<int64_t>(st.capacity, 1);
+  st.rows_max = std::min(Tn * k, c.dropless() ? Tn * k : E * st.capacity);
+  r.row_source = s.alloc<int32_t>(st.rows_max);
+
+  // Router logits (fp32) = router input · Wgᵀ + bg.
+  const bool jitter = c.gate == GateKind::kSwitchTop1 && args.training && c.jitter_eps > 0;
+  const Operand gate_b{ptr<T>(w.gate_weight), 0, 1, H};  // B(k = h, n = e) = Wg[e, h]
+  if (jitter) {
+    float* xr = s.alloc<float>(Tn * H);
+    jitter_router_input<T>(x, xr, Tn, H, c.jitter_eps, args.seed, args.token_offset, stream);
+    st.router_input_f32 = xr;
+    gemm<float, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, E, H, {xr, 0, H, 1}, gate_b, r.logits, 0, E);
+  } else {
+    gemm<T, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, E, H, {x, 0, H, 1}, gate_b, r.logits, 0, E);
+  }
+  if (w.gate_bias.defined()) add_group_bias<float, T>(r.logits, ptr<T>(w.gate_bias), nullptr, 1, Tn, E, stream);
+  if (c.gate == GateKind::kNoisyTopK && args.training) {
+    r.noise_pre = s.alloc<float>(Tn * E);
+    gemm<T, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, E, H, {x, 0, H, 1}, {ptr<T>(w.noise_weight), 0, 1, H},
+                      r.noise_pre, 0, E);
+    add_gate_noise(rp, r, stream);
+  }
+  gate_topk<T>(rp, ptr<T>(w.selection_bias), r, stream);
+  assign_slots(rp, st.capacity, r, stream);
+
+  // Dispatch (local): rows in expert order; expert FFN as grouped GEMMs.
+  st.xperm = s.alloc<T>(st.rows_max * H);
+  st.pre = s.alloc<T>(st.rows_max * N1);
+  st.act = s.alloc<T>(st.rows_max * I);
+  st.out_rows = s.alloc<T>(st.rows_max * H);
+  gather_rows<T>(x, r, false, st.xperm, Tn, k, H, stream);
+  gemm<T, T, T>(stream, VaryDim::kM, r.row_offsets, static_cast<int>(E), st.rows_per_expert_max, N1, H,
+                {st.xperm, 0, H, 1}, {ptr<T>(w.w1), H * N1, N1, 1}, st.pre, 0, N1);
+  if (w.b1.defined()) add_group_bias<T, T>(st.pre, ptr<T>(w.b1), r.row_offsets, E, st.rows_max, N1, stream);
+  activation_forward<T>(c.ffn, st.pre, st.act, r.row_offsets + E, st.rows_max, I, stream);
+  gemm<T, T, T>(stream, VaryDim::kM, r.row_offsets, static_cast<int>(E), st.rows_per_expert_max, H, I,
+                {st.act, 0, I, 1}, {ptr<T>(w.w2), I * H, H, 1}, st.out_rows, 0, H);
+  if (w.b2.defined()) add_group_bias<T, T>(st.out_rows, ptr<T>(w.b2), r.row_offsets, E, st.rows_max, H, stream);
+
+  // Shared experts: dense FFNs over all tokens, summed in fp32.
+  if (c.num_shared_experts > 0) {
+    const int64_t Is = c.shared_size(), Ns1 = c.shared_in_width();
+    st.dense = s.zeros<float>(Tn * H);
+    T* pre_s = s.alloc<T>(Tn * Ns1);
+    T* act_s = s.alloc<T>(Tn * Is);
+    for (int64_t e = 0; e < c.num_shared_experts; ++e) {
+      gemm<T, T, T>(stream, VaryDim::kNone, nullptr, 1, Tn, Ns1, H, {x, 0, H, 1},
+                    {ptr<T>(w.shared_w1) + e * H * Ns1, 0, Ns1, 1}, pre_s, 0, Ns1);
+      if (w.shared_b1.defined()) add_group_bias<T, T>(pre_s, ptr<T>(w.shared_b1) + e * Ns1, nullptr, 1, Tn, Ns1, stream);
+      activation_forward<T>(c.ffn, pre_s, act_s, nullptr, Tn, Is, stream);
+      gemm<T, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, H, Is, {act_s, 0, Is, 1},
+                        {ptr<T>(w.shared_w2) + e * Is * H, 0, H, 1}, st.dense, 0, H, /*accumulate=*/true);
+      if (w.shared_b2.defined()) add_group_bias<float, T>(st.dense, ptr<T>(w.shared_b2) + e * H, nullptr, 1, Tn, H, stream);
+    }
+  }
+}
+
+template <class T>
+class CudaBackend final : public BackendImpl {
+ public:
+  void forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& args, const std::vector<int64_t>&,
+               const ForwardOutputs& out) override {
+    cudaStream_t stream = static_cast<cudaStream_t>(args.stream);
+    const int64_t Tn = args.x.shape[0], H = c.hidden_size, E = c.num_experts, k = c.top_k;
+    ForwardState<T> st(stream);
+    run_forward<T>(c, w, args, st, out.kept);
+    combine_rows<T>(st.out_rows, st.r, false, st.dense, mut<T>(out.y), Tn, k, H, stream);
+    if (out.topk_idx && Tn > 0)
+      FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(out.topk_idx, st.r.idx, sizeof(int32_t) * Tn * k, cudaMemcpyDeviceToDevice, stream));
+    if (out.topk_weight.defined()) convert<T>(st.r.weight, mut<T>(out.topk_weight), Tn * k, stream);
+    if (out.expert_counts)
+      FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(out.expert_counts, st.r.routed, sizeof(int64_t) * E, cudaMemcpyDeviceToDevice, stream));
+    if (out.kept_counts)
+      FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(out.kept_counts, st.r.kept_count, sizeof(int64_t) * E, cudaMemcpyDeviceToDevice, stream));
+    if (out.aux_loss || out.z_loss) balance_losses(st.rp, st.r, out.aux_loss, out.z_loss, stream);
+  }
+
+  void backward(const MoeConfig& c, const MoeWeights& w, const BackwardArgs& args, const std::vector<int64_t>&,
+                const MoeGrads& g) override {
+    const ForwardArgs& fa = args.forward;
+    cudaStream_t stream = static_cast<cudaStream_t>(fa.stream);
+    const int64_t Tn = fa.x.shape[0], H = c.hidden_size, E = c.num_experts, k = c.top_k;
+    const int64_t I = c.ffn_size, N1 = c.ffn_in_width();
+    const T* x = ptr<T>(fa.x);
+    const T* dy = ptr<T>(args.dy);
+    ForwardState<T> st(stream);
+    run_forward<T>(c, w, fa, st, nullptr);
+    Scratch& s = st.scratch;
+    RoutingBuffers& r = st.r;
+
+    // Router.
+    float* dweight = s.alloc<float>(Tn * k);
+    routing_weight_grad<T>(dy, st.out_rows, r, dweight, Tn, k, H, stream);
+    float* dlogits = s.alloc<float>(Tn * E);
+    const bool noisy = c.gate == GateKind::kNoisyTopK && fa.training;
+    float* dnoise = noisy ? s.alloc<float>(Tn * E) : nullptr;
+    router_backward(st.rp, r, dweight, args.d_aux, args.d_z, dlogits, dnoise, stream);
+    float* dx_acc = s.zeros<float>(Tn * H);
+    const Operand dlogits_t{dlogits, 0, 1, E};  // A(m = e, k = t)
+    if (g.d_gate_weight.defined()) {
+      if (st.router_input_f32)
+        gemm<float, float, T>(stream, VaryDim::kNone, nullptr, 1, E, H, Tn, dlogits_t, {st.router_input_f32, 0, H, 1},
+                              mut<T>(g.d_gate_weight), 0, H);
+      else
+        gemm<float, T, T>(stream, VaryDim::kNone, nullptr, 1, E, H, Tn, dlogits_t, {x, 0, H, 1}, mut<T>(g.d_gate_weight), 0, H);
+    }
+    if (g.d_gate_bias.defined()) group_column_sums<T, float>(dlogits, nullptr, 1, E, mut<T>(g.d_gate_bias), stream, Tn);
+    if (st.router_input_f32) {
+      float* dxr = s.alloc<float>(Tn * H);
+      gemm<float, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, H, E, {dlogits, 0, E, 1}, {ptr<T>(w.gate_weight), 0, H, 1}, dxr, 0, H);
+      add_jittered(dxr, dx_acc, Tn, H, c.jitter_eps, fa.seed, fa.token_offset, stream);
+    } else {
+      gemm<float, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, H, E, {dlogits, 0, E, 1}, {ptr<T>(w.gate_weight), 0, H, 1},
+                            dx_acc, 0, H, true);
+    }
+    if (c.gate == GateKind::kNoisyTopK) {
+      if (noisy) {
+        if (g.d_noise_weight.defined())
+          gemm<float, T, T>(stream, VaryDim::kNone, nullptr, 1, E, H, Tn, {dnoise, 0, 1, E}, {x, 0, H, 1},
+                            mut<T>(g.d_noise_weight), 0, H);
+        gemm<float, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, H, E, {dnoise, 0, E, 1}, {ptr<T>(w.noise_weight), 0, H, 1},
+                              dx_acc, 0, H, true);
+      } else if (g.d_noise_weight.defined()) {
+        FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(g.d_noise_weight.data, 0, sizeof(T) * E * H, stream));
+      }
+    }
+
+    // Experts: dY out along the routes, scaled by the gate weight.
+    T* grows = s.alloc<T>(st.rows_max * H);
+    gather_rows<T>(dy, r, true, grows, Tn, k, H, stream);
+    float* dact = s.alloc<float>(st.rows_max * I);
+    gemm<T, T, float>(stream, VaryDim::kM, r.row_offsets, static_cast<int>(E), st.rows_per_expert_max, I, H,
+                      {grows, 0, H, 1}, {ptr<T>(w.w2), I * H, 1, H}, dact, 0, I);
+    T* dpre = s.alloc<T>(st.rows_max * N1);
+    activation_backward<T>(c.ffn, st.pre, dact, dpre, r.row_offsets + E, st.rows_max, I, stream);
+    if (g.d_w2.defined())
+      gemm<T, T, T>(stream, VaryDim::kK, r.row_offsets, static_cast<int>(E), I, H, st.rows_per_expert_max,
+                    {st.act, 0, 1, I}, {grows, 0, H, 1}, mut<T>(g.d_w2), I * H, H);
+    if (g.d_b2.defined()) group_column_sums<T, T>(grows, r.row_offsets, E, H, mut<T>(g.d_b2), stream);
+    if (g.d_w1.defined())
+      gemm<T, T, T>(stream, VaryDim::kK, r.row_offsets, static_cast<int>(E), H, N1, st.rows_per_expert_max,
+                    {st.xperm, 0, 1, H}, {dpre, 0, N1, 1}, mut<T>(g.d_w1), H * N1, N1);
+    if (g.d_b1.defined()) group_column_sums<T, T>(dpre, r.row_offsets, E, N1, mut<T>(g.d_b1), stream);
+    T* dxperm = s.alloc<T>(st.rows_max * H);
+    gemm<T, T, T>(stream, VaryDim::kM, r.row_offsets, static_cast<int>(E), st.rows_per_expert_max, H, N1,
+                  {dpre, 0, N1, 1}, {ptr<T>(w.w1), H * N1, 1, N1}, dxperm, 0, H);
+
+    // Shared experts.
+    if (c.num_shared_experts > 0) {
+      const int64_t Is = c.shared_size(), Ns1 = c.shared_in_width();
+      T* pre_s = s.alloc<T>(Tn * Ns1);
+      T* act_s = s.alloc<T>(Tn * Is);
+      float* dact_s = s.alloc<float>(Tn * Is);
+      T* dpre_s = s.alloc<T>(Tn * Ns1);
+      for (int64_t e = 0; e < c.num_shared_experts; ++e) {
+        const T* w1s = ptr<T>(w.shared_w1) + e * H * Ns1;
+        const T* w2s = ptr<T>(w.shared_w2) + e * Is * H;
+        gemm<T, T, T>(stream, VaryDim::kNone, nullptr, 1, Tn, Ns1, H, {x, 0, H, 1}, {w1s, 0, Ns1, 1}, pre_s, 0, Ns1);
+        if (w.shared_b1.defined()) add_group_bias<T, T>(pre_s, ptr<T>(w.shared_b1) + e * Ns1, nullptr, 1, Tn, Ns1, stream);
+        activation_forward<T>(c.ffn, pre_s, act_s, nullptr, Tn, Is, stream);
+        gemm<T, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, Is, H, {dy, 0, H, 1}, {w2s, 0, 1, H}, dact_s, 0, Is);
+        activation_backward<T>(c.ffn, pre_s, dact_s, dpre_s, nullptr, Tn, Is, stream);
+        if (g.d_shared_w2.defined())
+          gemm<T, T, T>(stream, VaryDim::kNone, nullptr, 1, Is, H, Tn, {act_s, 0, 1, Is}, {dy, 0, H, 1},
+                        mut<T>(g.d_shared_w2) + e * Is * H, 0, H);
+        if (g.d_shared_b2.defined())
+          group_column_sums<T, T>(dy, nullptr, 1, H, mut<T>(g.d_shared_b2) + e * H, stream, Tn);
+        if (g.d_shared_w1.defined())
+          gemm<T, T, T>(stream, VaryDim::kNone, nullptr, 1, H, Ns1, Tn, {x, 0, 1, H}, {dpre_s, 0, Ns1, 1},
+                        mut<T>(g.d_shared_w1) + e * H * Ns1, 0, Ns1);
+        if (g.d_shared_b1.defined())
+          group_column_sums<T, T>(dpre_s, nullptr, 1, Ns1, mut<T>(g.d_shared_b1) + e * Ns1, stream, Tn);
+        gemm<T, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, H, Ns1, {dpre_s, 0, Ns1, 1}, {w1s, 0, 1, Ns1},
+                          dx_acc, 0, H, true);
+      }
+    }
+    // dX back along the routes, summed over k, plus the router and shared paths.
+    if (g.dx.defined()) combine_rows<T>(dxperm, r, true, dx_acc, mut<T>(g.dx), Tn, k, H, stream);
+  }
+};
+
+class CudaBackendDispatch final : public BackendImpl {
+ public:
+  void forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& a, const std::vector<int64_t>& tpr,
+               const ForwardOutputs& o) override {
+    check(c);
+    switch (c.dtype) {
+      case DType::kFloat32: f32_.forward(c, w, a, tpr, o); break;
+      case DType::kBFloat16: bf16_.forward(c, w, a, tpr, o); break;
+      case DType::kFloat16: f16_.forward(c, w, a, tpr, o); break;
+      default: break;
+    }
+  }
+  void backward(const MoeConfig& c, const MoeWeights& w, const BackwardArgs& a, const std::vector<int64_t>& tpr,
+                const MoeGrads& g) override {
+    check(c);
+    switch (c.dtype) {
+      case DType::kFloat32: f32_.backward(c, w, a, tpr, g); break;
+      case DType::kBFloat16: bf16_.backward(c, w, a, tpr, g); break;
+      case DType::kFloat16: f16_.backward(c, w, a, tpr, g); break;
+      default: break;
+    }
+  }
+
+ private:
+  static void check(const MoeConfig& c) {
+    FUSEDMOE_CHECK(c.dtype != DType::kFloat64, "dtype = fp64: the cuda backend supports fp32, bf16 and fp16");
+    FUSEDMOE_CHECK(c.world_size == 1, "world_size = " << c.world_size
+                   << ": the modular cuda backend runs one rank; use the cpu backend to emulate ranks");
+  }
+  CudaBackend<float> f32_;
+  CudaBackend<__nv_bfloat16> bf16_;
+  CudaBackend<__half> f16_;
+};
+
+}  // namespace
+}  // namespace cuda
+
+std::unique_ptr<BackendImpl> make_cuda_backend() { return std::make_unique<cuda::CudaBackendDispatch>(); }
+
+}  // namespace fusedmoe

@@ -1,0 +1,72 @@
+// fusedmoe — element-wise epilogue math shared by the Hopper grouped GEMM and its reference
+// kernel, so that both compute exactly the same function of the fp32 accumulator.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "grouped_gemm.hpp"
+
+namespace fusedmoe::cuda::epilogue_math {
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+
+// Exact (erf) GELU, as torch.nn.functional.gelu(approximate="none").
+__device__ __forceinline__ float gelu(float x) {
+  return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+}
+
+// Non-gated activation; `epilogue` is warp-uniform so the switch does not diverge.
+__device__ __forceinline__ float activate(Epilogue epilogue, float x) {
+  switch (epilogue) {
+    case Epilogue::kRelu: return fmaxf(x, 0.0f);
+    case Epilogue::kGelu: return gelu(x);
+    default: return x;
+  }
+}
+
+// Gated activation act(gate) * up.
+__device__ __forceinline__ float gate_up(Epilogue epilogue, float gate, float up) {
+  return (epilogue == Epilogue::kGeGlu ? gelu(gate) : silu(gate)) * up;
+}
+
+// Scalar conversions / stores of one output element.
+template <class T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+template <class T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+
+// Store two consecutive elements (ptr must be aligned to 2 * sizeof(T)).
+template <class T>
+__device__ __forceinline__ void store_pair(T* ptr, float x0, float x1);
+template <>
+__device__ __forceinline__ void store_pair<float>(float* ptr, float x0, float x1) {
+  *reinterpret_cast<float2*>(ptr) = make_float2(x0, x1);
+}
+template <>
+__device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* ptr, float x0, float x1) {
+  *reinterpret_cast<__nv_bfloat162*>(ptr) = __floats2bfloat162_rn(x0, x1);
+}
+template <>
+__device__ __forceinline__ void store_pair<__half>(__half* ptr, float x0, float x1) {
+  *reinterpret_cast<__half2*>(ptr) = __floats2half2_rn(x0, x1);
+}
+
+}  // namespace fusedmoe::cuda::epilogue_math

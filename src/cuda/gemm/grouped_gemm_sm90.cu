@@ -1,0 +1,121 @@
+// fusedmoe — host launcher of the Hopper grouped GEMM (kernel in grouped_gemm_sm90.cuh).
+// Instantiations: {bf16, fp16} x {non-gated, gated}; the activation and output type are
+// runtime arguments of the epilogue.
+#include <algorithm>
+#include <sstream>
+#include <stdexcept>
+
+#include "grouped_gemm.hpp"
+#include "grouped_gemm_sm90.cuh"
+
+namespace fusedmoe::cuda {
+namespace {
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    std::ostringstream os;
+    os << "grouped_gemm: " << what << " failed: " << cudaGetErrorName(err) << " ("
+       << cudaGetErrorString(err) << ")";
+    throw std::runtime_error(os.str());
+  }
+}
+
+int current_sm_count() {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  int sm_count = 0;
+  check_cuda(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute(MultiProcessorCount)");
+  return sm_count;
+}
+
+void check_device_is_sm90() {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  int major = 0, minor = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+             "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
+             "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
+  if (major != 9 || minor != 0) {
+    std::ostringstream os;
+    os << "grouped_gemm: needs an sm_90 (Hopper) GPU, the current device is sm_" << major
+       << minor << "; use grouped_gemm_reference or another backend";
+    throw std::runtime_error(os.str());
+  }
+}
+
+template <class ElementAB, bool kGated>
+void launch(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream) {
+  using Cfg = sm90::Config<ElementAB, kGated>;
+  using Params = sm90::Params<Cfg>;
+
+  const int n = int(args.n), k = int(args.k);
+  const int n_out = kGated ? n / 2 : n;
+  const int n_tiles = (n_out + Cfg::kOutBlockN - 1) / Cfg::kOutBlockN;
+  const int64_t rows_bound = std::max<int64_t>(args.max_total_rows, 1);
+  // Upper bound of the tile count: every group may add one partial row tile.
+  const int64_t max_tiles =
+      ((rows_bound + Cfg::kBlockM - 1) / Cfg::kBlockM + args.num_groups) * n_tiles;
+  const int sm_count = current_sm_count();
+  const int grid = int(std::max<int64_t>(1, std::min<int64_t>(sm_count, max_tiles)));
+
+  const auto* a = static_cast<const ElementAB*>(args.a);
+  const auto* b = static_cast<const ElementAB*>(args.b);
+  Params params{
+      .tma_a = Cfg::make_tma_a(a, int(rows_bound), k),
+      .tma_b = Cfg::make_tma_b(b, n, k, args.num_groups),
+      .a = a,
+      .row_offsets = args.row_offsets,
+      .num_groups = args.num_groups,
+      .n = n,
+      .k = k,
+      .n_out = n_out,
+      .n_tiles = n_tiles,
+      .k_tiles = (k + Cfg::kBlockK - 1) / Cfg::kBlockK,
+      .up_column_offset = kGated ? n / 2 : Cfg::kHalfN,
+      .tensormap_workspace = static_cast<cute::TmaDescriptor*>(workspace),
+      .epilogue = args.epilogue,
+      .c_type = args.c_type,
+      .c = args.c,
+      .pre_activation = args.pre_activation,
+      .row_scale = args.row_scale,
+      .accumulate = args.accumulate,
+  };
+
+  const size_t smem_bytes =
+      sizeof(sm90::SharedStorage<Cfg>) + sm90::GroupTables::bytes(args.num_groups);
+  auto* kernel = &sm90::grouped_gemm_kernel<Cfg>;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  int(smem_bytes)),
+             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  kernel<<<grid, Cfg::kNumThreads, smem_bytes, stream>>>(params);
+  check_cuda(cudaGetLastError(), "kernel launch");
+}
+
+}  // namespace
+
+size_t grouped_gemm_workspace_size(const GroupedGemmArgs& /*args*/) {
+  return size_t(current_sm_count()) * sizeof(cute::TmaDescriptor);
+}
+
+void grouped_gemm(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream) {
+  validate_grouped_gemm_args(args, "grouped_gemm");
+  if (workspace == nullptr)
+    throw std::runtime_error(
+        "grouped_gemm: workspace is null; allocate grouped_gemm_workspace_size(args) bytes");
+  if (reinterpret_cast<uintptr_t>(workspace) % 128 != 0)
+    throw std::runtime_error("grouped_gemm: workspace must be 128-byte aligned");
+  check_device_is_sm90();
+  if (args.max_total_rows == 0) return;
+  const bool gated = is_gated(args.epilogue);
+  if (args.a_type == ElementType::kBF16) {
+    if (gated) launch<cute::bfloat16_t, true>(args, workspace, stream);
+    else launch<cute::bfloat16_t, false>(args, workspace, stream);
+  } else {
+    if (gated) launch<cute::half_t, true>(args, workspace, stream);
+    else launch<cute::half_t, false>(args, workspace, stream);
+  }
+}
+
+}  // namespace fusedmoe::cuda

@@ -1,0 +1,498 @@
+// fusedmoe — Hopper (sm_90a) grouped GEMM over experts: the device-side pieces.
+//
+// Built on CuTe: TMA loads (cp.async.bulk.tensor) into 128-B-swizzled shared memory, wgmma
+// (SM90 GMMA, both operands from shared memory), and CUTLASS's PipelineTmaAsync (mbarrier
+// full/empty pairs) between one producer warp and two consumer warpgroups.
+//
+// Tile: kBlockM x kBlockN x kBlockK = 128 x 256 x 64; each consumer warpgroup owns 64 rows x 256
+// columns of fp32 accumulators (one 64x256x16 wgmma per 16-wide k step). kStages = 4 stages of
+// (A 128x64 + B 256x64) = 48 KiB each.
+//
+// B is loaded as two 128-column halves per stage:
+//   non-gated: halves at columns n0 and n0 + 128 of expert g (output tile = 256 columns);
+//   gated:     halves at columns i0 (gate) and I + i0 (up), I = n/2 (output tile = 128 columns).
+// In the 64x256 wgmma accumulator a thread that holds column c also holds column c + 128, so
+// the gated epilogue act(gate) * up is pure register arithmetic: no shuffle, no shared memory.
+//
+// Tile scheduler (persistent, static): the tiles of all experts form one list, expert-major;
+// inside expert g (m_tiles_g = ceil(rows_g / 128) row tiles, n_tiles column tiles) the row tile
+// runs fastest so the row tiles that share one B column block run at the same time (B from L2).
+// CTA b takes tiles b, b + grid, b + 2*grid, ... . The per-expert prefix of tile counts is built
+// in shared memory at kernel start from the DEVICE row_offsets (no host synchronisation), so
+// empty experts cost nothing and the kernel is CUDA-graph capturable.
+//
+// Ragged rows: A's TMA descriptor is made on the host with max_total_rows rows; at kernel start
+// each CTA copies it to shared memory, replaces the row extent with the real total
+// (row_offsets[num_groups]) via tensormap.replace, and publishes it to its own 128-B slot of the
+// workspace (tensormap.cp_fenceproxy + fence.proxy.tensormap acquire). A tile that runs past its
+// expert's last row therefore reads the next expert's rows (harmless: those rows are not stored)
+// or, past the last row of A, zeros from TMA's out-of-bounds fill — never memory beyond A. The
+// epilogue predicates rows (< the expert's end) and columns (< n_out).
+//
+// Device-level tile function (for the persistent MoE kernel): see `TileMainloop` and
+// `store_tile` below. Contract:
+//   - the caller owns a CTA of kNumThreads = 384 threads laid out as warpgroup 0 = producer,
+//     warpgroups 1-2 = consumers, with SharedStorage<Config> in dynamic shared memory;
+//   - producer (one elected thread): `produce_tile(...)` issues the TMA loads of one tile into
+//     the pipeline; consumers (256 threads): `consume_tile(...)` runs the wgmma mainloop into
+//     the 64x256-per-warpgroup fp32 accumulator and `store_tile(...)` applies the epilogue;
+//   - producer and consumers must visit the same sequence of tiles (the pipeline state carries
+//     across tiles).
+#pragma once
+
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/atom/copy_atom.hpp>
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cute/arch/copy_sm90_desc.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "epilogue_math.cuh"
+#include "grouped_gemm.hpp"
+
+namespace fusedmoe::cuda::sm90 {
+
+using namespace cute;
+
+// ---------------------------------------------------------------------------------------------
+// Compile-time configuration
+// ---------------------------------------------------------------------------------------------
+template <class ElementAB_, bool kGated_>
+struct Config {
+  using ElementAB = ElementAB_;  // cute::bfloat16_t or cute::half_t
+  static constexpr bool kGated = kGated_;
+
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 256;  // accumulator columns (gated: 128 gate + 128 up)
+  static constexpr int kBlockK = 64;
+  static constexpr int kHalfN = 128;   // B is loaded as two halves of 128 columns
+  static constexpr int kOutBlockN = kGated ? 128 : 256;  // output columns per tile
+  static constexpr int kStages = 4;
+  static constexpr int kNumConsumerWarpgroups = 2;
+  static constexpr int kNumThreads = 128 * (1 + kNumConsumerWarpgroups);
+  static constexpr int kProducerRegisters = 40;
+  static constexpr int kConsumerRegisters = 232;
+
+  using BlockM = Int<kBlockM>;
+  using BlockN = Int<kBlockN>;
+  using BlockK = Int<kBlockK>;
+  using HalfN = Int<kHalfN>;
+  using Stages = Int<kStages>;
+
+  // A: K-major (k contiguous). B: MN-major (n contiguous); its atoms are tiled K-first so that
+  // each 128-column half of a stage is one contiguous, independently TMA-loadable block.
+  using SmemLayoutAtomA = GMMA::Layout_K_SW128_Atom<ElementAB>;
+  using SmemLayoutAtomB = GMMA::Layout_MN_SW128_Atom<ElementAB>;
+  using SmemLayoutA =
+      decltype(tile_to_shape(SmemLayoutAtomA{}, make_shape(BlockM{}, BlockK{}, Stages{})));
+  using SmemLayoutB = decltype(tile_to_shape(SmemLayoutAtomB{},
+                                             make_shape(BlockN{}, BlockK{}, Stages{}),
+                                             Step<_2, _1, _3>{}));
+  using SmemLayoutBHalf =
+      decltype(tile_to_shape(SmemLayoutAtomB{}, make_shape(HalfN{}, BlockK{}), Step<_2, _1>{}));
+
+  using MmaOp = decltype(GMMA::ss_op_selector<ElementAB, ElementAB, float,
+                                              Shape<_64, BlockN, BlockK>, GMMA::Major::K,
+                                              GMMA::Major::MN>());
+  using TiledMma = decltype(make_tiled_mma(MmaOp{}, Layout<Shape<_2, _1, _1>>{}));
+
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  using PipelineState = typename Pipeline::PipelineState;
+
+  static constexpr uint32_t kStageBytes =
+      uint32_t((kBlockM * kBlockK + kBlockN * kBlockK) * sizeof(ElementAB));
+
+  // Global-memory views the TMA descriptors are made from.
+  //   A: (rows, k) : (k, 1)            B: (n, k, groups) : (1, n, n*k)
+  CUTE_HOST_DEVICE static auto make_gmem_a(ElementAB const* ptr, int rows, int k) {
+    return make_tensor(make_gmem_ptr(ptr), make_shape(rows, k), make_stride(int64_t(k), _1{}));
+  }
+  static auto make_gmem_b(ElementAB const* ptr, int n, int k, int groups) {
+    return make_tensor(make_gmem_ptr(ptr), make_shape(n, k, groups),
+                       make_stride(_1{}, int64_t(n), int64_t(n) * k));
+  }
+  static auto make_tma_a(ElementAB const* ptr, int rows, int k) {
+    return make_tma_copy(SM90_TMA_LOAD{}, make_gmem_a(ptr, rows, k),
+                         SmemLayoutA{}(_, _, 0), make_shape(BlockM{}, BlockK{}), _1{});
+  }
+  static auto make_tma_b(ElementAB const* ptr, int n, int k, int groups) {
+    return make_tma_copy(SM90_TMA_LOAD{}, make_gmem_b(ptr, n, k, groups), SmemLayoutBHalf{},
+                         make_shape(HalfN{}, BlockK{}), _1{});
+  }
+  using TmaA = decltype(make_tma_a(nullptr, 1, 64));
+  using TmaB = decltype(make_tma_b(nullptr, 256, 64, 1));
+};
+
+template <class Cfg>
+struct SharedStorage {
+  struct alignas(1024) Tensors {
+    cute::array_aligned<typename Cfg::ElementAB, cosize_v<typename Cfg::SmemLayoutA>, 1024> a;
+    cute::array_aligned<typename Cfg::ElementAB, cosize_v<typename Cfg::SmemLayoutB>, 1024> b;
+  } tensors;
+  alignas(128) cute::TmaDescriptor tensormap_a;  // this CTA's copy, before publishing
+  typename Cfg::Pipeline::SharedStorage pipeline;
+  // Followed in dynamic shared memory by the group tables (see GroupTables).
+};
+
+// Per-group tables in shared memory: row offsets and the exclusive prefix of tile counts.
+struct GroupTables {
+  int64_t* row_offsets;  // [num_groups + 1]
+  int* tile_prefix;      // [num_groups + 1]; tile_prefix[num_groups] = total tiles
+  static size_t bytes(int num_groups) {
+    return size_t(num_groups + 1) * (sizeof(int64_t) + sizeof(int));
+  }
+};
+
+// Runtime parameters of the kernel (passed by value as a __grid_constant__).
+template <class Cfg>
+struct Params {
+  typename Cfg::TmaA tma_a;
+  typename Cfg::TmaB tma_b;
+  const typename Cfg::ElementAB* a;  // for re-deriving A's TMA extents on the device
+  const int64_t* row_offsets;        // device [num_groups + 1]
+  int num_groups;
+  int n, k;
+  int n_out;                 // n or n/2
+  int n_tiles;               // ceil(n_out / kOutBlockN)
+  int k_tiles;               // ceil(k / kBlockK)
+  int up_column_offset;      // gated: I = n/2; non-gated: kHalfN
+  cute::TmaDescriptor* tensormap_workspace;  // [gridDim.x] slots of 128 B
+  // Epilogue
+  Epilogue epilogue;
+  ElementType c_type;
+  void* c;
+  void* pre_activation;
+  const float* row_scale;
+  bool accumulate;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Tile scheduler
+// ---------------------------------------------------------------------------------------------
+struct TileCoord {
+  int group;
+  int m_tile;
+  int n_tile;
+  int64_t row_begin;  // first row of the tile
+  int64_t row_end;    // end of the group's rows (exclusive)
+};
+
+// Builds the group tables; every thread of the CTA must call it (contains __syncthreads).
+template <int kBlockM>
+__device__ void build_group_tables(GroupTables tables, const int64_t* row_offsets, int num_groups,
+                                   int n_tiles) {
+  for (int g = threadIdx.x; g <= num_groups; g += blockDim.x)
+    tables.row_offsets[g] = row_offsets[g];
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int carry = 0;
+    for (int base = 0; base < num_groups; base += 32) {
+      const int g = base + lane;
+      int count = 0;
+      if (g < num_groups) {
+        const int64_t rows = tables.row_offsets[g + 1] - tables.row_offsets[g];
+        count = rows > 0 ? int((rows + kBlockM - 1) / kBlockM) * n_tiles : 0;
+      }
+      int inclusive = count;
+      CUTE_UNROLL
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+        if (lane >= offset) inclusive += other;
+      }
+      if (g < num_groups) tables.tile_prefix[g] = carry + inclusive - count;
+      carry += __shfl_sync(0xffffffffu, inclusive, 31);
+    }
+    if (lane == 0) tables.tile_prefix[num_groups] = carry;
+  }
+  __syncthreads();
+}
+
+template <int kBlockM>
+__device__ __forceinline__ TileCoord decode_tile(GroupTables tables, int num_groups, int tile) {
+  // Largest g with tile_prefix[g] <= tile: the (non-empty) group that owns the tile.
+  int lo = 0, hi = num_groups - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (tables.tile_prefix[mid] <= tile) lo = mid; else hi = mid - 1;
+  }
+  TileCoord tc;
+  tc.group = lo;
+  const int local = tile - tables.tile_prefix[lo];
+  const int64_t group_begin = tables.row_offsets[lo];
+  tc.row_end = tables.row_offsets[lo + 1];
+  const int m_tiles = int((tc.row_end - group_begin + kBlockM - 1) / kBlockM);
+  tc.m_tile = local % m_tiles;
+  tc.n_tile = local / m_tiles;
+  tc.row_begin = group_begin + int64_t(tc.m_tile) * kBlockM;
+  return tc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Producer: TMA loads of one tile (one elected thread)
+// ---------------------------------------------------------------------------------------------
+template <class Cfg>
+__device__ __forceinline__ void produce_tile(Params<Cfg> const& params,
+                                             SharedStorage<Cfg>& smem,
+                                             typename Cfg::Pipeline& pipeline,
+                                             typename Cfg::PipelineState& write_state,
+                                             cute::TmaDescriptor const* tensormap_a,
+                                             int rows_total, TileCoord const& tc) {
+  using BlockM = typename Cfg::BlockM;
+  using BlockK = typename Cfg::BlockK;
+  using HalfN = typename Cfg::HalfN;
+
+  Tensor sA = make_tensor(make_smem_ptr(smem.tensors.a.data()), typename Cfg::SmemLayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(smem.tensors.b.data()), typename Cfg::SmemLayoutB{});
+  Tensor sB_halves = flat_divide(sB, make_shape(HalfN{}, BlockK{}));  // (128,64,2,1,STAGES)
+
+  // Coordinate tensors of the TMA views.
+  Tensor mA = params.tma_a.get_tma_tensor(make_shape(rows_total, params.k));
+  Tensor mB = params.tma_b.get_tma_tensor(make_shape(params.n, params.k, params.num_groups));
+
+  Tensor gA = local_tile(domain_offset(make_coord(int(tc.row_begin), 0), mA),
+                         make_shape(BlockM{}, BlockK{}), make_coord(0, _));  // (128,64,K_TILES)
+  const int col_gate = tc.n_tile * Cfg::kOutBlockN;
+  const int col_up = col_gate + params.up_column_offset;
+  Tensor mBg = mB(_, _, tc.group);
+  Tensor gB0 = local_tile(domain_offset(make_coord(col_gate, 0), mBg),
+                          make_shape(HalfN{}, BlockK{}), make_coord(0, _));  // (128,64,K_TILES)
+  Tensor gB1 = local_tile(domain_offset(make_coord(col_up, 0), mBg),
+                          make_shape(HalfN{}, BlockK{}), make_coord(0, _));
+
+  auto [tAgA, tAsA] = tma_partition(params.tma_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
+                                    group_modes<0, 2>(gA));
+  auto [tBgB0, tBsB0] =
+      tma_partition(params.tma_b, Int<0>{}, Layout<_1>{},
+                    group_modes<0, 2>(sB_halves(_, _, 0, 0, _)), group_modes<0, 2>(gB0));
+  auto [tBgB1, tBsB1] =
+      tma_partition(params.tma_b, Int<0>{}, Layout<_1>{},
+                    group_modes<0, 2>(sB_halves(_, _, 1, 0, _)), group_modes<0, 2>(gB1));
+
+  for (int k_tile = 0; k_tile < params.k_tiles; ++k_tile) {
+    pipeline.producer_acquire(write_state);
+    auto* barrier = pipeline.producer_get_barrier(write_state);
+    const int stage = write_state.index();
+    copy(params.tma_a.with(tensormap_a, *barrier), tAgA(_, k_tile), tAsA(_, stage));
+    copy(params.tma_b.with(*barrier), tBgB0(_, k_tile), tBsB0(_, stage));
+    copy(params.tma_b.with(*barrier), tBgB1(_, k_tile), tBsB1(_, stage));
+    ++write_state;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consumer: wgmma mainloop of one tile (256 consumer threads, both warpgroups)
+// ---------------------------------------------------------------------------------------------
+template <class Cfg, class Accumulator>
+__device__ __forceinline__ void consume_tile(SharedStorage<Cfg>& smem,
+                                             typename Cfg::Pipeline& pipeline,
+                                             typename Cfg::PipelineState& read_state,
+                                             int k_tiles, int consumer_thread,
+                                             Accumulator& accum) {
+  Tensor sA = make_tensor(make_smem_ptr(smem.tensors.a.data()), typename Cfg::SmemLayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(smem.tensors.b.data()), typename Cfg::SmemLayoutB{});
+  typename Cfg::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(consumer_thread);
+  Tensor tCsA = thr_mma.partition_A(sA);  // (MMA,MMA_M,MMA_K,STAGES)
+  Tensor tCsB = thr_mma.partition_B(sB);  // (MMA,MMA_N,MMA_K,STAGES)
+  Tensor tCrA = thr_mma.make_fragment_A(tCsA);
+  Tensor tCrB = thr_mma.make_fragment_B(tCsB);
+
+  tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+  auto release_state = read_state;
+  warpgroup_fence_operand(accum);
+  for (int k_tile = 0; k_tile < k_tiles; ++k_tile) {
+    pipeline.consumer_wait(read_state);
+    const int stage = read_state.index();
+    warpgroup_fence_operand(accum);
+    warpgroup_arrive();
+    CUTE_UNROLL
+    for (int k_block = 0; k_block < size<2>(tCrA); ++k_block) {
+      cute::gemm(tiled_mma, tCrA(_, _, k_block, stage), tCrB(_, _, k_block, stage), accum);
+      tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    // At most one batch in flight: the previous k tile's wgmmas are done, release its stage.
+    warpgroup_wait<1>();
+    warpgroup_fence_operand(accum);
+    if (k_tile > 0) {
+      pipeline.consumer_release(release_state);
+      ++release_state;
+    }
+    ++read_state;
+  }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(accum);
+  if (k_tiles > 0) pipeline.consumer_release(release_state);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue: registers -> global memory, predicated on rows and columns
+// ---------------------------------------------------------------------------------------------
+template <class Cfg, class TOut, class Accumulator>
+__device__ __forceinline__ void store_tile_typed(Params<Cfg> const& params, TileCoord const& tc,
+                                                 int consumer_thread,
+                                                 Accumulator const& accum) {
+  using namespace epilogue_math;
+  typename Cfg::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(consumer_thread);
+  Tensor coord = thr_mma.partition_C(
+      make_identity_tensor(make_shape(typename Cfg::BlockM{}, typename Cfg::BlockN{})));
+  static_assert(decltype(size(coord))::value == decltype(size(accum))::value);
+
+  auto* c = static_cast<TOut*>(params.c);
+  auto* pre = static_cast<TOut*>(params.pre_activation);
+  const int64_t n_out = params.n_out;
+  const int64_t n = params.n;
+  const int col_base = tc.n_tile * Cfg::kOutBlockN;
+  const Epilogue epilogue = params.epilogue;
+
+  // With the 64x256 wgmma accumulator, register i holds column c and register i + kHalf holds
+  // column c + 128 of the same row (the value modes are (2,2,32) with the column-group mode
+  // outermost); consecutive registers 2j, 2j+1 are two adjacent columns.
+  constexpr int kSize = decltype(size(accum))::value;
+  constexpr int kHalf = kSize / 2;
+  constexpr int kCount = Cfg::kGated ? kHalf : kSize;
+  CUTE_UNROLL
+  for (int i = 0; i < kCount; i += 2) {
+    const int m = get<0>(coord(i));
+    const int col = col_base + get<1>(coord(i));
+    const int64_t row = tc.row_begin + m;
+    if (row >= tc.row_end || col >= n_out) continue;
+    const float scale = params.row_scale != nullptr ? __ldg(params.row_scale + row) : 1.0f;
+    float out0, out1;
+    if constexpr (Cfg::kGated) {
+      const float g0 = accum(i), g1 = accum(i + 1);
+      const float u0 = accum(i + kHalf), u1 = accum(i + kHalf + 1);
+      if (pre != nullptr) {
+        store_pair(pre + row * n + col, g0, g1);
+        store_pair(pre + row * n + n_out + col, u0, u1);
+      }
+      out0 = gate_up(epilogue, g0, u0);
+      out1 = gate_up(epilogue, g1, u1);
+    } else {
+      const float v0 = accum(i), v1 = accum(i + 1);
+      if (pre != nullptr) store_pair(pre + row * n + col, v0, v1);
+      out0 = activate(epilogue, v0);
+      out1 = activate(epilogue, v1);
+    }
+    out0 *= scale;
+    out1 *= scale;
+    TOut* dst = c + row * n_out + col;
+    if constexpr (std::is_same_v<TOut, float>) {
+      if (params.accumulate) {
+        const float2 old = *reinterpret_cast<const float2*>(dst);
+        out0 += old.x;
+        out1 += old.y;
+      }
+    }
+    store_pair(dst, out0, out1);
+  }
+}
+
+template <class Cfg, class Accumulator>
+__device__ __forceinline__ void store_tile(Params<Cfg> const& params, TileCoord const& tc,
+                                           int consumer_thread, Accumulator const& accum) {
+  switch (params.c_type) {
+    case ElementType::kBF16:
+      store_tile_typed<Cfg, __nv_bfloat16>(params, tc, consumer_thread, accum);
+      break;
+    case ElementType::kF16:
+      store_tile_typed<Cfg, __half>(params, tc, consumer_thread, accum);
+      break;
+    case ElementType::kF32:
+      store_tile_typed<Cfg, float>(params, tc, consumer_thread, accum);
+      break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel
+// ---------------------------------------------------------------------------------------------
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kNumThreads, 1)
+    grouped_gemm_kernel(CUTE_GRID_CONSTANT Params<Cfg> const params) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Pipeline = typename Cfg::Pipeline;
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& smem = *reinterpret_cast<SharedStorage<Cfg>*>(smem_raw);
+  char* tables_raw = smem_raw + sizeof(SharedStorage<Cfg>);
+  GroupTables tables{reinterpret_cast<int64_t*>(tables_raw),
+                     reinterpret_cast<int*>(tables_raw +
+                                            sizeof(int64_t) * (params.num_groups + 1))};
+
+  const int warp_idx = cutlass::canonical_warp_idx_sync();
+  const int warpgroup_idx = cutlass::canonical_warp_group_idx();
+  const int lane_predicate = cute::elect_one_sync();
+
+  if (warp_idx == 0 && lane_predicate) {
+    cute::prefetch_tma_descriptor(params.tma_b.get_tma_descriptor());
+  }
+
+  typename Pipeline::Params pipeline_params;
+  pipeline_params.transaction_bytes = Cfg::kStageBytes;
+  pipeline_params.role = warpgroup_idx == 0 ? Pipeline::ThreadCategory::Producer
+                                            : Pipeline::ThreadCategory::Consumer;
+  pipeline_params.is_leader = (threadIdx.x == 0);
+  pipeline_params.num_consumers = 128 * Cfg::kNumConsumerWarpgroups;
+  Pipeline pipeline(smem.pipeline, pipeline_params, Shape<_1, _1, _1>{});
+
+  build_group_tables<Cfg::kBlockM>(tables, params.row_offsets, params.num_groups,
+                                   params.n_tiles);  // contains __syncthreads
+  const int total_tiles = tables.tile_prefix[params.num_groups];
+  const int64_t rows_total64 = tables.row_offsets[params.num_groups];
+  const int rows_total = int(rows_total64 > 0 ? rows_total64 : 1);
+
+  if (warpgroup_idx == 0) {
+    // ---------------- producer warpgroup: one warp issues every TMA ----------------
+    cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegisters>();
+    if (warp_idx == 0 && total_tiles > blockIdx.x) {
+      // Publish this CTA's A descriptor with the real row extent.
+      cute::TmaDescriptor* tensormap_a = params.tensormap_workspace + blockIdx.x;
+      if (threadIdx.x == 0) {
+        smem.tensormap_a = *params.tma_a.get_tma_descriptor();
+        cute::array<uint32_t, 5> shape = {1, 1, 1, 1, 1};
+        cute::array<uint64_t, 5> stride = {0, 0, 0, 0, 0};
+        cute::detail::fill_tma_gmem_shape_stride(
+            params.tma_a, Cfg::make_gmem_a(params.a, rows_total, params.k), shape, stride);
+        for (uint64_t& s : stride) s = s * sizeof(typename Cfg::ElementAB);
+        cute::tma_descriptor_replace_dims_strides_in_shared_mem(smem.tensormap_a, shape, stride);
+      }
+      __syncwarp();
+      cute::tma_descriptor_cp_fence_release(tensormap_a, smem.tensormap_a);
+      cute::tma_descriptor_fence_acquire(tensormap_a);
+      __syncwarp();
+
+      // NOTE: thread 0 is the pipeline's leader (arrive_and_expect_tx) and issues every TMA.
+      if (threadIdx.x == 0) {
+        auto write_state = cutlass::make_producer_start_state<Pipeline>();
+        for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+          const TileCoord tc = decode_tile<Cfg::kBlockM>(tables, params.num_groups, tile);
+          produce_tile(params, smem, pipeline, write_state, tensormap_a, rows_total, tc);
+        }
+      }
+    }
+  } else {
+    // ---------------- consumer warpgroups: wgmma mainloop + epilogue ----------------
+    cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegisters>();
+    const int consumer_thread = int(threadIdx.x) - 128;
+    typename Cfg::TiledMma tiled_mma;
+    Tensor accum = partition_fragment_C(
+        tiled_mma, make_shape(typename Cfg::BlockM{}, typename Cfg::BlockN{}));
+    typename Cfg::PipelineState read_state;
+    for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+      const TileCoord tc = decode_tile<Cfg::kBlockM>(tables, params.num_groups, tile);
+      consume_tile<Cfg>(smem, pipeline, read_state, params.k_tiles, consumer_thread, accum);
+      store_tile(params, tc, consumer_thread, accum);
+    }
+  }
+#endif
+}
+
+}  // namespace fusedmoe::cuda::sm90

@@ -1,0 +1,609 @@
+// src/cuda/stages.cu — kernels of the GPU stages; see stages.cuh.
+#include <cfloat>
+#include <climits>
+
+#include "cuda/stages.cuh"
+#include "fusedmoe/noise.hpp"
+
+namespace fusedmoe::cuda {
+
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+
+__device__ __forceinline__ float gelu_f(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
+__device__ __forceinline__ float gelu_grad_f(float x) {
+  return 0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.39894228040143268f * expf(-0.5f * x * x);
+}
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
+__device__ __forceinline__ float act_f(FfnKind kind, float x) {
+  switch (kind) {
+    case FfnKind::kReluMlp: return x > 0.f ? x : 0.f;
+    case FfnKind::kSwiGlu: return x * sigmoid_f(x);
+    default: return gelu_f(x);
+  }
+}
+__device__ __forceinline__ float act_grad_f(FfnKind kind, float x) {
+  switch (kind) {
+    case FfnKind::kReluMlp: return x > 0.f ? 1.f : 0.f;
+    case FfnKind::kSwiGlu: { const float s = sigmoid_f(x); return s * (1.f + x * (1.f - s)); }
+    default: return gelu_grad_f(x);
+  }
+}
+__device__ __forceinline__ bool is_gated(FfnKind kind) { return kind == FfnKind::kSwiGlu || kind == FfnKind::kGeGlu; }
+
+// ------------------------------------------------------------------------------- router --
+
+__global__ void add_gate_noise_kernel(RouterParams p, RoutingBuffers r) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= p.num_tokens * p.num_experts) return;
+  const int64_t t = i / p.num_experts, e = i % p.num_experts;
+  const double eps = noise::normal(p.seed, noise::kNoisyGate, static_cast<uint64_t>(p.token_offset + t),
+                                   static_cast<uint64_t>(e));
+  const float pre = r.noise_pre[i];
+  const float softplus = pre > 30.f ? pre : log1pf(expf(pre));
+  r.logits[i] += static_cast<float>(eps) * softplus;
+}
+
+template <class T>
+__global__ void jitter_kernel(const T* x, float* out, int64_t n, int64_t hidden, double eps, uint64_t seed,
+                              int64_t token_offset) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const int64_t t = i / hidden, h = i % hidden;
+  const double u = noise::uniform(seed, noise::kSwitchJitter, static_cast<uint64_t>(token_offset + t), static_cast<uint64_t>(h));
+  out[i] = to_f32(x[i]) * static_cast<float>(1.0 - eps + 2.0 * eps * u);
+}
+
+__global__ void add_jittered_kernel(const float* a, float* out, int64_t n, int64_t hidden, double eps, uint64_t seed,
+                                    int64_t token_offset) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const int64_t t = i / hidden, h = i % hidden;
+  const double u = noise::uniform(seed, noise::kSwitchJitter, static_cast<uint64_t>(token_offset + t), static_cast<uint64_t>(h));
+  out[i] += a[i] * static_cast<float>(1.0 - eps + 2.0 * eps * u);
+}
+
+template <class T>
+__global__ void gate_topk_kernel(RouterParams p, const T* selection_bias, RoutingBuffers r) {
+  extern __shared__ float score_smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  if (t >= p.num_tokens) return;
+  const int64_t E = p.num_experts, k = p.top_k;
+  float* score = score_smem + warp * E;
+  const float* l = r.logits + t * E;
+  const bool sigmoid_gate = p.gate == GateKind::kSigmoidTopK;
+  float m = -FLT_MAX;
+  for (int64_t e = lane; e < E; e += 32) m = fmaxf(m, l[e]);
+  m = warp_max(m);
+  float s = 0.f;
+  for (int64_t e = lane; e < E; e += 32) s += expf(l[e] - m);
+  s = warp_sum(s);
+  const float lse = m + logf(s);
+  float psum = 0.f;
+  for (int64_t e = lane; e < E; e += 32) {
+    const float prob = sigmoid_gate ? sigmoid_f(l[e]) : expf(l[e] - lse);
+    r.probs[t * E + e] = prob;
+    psum += prob;
+    score[e] = prob + (sigmoid_gate && selection_bias ? to_f32(selection_bias[e]) : 0.f);
+  }
+  psum = warp_sum(psum);
+  __syncwarp();
+  int32_t chosen[32];
+#pragma unroll 1
+  for (int64_t j = 0; j < k; ++j) {
+    int32_t pick;
+    if (p.forced_topk_idx) {
+      pick = p.forced_topk_idx[t * k + j];
+    } else {
+      float best = -FLT_MAX;
+      int32_t best_idx = INT_MAX;
+      for (int64_t e = lane; e < E; e += 32) {
+        const float v = score[e];
+        if (v > best || (v == best && e < best_idx)) { best = v; best_idx = static_cast<int32_t>(e); }
+      }
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best, offset);
+        const int32_t oi = __shfl_xor_sync(0xffffffffu, best_idx, offset);
+        if (ov > best || (ov == best && oi < best_idx)) { best = ov; best_idx = oi; }
+      }
+      pick = best_idx;
+      __syncwarp();
+      if (lane == 0) score[pick] = -INFINITY;
+      __syncwarp();
+    }
+    chosen[j] = pick;
+  }
+  if (lane != 0) return;
+  float denom = 0.f;
+  for (int64_t j = 0; j < k; ++j) if (chosen[j] >= 0) denom += r.probs[t * E + chosen[j]];
+  const float norm = (p.renormalize && denom > 0.f) ? denom : 1.f;
+  r.renorm_sum[t] = norm;
+  r.lse[t] = lse;
+  r.prob_sum[t] = psum;
+  for (int64_t j = 0; j < k; ++j) {
+    const int32_t e = chosen[j];
+    r.selected[t * k + j] = e;
+    r.idx[t * k + j] = e;
+    r.weight[t * k + j] = e >= 0 ? r.probs[t * E + e] / norm : 0.f;
+  }
+  if (p.gate == GateKind::kGShardTop2 && p.training && !p.forced_topk_idx) {
+    const double u = noise::uniform(p.seed, noise::kGShardSecond, static_cast<uint64_t>(p.token_offset + t), 0);
+    if (2.0 * static_cast<double>(r.weight[t * k + 1]) < u) {
+      r.idx[t * k + 1] = -1;
+      r.weight[t * k + 1] = 0.f;
+    }
+  }
+}
+
+// --------------------------------------------------------------------------------- slots --
+
+__global__ void slot_count_kernel(RouterParams p, RoutingBuffers r, int64_t chunks) {
+  extern __shared__ int32_t local_counts[];
+  const int64_t chunk = blockIdx.x, j = blockIdx.y, E = p.num_experts;
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) local_counts[e] = 0;
+  __syncthreads();
+  const int64_t t = chunk * kSlotChunk + threadIdx.x;
+  if (t < p.num_tokens) {
+    const int32_t e = r.idx[t * p.top_k + j];
+    if (e >= 0) atomicAdd(&local_counts[e], 1);
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) r.chunk_counts[(j * chunks + chunk) * E + e] = local_counts[e];
+}
+
+// Per expert: exclusive prefix over (choice j, chunk) — choice-major order.
+__global__ void slot_scan_kernel(RouterParams p, RoutingBuffers r, int64_t chunks, int64_t capacity) {
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e >= p.num_experts) return;
+  int64_t running = 0;
+  for (int64_t i = 0; i < p.top_k * chunks; ++i) {
+    int32_t* cell = &r.chunk_counts[i * p.num_experts + e];
+    const int32_t c = *cell;
+    *cell = static_cast<int32_t>(running);
+    running += c;
+  }
+  r.routed[e] = running;
+  r.kept_count[e] = running < capacity ? running : capacity;
+}
+
+__global__ void row_offsets_kernel(RoutingBuffers r, int64_t num_experts) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  int64_t running = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    r.row_offsets[e] = running;
+    running += r.kept_count[e];
+  }
+  r.row_offsets[num_experts] = running;
+}
+
+// One warp per (chunk, j): ranks within the chunk in token order via __match_any_sync.
+__global__ void slot_rank_kernel(RouterParams p, RoutingBuffers r, int64_t chunks, int64_t capacity) {
+  extern __shared__ int32_t running[];
+  const int64_t chunk = blockIdx.x, j = blockIdx.y, E = p.num_experts, k = p.top_k;
+  const int lane = threadIdx.x;
+  for (int64_t e = lane; e < E; e += 32) running[e] = 0;
+  __syncwarp();
+  for (int group = 0; group < kSlotChunk / 32; ++group) {
+    const int64_t t = chunk * kSlotChunk + group * 32 + lane;
+    const int32_t e = t < p.num_tokens ? r.idx[t * k + j] : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    const int rank = __popc(peers & ((1u << lane) - 1u));
+    const int32_t base = e >= 0 ? running[e] : 0;
+    __syncwarp();
+    if (e >= 0 && rank == 0) running[e] = base + __popc(peers);
+    __syncwarp();
+    if (t >= p.num_tokens) continue;
+    const int64_t i = t * k + j;
+    if (e < 0) {
+      r.row_of[i] = -1;
+      r.kept[i] = 0;
+      continue;
+    }
+    const int64_t pos = r.chunk_counts[(j * chunks + chunk) * E + e] + base + rank;
+    const bool kept = pos < capacity;
+    r.kept[i] = kept ? 1 : 0;
+    const int64_t row = kept ? r.row_offsets[e] + pos : -1;
+    r.row_of[i] = static_cast<int32_t>(row);
+    if (kept) r.row_source[row] = static_cast<int32_t>(i);
+  }
+}
+
+// ---------------------------------------------------------------------- rows and combine --
+
+template <class T>
+__global__ void gather_rows_kernel(const T* src, RoutingBuffers r, bool scale_by_weight, T* dst, int64_t n_pairs,
+                                   int64_t top_k, int64_t hidden) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  if (i >= n_pairs) return;
+  const int32_t row = r.row_of[i];
+  if (row < 0) return;
+  const int64_t t = i / top_k;
+  const float w = scale_by_weight ? r.weight[i] : 1.f;
+  for (int64_t h = lane; h < hidden; h += 32)
+    dst[row * hidden + h] = scale_by_weight ? from_f32<T>(w * to_f32(src[t * hidden + h])) : src[t * hidden + h];
+}
+
+template <class T>
+__global__ void activation_forward_kernel(FfnKind kind, const T* pre, T* act, const int64_t* total_rows, int64_t rows_max,
+                                          int64_t ffn) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t rows = total_rows ? *total_rows : rows_max;
+  if (i >= rows * ffn) return;
+  const int64_t row = i / ffn, c = i % ffn;
+  const bool gated = is_gated(kind);
+  const int64_t width = gated ? 2 * ffn : ffn;
+  const float g = to_f32(pre[row * width + c]);
+  const float a = act_f(kind, g);
+  act[i] = from_f32<T>(gated ? a * to_f32(pre[row * width + ffn + c]) : a);
+}
+
+template <class T>
+__global__ void activation_backward_kernel(FfnKind kind, const T* pre, const float* dact, T* dpre,
+                                           const int64_t* total_rows, int64_t rows_max, int64_t ffn) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t rows = total_rows ? *total_rows : rows_max;
+  if (i >= rows * ffn) return;
+  const int64_t row = i / ffn, c = i % ffn;
+  const bool gated = is_gated(kind);
+  const int64_t width = gated ? 2 * ffn : ffn;
+  const float g = to_f32(pre[row * width + c]);
+  const float da = dact[i];
+  if (gated) {
+    const float up = to_f32(pre[row * width + ffn + c]);
+    dpre[row * width + c] = from_f32<T>(da * up * act_grad_f(kind, g));
+    dpre[row * width + ffn + c] = from_f32<T>(da * act_f(kind, g));
+  } else {
+    dpre[row * width + c] = from_f32<T>(da * act_grad_f(kind, g));
+  }
+}
+
+template <class T>
+__global__ void combine_rows_kernel(const T* rows, RoutingBuffers r, bool unit_weights, const float* dense, T* y,
+                                    int64_t num_tokens, int64_t top_k, int64_t hidden) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  if (t >= num_tokens) return;
+  for (int64_t h = lane; h < hidden; h += 32) {
+    float acc = dense ? dense[t * hidden + h] : 0.f;
+    for (int64_t j = 0; j < top_k; ++j) {  // fixed order over j: deterministic
+      const int32_t row = r.row_of[t * top_k + j];
+      if (row < 0) continue;
+      const float w = unit_weights ? 1.f : r.weight[t * top_k + j];
+      acc = fmaf(w, to_f32(rows[static_cast<int64_t>(row) * hidden + h]), acc);
+    }
+    y[t * hidden + h] = from_f32<T>(acc);
+  }
+}
+
+template <class T>
+__global__ void routing_weight_grad_kernel(const T* dy, const T* out_rows, RoutingBuffers r, float* dweight,
+                                           int64_t n_pairs, int64_t top_k, int64_t hidden) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  if (i >= n_pairs) return;
+  const int32_t row = r.row_of[i];
+  float acc = 0.f;
+  if (row >= 0) {
+    const int64_t t = i / top_k;
+    for (int64_t h = lane; h < hidden; h += 32)
+      acc += to_f32(dy[t * hidden + h]) * to_f32(out_rows[static_cast<int64_t>(row) * hidden + h]);
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) dweight[i] = acc;
+}
+
+// ---------------------------------------------------------------------------- losses --
+
+__global__ void balance_column_kernel(RouterParams p, RoutingBuffers r, double* mean_q) {
+  __shared__ double partial[256];
+  const int64_t e = blockIdx.x, E = p.num_experts;
+  const bool sigmoid_gate = p.gate == GateKind::kSigmoidTopK;
+  double acc = 0;
+  for (int64_t t = threadIdx.x; t < p.num_tokens; t += blockDim.x) {
+    const double prob = r.probs[t * E + e];
+    acc += sigmoid_gate ? prob / r.prob_sum[t] : prob;
+  }
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) mean_q[e] = p.num_tokens > 0 ? partial[0] / static_cast<double>(p.num_tokens) : 0.0;
+}
+
+__global__ void balance_final_kernel(RouterParams p, RoutingBuffers r, const double* mean_q, double* aux, double* z) {
+  __shared__ double partial[256];
+  double acc = 0;
+  for (int64_t t = threadIdx.x; t < p.num_tokens; t += blockDim.x) acc += static_cast<double>(r.lse[t]) * r.lse[t];
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x != 0) return;
+  double a = 0;
+  if (p.num_tokens > 0)
+    for (int64_t e = 0; e < p.num_experts; ++e)
+      a += static_cast<double>(r.routed[e]) / static_cast<double>(p.num_tokens * p.top_k) * mean_q[e];
+  if (aux) *aux = static_cast<double>(p.num_experts) * a;
+  if (z) *z = p.num_tokens > 0 ? partial[0] / static_cast<double>(p.num_tokens) : 0.0;
+}
+
+// -------------------------------------------------------------------- router backward --
+
+__global__ void router_backward_kernel(RouterParams p, RoutingBuffers r, const float* dweight, double d_aux,
+                                       double d_z, float* dlogits, float* dnoise) {
+  extern __shared__ float dp_smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  if (t >= p.num_tokens) return;
+  const int64_t E = p.num_experts, k = p.top_k, T = p.num_tokens;
+  float* dp = dp_smem + warp * E;
+  const float* prob = r.probs + t * E;
+  for (int64_t e = lane; e < E; e += 32) dp[e] = 0.f;
+  __syncwarp();
+  if (lane == 0) {
+    const float S = r.renorm_sum[t];
+    float dot = 0.f;
+    for (int64_t j = 0; j < k; ++j) if (r.idx[t * k + j] >= 0) dot += dweight[t * k + j] * r.weight[t * k + j];
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t e = r.idx[t * k + j];
+      if (e >= 0) dp[e] += dweight[t * k + j] / S;
+      const int32_t s = r.selected[t * k + j];
+      if (p.renormalize && s >= 0) dp[s] -= dot / S;
+    }
+  }
+  __syncwarp();
+  const bool sigmoid_gate = p.gate == GateKind::kSigmoidTopK;
+  if (d_aux != 0.0) {
+    const float sum = r.prob_sum[t];
+    float qdq = 0.f;
+    for (int64_t e = lane; e < E; e += 32) {
+      const float dq = static_cast<float>(d_aux * static_cast<double>(E) * static_cast<double>(r.routed[e]) /
+                                          static_cast<double>(T * k) / static_cast<double>(T));
+      qdq += prob[e] / sum * dq;
+    }
+    qdq = sigmoid_gate ? warp_sum(qdq) : 0.f;
+    for (int64_t e = lane; e < E; e += 32) {
+      const float dq = static_cast<float>(d_aux * static_cast<double>(E) * static_cast<double>(r.routed[e]) /
+                                          static_cast<double>(T * k) / static_cast<double>(T));
+      dp[e] += sigmoid_gate ? (dq - qdq) / sum : dq;
+    }
+  }
+  float pdp = 0.f;
+  for (int64_t e = lane; e < E; e += 32) pdp += prob[e] * dp[e];
+  pdp = warp_sum(pdp);
+  const float lse = r.lse[t];
+  for (int64_t e = lane; e < E; e += 32) {
+    float dl = sigmoid_gate ? dp[e] * prob[e] * (1.f - prob[e]) : prob[e] * (dp[e] - pdp);
+    if (d_z != 0.0) dl += static_cast<float>(d_z * 2.0 * lse * exp(static_cast<double>(r.logits[t * E + e] - lse)) / static_cast<double>(T));
+    dlogits[t * E + e] = dl;
+    if (dnoise) {
+      const double eps = noise::normal(p.seed, noise::kNoisyGate, static_cast<uint64_t>(p.token_offset + t), static_cast<uint64_t>(e));
+      dnoise[t * E + e] = dl * static_cast<float>(eps) * sigmoid_f(r.noise_pre[t * E + e]);
+    }
+  }
+}
+
+template <class T, class TS>
+__global__ void group_column_sums_kernel(const TS* src, const int64_t* offsets, int64_t n, T* out, int64_t single_rows) {
+  const int64_t g = blockIdx.y;
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= n) return;
+  const int64_t begin = offsets ? offsets[g] : 0, end = offsets ? offsets[g + 1] : single_rows;
+  float acc = 0.f;
+  for (int64_t row = begin; row < end; ++row) acc += to_f32(src[row * n + c]);
+  out[g * n + c] = from_f32<T>(acc);
+}
+
+template <class TC, class TB>
+__global__ void add_group_bias_kernel(TC* c, const TB* bias, const int64_t* offsets, int64_t groups, int64_t rows_max,
+                                      int64_t n) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t rows = offsets ? offsets[groups] : rows_max;
+  if (i >= rows * n) return;
+  const int64_t row = i / n, col = i % n;
+  int64_t g = 0;
+  if (offsets) {  // last group whose start is <= row (binary search over groups + 1 offsets)
+    int64_t lo = 0, hi = groups - 1;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (offsets[mid] <= row) lo = mid; else hi = mid - 1;
+    }
+    g = lo;
+  }
+  c[i] = from_f32<TC>(to_f32(c[i]) + to_f32(bias[g * n + col]));
+}
+
+template <class T>
+__global__ void convert_kernel(const float* src, T* dst, int64_t n) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) dst[i] = from_f32<T>(src[i]);
+}
+
+template <class T>
+__global__ void fill_nan_kernel(T* dst, int64_t n) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) dst[i] = from_f32<T>(NAN);
+}
+
+unsigned blocks_for(int64_t n, int64_t per_block) { return static_cast<unsigned>(ceil_div(n > 0 ? n : 1, per_block)); }
+
+}  // namespace
+
+// ------------------------------------------------------------------------------ launchers --
+
+void add_gate_noise(const RouterParams& p, RoutingBuffers& r, cudaStream_t stream) {
+  if (p.num_tokens == 0) return;
+  add_gate_noise_kernel<<<blocks_for(p.num_tokens * p.num_experts, 256), 256, 0, stream>>>(p, r);
+  FUSEDMOE_LAUNCH_CHECK();
+}
+
+template <class T>
+void jitter_router_input(const T* x, float* out, int64_t num_tokens, int64_t hidden, double eps, uint64_t seed,
+                         int64_t token_offset, cudaStream_t stream) {
+  if (num_tokens == 0) return;
+  jitter_kernel<T><<<blocks_for(num_tokens * hidden, 256), 256, 0, stream>>>(x, out, num_tokens * hidden, hidden, eps,
+                                                                            seed, token_offset);
+  FUSEDMOE_LAUNCH_CHECK();
+}
+
+void add_jittered(const float* a, float* out, int64_t num_tokens, int64_t hidden, double eps, uint64_t seed,
+                  int64_t token_offset, cudaStream_t stream) {
+  if (num_tokens == 0) return;
+  add_jittered_kernel<<<blocks_for(num_tokens * hidden, 256), 256, 0, stream>>>(a, out, num_tokens * hidden, hidden,
+                                                                               eps, seed, token_offset);
+  FUSEDMOE_LAUNCH_CHECK();
+}
+
+template <class T>
+void gate_topk(const RouterParams& p, const T* selection_bias, RoutingBuffers& r, cudaStream_t stream) {
+  if (p.num_tokens == 0) return;
+  FUSEDMOE_CHECK(p.top_k <= 32, "top_k = " << p.top_k << ": the CUDA router supports top_k <= 32");
+  const size_t smem = sizeof(float) * kWarpsPerBlock * static_cast<size_t>(p.num_experts);
+  FUSEDMOE_CHECK(smem <= 48 * 1024, "num_experts = " << p.num_experts << ": the CUDA router supports up to 1536 experts");
+  gate_topk_kernel<T><<<blocks_for(p.num_tokens, kWarpsPerBlock), 32 * kWarpsPerBlock, smem, stream>>>(p, selection_bias, r);
+  FUSEDMOE_LAUNCH_CHECK();
+}
+
+void assign_slots(const RouterParams& p, int64_t capacity, RoutingBuffers& r, cudaStream_t stream) {
+  const int64_t chunks = ceil_div(p.num_tokens, kSlotChunk);
+  const size_t smem = sizeof(int32_t) * static_cast<size_t>(p.num_experts);
+  if (chunks > 0) {
+    slot_count_kernel<<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(p.top_k)), kSlotChunk, smem, stream>>>(p, r, chunks);
+    FUSEDMOE_LAUNCH_CHECK();
+  }
+  slot_scan_kernel<<<blocks_for(p.num_experts, 128), 128, 0, stream>>>(p, r, chunks, capacity);
+  FUSEDMOE_LAUNCH_CHECK();
+  row_offsets_kernel<<<1, 32, 0, stream>>>(r, p.num_experts);
+  FUSEDMOE_LAUNCH_CHECK();
+  if (chunks > 0) {
+    slot_rank_kernel<<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(p.top_k)), 32, smem, stream>>>(p, r, chunks, capacity);
+    FUSEDMOE_LAUNCH_CHECK();
+  }
+}
+
+template <class T>
+void gather_rows(const T* src, const RoutingBuffers& r, bool scale_by_weight, T* dst, int64_t num_tokens,
+                 int64_t top_k, int64_t hidden, cudaStream_t stream) {
+  if (num_tokens == 0) return;
+  gather_rows_kernel<T><<<blocks_for(num_tokens * top_k, kWarpsPerBlock), 32 * kWarpsPerBlock, 0, stream>>>(
+      src, r, scale_by_weight, dst, num_tokens * top_k, top_k, hidden);
+  FUSEDMOE_LAUNCH_CHECK();
+}
+
+template <class T>
+void activation_forward(FfnKind kind, const T* pre, T* act, const int64_t* total_rows, int64_t rows_max, int64_t ffn,
+                        cudaStream_t stream) {
+  if (rows_max == 0) return;
+  activation_forward_kernel<T><<<blocks_for(rows_max * ffn, 256), 256, 0, stream>>>(kind, pre, act, total_rows, rows_max, ffn);
+  FUSEDMOE_LAUNCH_CHECK();
+}
+
+template <class T>
+void activation_backward(FfnKind kind, const T* pre, const float* dact, T* dpre, const int64_t* total_rows,
+                         int64_t rows_max, int64_t ffn, cudaStream_t stream) {
+  if (rows_max == 0) return;
+  activation_backward_kernel<T><<<blocks_for(rows_max * ffn, 256), 256, 0, stream>>>(kind, pre, dact, dpre, total_rows,
+                                                                                    rows_max, ffn);
+  FUSEDMOE_LAUNCH_CHECK();
+}
+
+template <class T>
+void combine_rows(const T* rows, const RoutingBuffers& r, bool unit_weights, const float* dense, T* y,
+                  int64_t num_tokens, int64_t top_k, int64_t hidden, cudaStream_t stream) {
+  if (num_tokens == 0) return;
+  combine_rows_kernel<T><<<blocks_for(num_tokens, kWarpsPerBlock), 32 * kWarpsPerBlock, 0, stream>>>(
+      rows, r, unit_weights, dense, y, num_tokens, top_k, hidden);
+  FUSEDMOE_LAUNCH_CHECK();
+}
+
+void balance_losses(const RouterParams& p, const RoutingBuffers& r, double* aux, double* z, cudaStream_t stream) {
+  double* mean_q = nullptr;
+  FUSEDMOE_CUDA_CHECK(cudaMallocAsync(&mean_q, sizeof(double) * static_cast<size_t>(p.num_experts), stream));
+  balance_column_kernel<<<static_cast<unsigned>(p.num_experts), 256, 0, stream>>>(p, r, mean_q);
+  FUSEDMOE_LAUNCH_CHECK();
+  balance_final_kernel<<<1, 256, 0, stream>>>(p, r, mean_q, aux, z);
+  FUSEDMOE_LAUNCH_CHECK();
+  FUSEDMOE_CUDA_CHECK(cudaFreeAsync(mean_q, stream));
+}
+
+template <class T>
+void routing_weight_grad(const T* dy, const T* out_rows, const RoutingBuffers& r, float* dweight, int64_t num_tokens,
+                         int64_t top_k, int64_t hidden, cudaStream_t stream) {
+  if (num_tokens == 0) return;
+  routing_weight_grad_kernel<T><<<blocks_for(num_tokens * top_k, kWarpsPerBlock), 32 * kWarpsPerBlock, 0, stream>>>(
+      dy, out_rows, r, dweight, num_tokens * top_k, top_k, hidden);
+  FUSEDMOE_LAUNCH_CHECK();
+}
+
+void router_backward(const RouterParams& p, const RoutingBuffers& r, const float* dweight, double d_aux, double d_z,
+                     float* dlogits, float* dnoise, cudaStream_t stream) {
+  if (p.num_tokens == 0) return;
+  const size_t smem = sizeof(float) * kWarpsPerBlock * static_cast<size_t>(p.num_experts);
+  router_backward_kernel<<<blocks_for(p.num_tokens, kWarpsPerBlock), 32 * kWarpsPerBlock, smem, stream>>>(
+      p, r, dweight, d_aux, d_z, dlogits, dnoise);
+  FUSEDMOE_LAUNCH_CHECK();
+}
+
+template <class T, class TS>
+void group_column_sums(const TS* src, const int64_t* offsets, int64_t groups, int64_t n, T* out, cudaStream_t stream,
+                       int64_t single_group_rows) {
+  if (groups == 0 || n == 0) return;
+  group_column_sums_kernel<T, TS><<<dim3(blocks_for(n, 256), static_cast<unsigned>(groups)), 256, 0, stream>>>(
+      src, offsets, n, out, single_group_rows);
+  FUSEDMOE_LAUNCH_CHECK();
+}
+
+template <class TC, class TB>
+void add_group_bias(TC* c, const TB* bias, const int64_t* offsets, int64_t groups, int64_t rows_max, int64_t n,
+                    cudaStream_t stream) {
+  if (rows_max == 0 || n == 0) return;
+  add_group_bias_kernel<TC, TB><<<blocks_for(rows_max * n, 256), 256, 0, stream>>>(c, bias, offsets, groups, rows_max, n);
+  FUSEDMOE_LAUNCH_CHECK();
+}
+
+template <class T>
+void convert(const float* src, T* dst, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  convert_kernel<T><<<blocks_for(n, 256), 256, 0, stream>>>(src, dst, n);
+  FUSEDMOE_LAUNCH_CHECK();
+}
+
+template <class T>
+void fill_nan(T* dst, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  fill_nan_kernel<T><<<blocks_for(n, 256), 256, 0, stream>>>(dst, n);
+  FUSEDMOE_LAUNCH_CHECK();
+}
+
+#define FUSEDMOE_INSTANTIATE_STAGES(T)                                                                          \
+  template void jitter_router_input<T>(const T*, float*, int64_t, int64_t, double, uint64_t, int64_t, cudaStream_t); \
+  template void gate_topk<T>(const RouterParams&, const T*, RoutingBuffers&, cudaStream_t);                    \
+  template void gather_rows<T>(const T*, const RoutingBuffers&, bool, T*, int64_t, int64_t, int64_t, cudaStream_t); \
+  template void activation_forward<T>(FfnKind, const T*, T*, const int64_t*, int64_t, int64_t, cudaStream_t); \
+  template void activation_backward<T>(FfnKind, const T*, const float*, T*, const int64_t*, int64_t, int64_t, cudaStream_t); \
+  template void combine_rows<T>(const T*, const RoutingBuffers&, bool, const float*, T*, int64_t, int64_t, int64_t, cudaStream_t); \
+  template void routing_weight_grad<T>(const T*, const T*, const RoutingBuffers&, float*, int64_t, int64_t, int64_t, cudaStream_t); \
+  template void group_column_sums<T, T>(const T*, const int64_t*, int64_t, int64_t, T*, cudaStream_t, int64_t); \
+  template void add_group_bias<T, T>(T*, const T*, const int64_t*, int64_t, int64_t, int64_t, cudaStream_t); \
+  template void convert<T>(const float*, T*, int64_t, cudaStream_t);                                          \
+  template void fill_nan<T>(T*, int64_t, cudaStream_t);
+
+FUSEDMOE_INSTANTIATE_STAGES(float)
+FUSEDMOE_INSTANTIATE_STAGES(__nv_bfloat16)
+FUSEDMOE_INSTANTIATE_STAGES(__half)
+
+#define FUSEDMOE_INSTANTIATE_MIXED(T)                                                                           \
+  template void group_column_sums<T, float>(const float*, const int64_t*, int64_t, int64_t, T*, cudaStream_t, int64_t); \
+  template void add_group_bias<float, T>(float*, const T*, const int64_t*, int64_t, int64_t, int64_t, cudaStream_t);
+
+FUSEDMOE_INSTANTIATE_MIXED(__nv_bfloat16)
+FUSEDMOE_INSTANTIATE_MIXED(__half)
+
+}  // namespace fusedmoe::cuda
