@@ -21,7 +21,7 @@ echo "== SASS: instruction counts of the Hopper kernels"
 cuobjdump -sass "$bin" > /tmp/sass.txt 2>&1
 grep -oE "HGMMA\.[A-Za-z0-9.]+|UTMALDG\.[A-Za-z0-9.]+|USETMAXREG[A-Za-z0-9.]*|UTMACCTL[A-Za-z0-9.]*|\bHMMA\.[A-Za-z0-9.]+|LDL|STL" /tmp/sass.txt | sort | uniq -c | sort -rn | head -20 | tee "$out/sass_summary.txt"
 echo "== tests + benchmark"
-"$bin" --results "$out/ours.txt" "$@" 2>&1 | tee "$out/test.log"
+timeout 300 "$bin" --results "$out/ours.txt" "$@" 2>&1 | tee "$out/test.log"
 status=${PIPESTATUS[0]}
 echo "== torch baseline (same session)"
 PYTHONUNBUFFERED=1 python3 "$root/tests/gpu/gemm/bench_torch.py" --ours "$out/ours.txt" 2>&1 | tee "$out/torch.log"

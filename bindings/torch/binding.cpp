@@ -1,0 +1,326 @@
+// bindings/torch/binding.cpp — the torch ops fusedmoe::moe_forward and fusedmoe::moe_backward.
+//
+// The only file of fusedmoe that includes torch headers. It turns torch tensors into
+// fusedmoe::TensorView (raw pointer, dtype, shape), builds a fusedmoe::MoeLayer per call from
+// the config string (fusedmoe::to_config_string) and runs it. Registered for the CPU dispatch
+// key; the Python package (python/fusedmoe/_ops.py) adds the fake (meta) kernels and autograd.
+//
+// Errors: a bad tensor argument raises TypeError (dtype) or ValueError (device, layout, rank),
+// a bad config string or backend name ValueError, each naming the argument; errors of the layer
+// (fusedmoe::Error from MoeLayer: shapes, missing weights, routing indices, tokens_per_rank)
+// become RuntimeError with the library's message.
+//
+// Set FUSEDMOE_POISON_OUTPUTS=1 to fill every output with NaN (indices with INT32_MIN) before
+// the library runs, so that an element the library forgets to write shows up in tests.
+//
+// Test (from the repository root, after building with -DFUSEDMOE_BUILD_TORCH=ON):
+//   PYTHONPATH=python FUSEDMOE_OPS_LIBRARY=<build>/python/fusedmoe/_fusedmoe_ops.so
+//   python3 -m pytest tests/python
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "fusedmoe/fusedmoe.hpp"
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// Non-null address for present tensors with no elements: TensorView::defined() means
+// "data != nullptr", and torch gives empty tensors a null data pointer.
+alignas(64) double g_empty_storage[8];
+
+bool poison_outputs() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("FUSEDMOE_POISON_OUTPUTS");
+    return value != nullptr && value[0] != '\0' && value[0] != '0';
+  }();
+  return enabled;
+}
+
+std::optional<fusedmoe::DType> dtype_of(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return fusedmoe::DType::kFloat32;
+    case at::kDouble: return fusedmoe::DType::kFloat64;
+    case at::kBFloat16: return fusedmoe::DType::kBFloat16;
+    case at::kHalf: return fusedmoe::DType::kFloat16;
+    default: return std::nullopt;
+  }
+}
+
+at::ScalarType scalar_type_of(fusedmoe::DType dtype) {
+  switch (dtype) {
+    case fusedmoe::DType::kFloat32: return at::kFloat;
+    case fusedmoe::DType::kFloat64: return at::kDouble;
+    case fusedmoe::DType::kBFloat16: return at::kBFloat16;
+    case fusedmoe::DType::kFloat16: return at::kHalf;
+  }
+  return at::kFloat;
+}
+
+void* data_or_dummy(const Tensor& t) {
+  return t.numel() == 0 ? static_cast<void*>(g_empty_storage) : t.data_ptr();
+}
+
+// The parsed call: config, backend and the contiguous tensors whose views the layer reads.
+struct Call {
+  fusedmoe::MoeConfig config;
+  fusedmoe::Backend backend = fusedmoe::Backend::kAuto;
+  std::vector<Tensor> keep_alive;  // contiguous copies (when the input was not contiguous)
+
+  void check_cpu(const Tensor& t, const char* name) const {
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "fusedmoe: ", name, ": on device ", t.device(),
+                      "; the fusedmoe ops run on CPU tensors in this build");
+    TORCH_CHECK_VALUE(t.layout() == at::kStrided, "fusedmoe: ", name,
+                      ": must be a dense (strided) tensor, got layout ", t.layout());
+  }
+
+  // A floating-point tensor argument of the config's dtype.
+  fusedmoe::TensorView view(const Tensor& t, const char* name) {
+    check_cpu(t, name);
+    const auto dtype = dtype_of(t.scalar_type());
+    TORCH_CHECK_TYPE(dtype.has_value() && (*dtype == fusedmoe::DType::kFloat32 ||
+                                           *dtype == fusedmoe::DType::kFloat64),
+                     "fusedmoe: ", name, ": dtype ", t.scalar_type(),
+                     " is not supported on CPU (expected float32 or float64)");
+    TORCH_CHECK_TYPE(*dtype == config.dtype, "fusedmoe: ", name, ": dtype ", t.scalar_type(),
+                     " does not match the config dtype ", fusedmoe::to_string(config.dtype),
+                     " (expected ", scalar_type_of(config.dtype), ")");
+    Tensor c = t.contiguous();
+    if (!c.is_same(t)) keep_alive.push_back(c);
+    return fusedmoe::TensorView{.data = data_or_dummy(c), .dtype = *dtype,
+                                .shape = std::vector<int64_t>(c.sizes().begin(), c.sizes().end())};
+  }
+
+  fusedmoe::TensorView view(const OptTensor& t, const char* name) {
+    if (!t.has_value() || !t->defined()) return {};
+    return view(*t, name);
+  }
+};
+
+Call make_call(std::string_view config_text, std::string_view backend_text) {
+  Call call;
+  try {
+    call.config = fusedmoe::parse_config_string(config_text);
+    call.config.validate();
+    call.backend = fusedmoe::parse_backend(std::string(backend_text));
+  } catch (const fusedmoe::Error& e) {
+    TORCH_CHECK_VALUE(false, "fusedmoe: ", e.what());
+  }
+  TORCH_CHECK_VALUE(call.backend != fusedmoe::Backend::kCuda,
+                    "fusedmoe: backend 'cuda' cannot run the CPU kernel of the op (the tensors are on CPU)");
+  // NOTE: this is the CPU kernel: "auto" must not resolve to the CUDA backend (which MoeLayer
+  // would pick in a CUDA build with a device present) while the tensors live in host memory.
+  if (call.backend == fusedmoe::Backend::kAuto) call.backend = fusedmoe::Backend::kCpu;
+  return call;
+}
+
+// The inputs shared by moe_forward and moe_backward, as views.
+struct Inputs {
+  fusedmoe::MoeWeights weights;
+  fusedmoe::ForwardArgs args;
+  Tensor forced_idx;  // int32 [T, k], contiguous, when given
+  int64_t num_tokens = 0;
+};
+
+Inputs make_inputs(Call& call, const Tensor& x, const Tensor& gate_weight, const OptTensor& gate_bias,
+                   const OptTensor& noise_weight, const OptTensor& selection_bias, const Tensor& w1,
+                   const OptTensor& b1, const Tensor& w2, const OptTensor& b2,
+                   const OptTensor& shared_w1, const OptTensor& shared_b1, const OptTensor& shared_w2,
+                   const OptTensor& shared_b2, const OptTensor& forced_topk_idx,
+                   c10::IntArrayRef tokens_per_rank, bool training, int64_t seed,
+                   int64_t token_offset) {
+  Inputs in;
+  const auto& c = call.config;
+  TORCH_CHECK_VALUE(x.dim() == 2, "fusedmoe: x: expected a 2-D tensor [T, hidden_size = ",
+                    c.hidden_size, "], got shape ", x.sizes());
+  in.num_tokens = x.size(0);
+  in.args.x = call.view(x, "x");
+  in.weights.gate_weight = call.view(gate_weight, "gate_weight");
+  in.weights.gate_bias = call.view(gate_bias, "gate_bias");
+  in.weights.noise_weight = call.view(noise_weight, "noise_weight");
+  in.weights.selection_bias = call.view(selection_bias, "selection_bias");
+  in.weights.w1 = call.view(w1, "w1");
+  in.weights.b1 = call.view(b1, "b1");
+  in.weights.w2 = call.view(w2, "w2");
+  in.weights.b2 = call.view(b2, "b2");
+  in.weights.shared_w1 = call.view(shared_w1, "shared_w1");
+  in.weights.shared_b1 = call.view(shared_b1, "shared_b1");
+  in.weights.shared_w2 = call.view(shared_w2, "shared_w2");
+  in.weights.shared_b2 = call.view(shared_b2, "shared_b2");
+  in.args.tokens_per_rank.assign(tokens_per_rank.begin(), tokens_per_rank.end());
+  in.args.training = training;
+  in.args.seed = static_cast<uint64_t>(seed);
+  in.args.token_offset = token_offset;
+  if (forced_topk_idx.has_value() && forced_topk_idx->defined()) {
+    const Tensor& f = *forced_topk_idx;
+    call.check_cpu(f, "forced_topk_idx");
+    TORCH_CHECK_TYPE(at::isIntegralType(f.scalar_type(), /*includeBool=*/false),
+                     "fusedmoe: forced_topk_idx: dtype ", f.scalar_type(),
+                     " is not an integer type (expected int32 or int64)");
+    TORCH_CHECK_VALUE(f.dim() == 2 && f.size(0) == in.num_tokens && f.size(1) == c.top_k,
+                      "fusedmoe: forced_topk_idx: shape ", f.sizes(), ", expected [T = ",
+                      in.num_tokens, ", top_k = ", c.top_k, "]");
+    in.forced_idx = f.to(at::kInt).contiguous();
+    in.args.forced_topk_idx = in.num_tokens == 0 ? reinterpret_cast<const int32_t*>(g_empty_storage)
+                                                 : in.forced_idx.data_ptr<int32_t>();
+  }
+  return in;
+}
+
+// Runs `body`, turning the library's exceptions into torch errors (Python RuntimeError).
+template <typename F>
+void translate_errors(const char* op, F&& body) {
+  try {
+    body();
+  } catch (const fusedmoe::Error& e) {
+    TORCH_CHECK(false, "fusedmoe.", op, ": ", e.what());
+  }
+}
+
+using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+ForwardResult moe_forward(const Tensor& x, const Tensor& gate_weight, const OptTensor& gate_bias,
+                          const OptTensor& noise_weight, const OptTensor& selection_bias,
+                          const Tensor& w1, const OptTensor& b1, const Tensor& w2,
+                          const OptTensor& b2, const OptTensor& shared_w1,
+                          const OptTensor& shared_b1, const OptTensor& shared_w2,
+                          const OptTensor& shared_b2, const OptTensor& forced_topk_idx,
+                          std::string_view config, c10::IntArrayRef tokens_per_rank, bool training,
+                          int64_t seed, int64_t token_offset, std::string_view backend) {
+  Call call = make_call(config, backend);
+  Inputs in = make_inputs(call, x, gate_weight, gate_bias, noise_weight, selection_bias, w1, b1, w2,
+                          b2, shared_w1, shared_b1, shared_w2, shared_b2, forced_topk_idx,
+                          tokens_per_rank, training, seed, token_offset);
+  const int64_t T = in.num_tokens, H = call.config.hidden_size, E = call.config.num_experts;
+  const int64_t k = call.config.top_k;
+  const auto float_options = x.options().memory_format(at::MemoryFormat::Contiguous);
+  Tensor y = at::empty({T, H}, float_options);
+  Tensor topk_idx = at::empty({T, k}, x.options().dtype(at::kInt));
+  Tensor topk_weight = at::empty({T, k}, float_options);
+  Tensor kept = at::empty({T, k}, x.options().dtype(at::kBool));
+  Tensor expert_counts = at::empty({E}, x.options().dtype(at::kLong));
+  Tensor kept_counts = at::empty({E}, x.options().dtype(at::kLong));
+  if (poison_outputs()) {
+    y.fill_(std::numeric_limits<double>::quiet_NaN());
+    topk_weight.fill_(std::numeric_limits<double>::quiet_NaN());
+    topk_idx.fill_(std::numeric_limits<int32_t>::min());
+    expert_counts.fill_(std::numeric_limits<int64_t>::min());
+    kept_counts.fill_(std::numeric_limits<int64_t>::min());
+  }
+  double aux_loss = std::numeric_limits<double>::quiet_NaN();
+  double z_loss = std::numeric_limits<double>::quiet_NaN();
+  translate_errors("moe_forward", [&] {
+    fusedmoe::MoeLayer layer(call.config, in.weights, call.backend);
+    fusedmoe::ForwardOutputs out;
+    out.y = fusedmoe::TensorView{.data = data_or_dummy(y), .dtype = call.config.dtype, .shape = {T, H}};
+    out.topk_idx = T == 0 ? nullptr : topk_idx.data_ptr<int32_t>();
+    out.topk_weight =
+        fusedmoe::TensorView{.data = data_or_dummy(topk_weight), .dtype = call.config.dtype, .shape = {T, k}};
+    // NOTE: bool is one byte holding 0 or 1, which is what the library writes.
+    out.kept = T == 0 ? nullptr : reinterpret_cast<uint8_t*>(kept.data_ptr<bool>());
+    out.expert_counts = expert_counts.data_ptr<int64_t>();
+    out.kept_counts = kept_counts.data_ptr<int64_t>();
+    out.aux_loss = &aux_loss;
+    out.z_loss = &z_loss;
+    layer.forward(in.args, out);
+  });
+  Tensor aux = at::scalar_tensor(aux_loss, x.options());
+  Tensor z = at::scalar_tensor(z_loss, x.options());
+  return {y, topk_idx, topk_weight, kept, expert_counts, kept_counts, aux, z};
+}
+
+using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                  Tensor, Tensor, Tensor, Tensor>;
+
+// The value of an upstream loss gradient: a 0-dim (or one-element) tensor; undefined = 0.
+double scalar_of(const Tensor& t, const char* name) {
+  if (!t.defined()) return 0.0;
+  TORCH_CHECK_VALUE(t.numel() == 1, "fusedmoe: ", name,
+                    ": expected a single value (0-dim tensor), got shape ", t.sizes());
+  return t.item<double>();
+}
+
+BackwardResult moe_backward(const Tensor& x, const Tensor& gate_weight, const OptTensor& gate_bias,
+                            const OptTensor& noise_weight, const OptTensor& selection_bias,
+                            const Tensor& w1, const OptTensor& b1, const Tensor& w2,
+                            const OptTensor& b2, const OptTensor& shared_w1,
+                            const OptTensor& shared_b1, const OptTensor& shared_w2,
+                            const OptTensor& shared_b2, const OptTensor& forced_topk_idx,
+                            std::string_view config, c10::IntArrayRef tokens_per_rank,
+                            bool training, int64_t seed, int64_t token_offset,
+                            std::string_view backend, const Tensor& dy, const Tensor& d_aux,
+                            const Tensor& d_z) {
+  Call call = make_call(config, backend);
+  Inputs in = make_inputs(call, x, gate_weight, gate_bias, noise_weight, selection_bias, w1, b1, w2,
+                          b2, shared_w1, shared_b1, shared_w2, shared_b2, forced_topk_idx,
+                          tokens_per_rank, training, seed, token_offset);
+  fusedmoe::BackwardArgs args;
+  args.forward = in.args;
+  args.dy = call.view(dy, "dy");
+  args.d_aux = scalar_of(d_aux, "d_aux");
+  args.d_z = scalar_of(d_z, "d_z");
+
+  const bool poison = poison_outputs();
+  // A gradient like `like` when the input is present, an empty tensor otherwise (a new one each
+  // time: outputs of an op must not alias each other).
+  auto grad_for = [&](const OptTensor& like, fusedmoe::TensorView& view) -> Tensor {
+    if (!like.has_value() || !like->defined()) return at::empty({0}, x.options());
+    Tensor g = at::empty(like->sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    if (poison) g.fill_(std::numeric_limits<double>::quiet_NaN());
+    view = fusedmoe::TensorView{.data = data_or_dummy(g), .dtype = call.config.dtype,
+                                .shape = std::vector<int64_t>(g.sizes().begin(), g.sizes().end())};
+    return g;
+  };
+  fusedmoe::MoeGrads grads;
+  Tensor dx = grad_for(x, grads.dx);
+  Tensor d_gate_weight = grad_for(gate_weight, grads.d_gate_weight);
+  Tensor d_gate_bias = grad_for(gate_bias, grads.d_gate_bias);
+  Tensor d_noise_weight = grad_for(noise_weight, grads.d_noise_weight);
+  Tensor d_w1 = grad_for(w1, grads.d_w1);
+  Tensor d_b1 = grad_for(b1, grads.d_b1);
+  Tensor d_w2 = grad_for(w2, grads.d_w2);
+  Tensor d_b2 = grad_for(b2, grads.d_b2);
+  Tensor d_shared_w1 = grad_for(shared_w1, grads.d_shared_w1);
+  Tensor d_shared_b1 = grad_for(shared_b1, grads.d_shared_b1);
+  Tensor d_shared_w2 = grad_for(shared_w2, grads.d_shared_w2);
+  Tensor d_shared_b2 = grad_for(shared_b2, grads.d_shared_b2);
+  translate_errors("moe_backward", [&] {
+    fusedmoe::MoeLayer layer(call.config, in.weights, call.backend);
+    layer.backward(args, grads);
+  });
+  return {dx, d_gate_weight, d_gate_bias, d_noise_weight, d_w1, d_b1, d_w2, d_b2,
+          d_shared_w1, d_shared_b1, d_shared_w2, d_shared_b2};
+}
+
+}  // namespace
+
+#define FUSEDMOE_OP_INPUTS                                                                       \
+  "Tensor x, Tensor gate_weight, Tensor? gate_bias, Tensor? noise_weight, "                      \
+  "Tensor? selection_bias, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? shared_w1, "    \
+  "Tensor? shared_b1, Tensor? shared_w2, Tensor? shared_b2, Tensor? forced_topk_idx, "           \
+  "str config, int[] tokens_per_rank, bool training, int seed, int token_offset, str backend"
+
+TORCH_LIBRARY(fusedmoe, m) {
+  m.def("moe_forward(" FUSEDMOE_OP_INPUTS
+        ") -> (Tensor y, Tensor topk_idx, Tensor topk_weight, Tensor kept, Tensor expert_counts, "
+        "Tensor kept_counts, Tensor aux_loss, Tensor z_loss)");
+  m.def("moe_backward(" FUSEDMOE_OP_INPUTS
+        ", Tensor dy, Tensor d_aux, Tensor d_z) -> (Tensor dx, Tensor d_gate_weight, "
+        "Tensor d_gate_bias, Tensor d_noise_weight, Tensor d_w1, Tensor d_b1, Tensor d_w2, "
+        "Tensor d_b2, Tensor d_shared_w1, Tensor d_shared_b1, Tensor d_shared_w2, "
+        "Tensor d_shared_b2)");
+}
+
+TORCH_LIBRARY_IMPL(fusedmoe, CPU, m) {
+  m.impl("moe_forward", &moe_forward);
+  m.impl("moe_backward", &moe_backward);
+}
