@@ -20,6 +20,7 @@ if [ ! -x "$BUILD_DIR/tests/gpu/fusedmoe_gpu_tests" ]; then
     && cmake --build "$BUILD_DIR" -j "$(nproc)" >"$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 fi
 
+export LD_LIBRARY_PATH="$PWD/$BUILD_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 step "GPU tests"
 "$BUILD_DIR/tests/gpu/fusedmoe_gpu_tests" --gtest_output="xml:$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1 || status=1
 grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED  \]|Failure|error" "$OUT/gpu_tests.log" | head -60
@@ -35,8 +36,16 @@ if [ -n "${SANITIZE:-1}" ] && command -v compute-sanitizer >/dev/null; then
   done
 fi
 
-if [ -x "$BUILD_DIR/tests/gpu/fusedmoe_gpu_bench" ]; then
-  step "benchmark"
-  "$BUILD_DIR/tests/gpu/fusedmoe_gpu_bench" | tee "$OUT/bench.txt" || status=1
+export LD_LIBRARY_PATH="$PWD/$BUILD_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export FUSEDMOE_OPS_LIBRARY="$PWD/$BUILD_DIR/python/fusedmoe/_fusedmoe_ops.so"
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+if [ -f "$FUSEDMOE_OPS_LIBRARY" ]; then
+  step "torch ops on CUDA (pytest)"
+  python3 -m pytest -q tests/gpu/test_torch_cuda.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  if [ -z "${NO_BENCH:-}" ]; then
+    step "benchmark (fusedmoe bench)"
+    python3 -m fusedmoe.bench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | grep -v "^\[" || status=1
+  fi
 fi
 exit $status

@@ -2,8 +2,11 @@
 //
 // The only file of fusedmoe that includes torch headers. It turns torch tensors into
 // fusedmoe::TensorView (raw pointer, dtype, shape), builds a fusedmoe::MoeLayer per call from
-// the config string (fusedmoe::to_config_string) and runs it. Registered for the CPU dispatch
-// key; the Python package (python/fusedmoe/_ops.py) adds the fake (meta) kernels and autograd.
+// the config string (fusedmoe::to_config_string) and runs it. Registered for the CPU and CUDA
+// dispatch keys: CPU tensors run the cpu (or naive) backend, CUDA tensors the cuda backend on
+// torch's current stream of the tensors' device (taken through c10's device-generic stream
+// interface, so this file includes no CUDA header and never synchronises). The Python package
+// (python/fusedmoe/_ops.py) adds the fake (meta) kernels and autograd.
 //
 // Errors: a bad tensor argument raises TypeError (dtype) or ValueError (device, layout, rank),
 // a bad config string or backend name ValueError, each naming the argument; errors of the layer
@@ -17,6 +20,8 @@
 //   PYTHONPATH=python FUSEDMOE_OPS_LIBRARY=<build>/python/fusedmoe/_fusedmoe_ops.so
 //   python3 -m pytest tests/python
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -74,11 +79,14 @@ void* data_or_dummy(const Tensor& t) {
 struct Call {
   fusedmoe::MoeConfig config;
   fusedmoe::Backend backend = fusedmoe::Backend::kAuto;
+  c10::Device device = c10::Device(c10::kCPU);
   std::vector<Tensor> keep_alive;  // contiguous copies (when the input was not contiguous)
 
+  bool on_cuda() const { return device.is_cuda(); }
+
   void check_cpu(const Tensor& t, const char* name) const {
-    TORCH_CHECK_VALUE(t.device().is_cpu(), "fusedmoe: ", name, ": on device ", t.device(),
-                      "; the fusedmoe ops run on CPU tensors in this build");
+    TORCH_CHECK_VALUE(t.device() == device, "fusedmoe: ", name, ": on device ", t.device(),
+                      ", expected x's device ", device);
     TORCH_CHECK_VALUE(t.layout() == at::kStrided, "fusedmoe: ", name,
                       ": must be a dense (strided) tensor, got layout ", t.layout());
   }
@@ -87,10 +95,11 @@ struct Call {
   fusedmoe::TensorView view(const Tensor& t, const char* name) {
     check_cpu(t, name);
     const auto dtype = dtype_of(t.scalar_type());
-    TORCH_CHECK_TYPE(dtype.has_value() && (*dtype == fusedmoe::DType::kFloat32 ||
-                                           *dtype == fusedmoe::DType::kFloat64),
-                     "fusedmoe: ", name, ": dtype ", t.scalar_type(),
-                     " is not supported on CPU (expected float32 or float64)");
+    const bool supported =
+        dtype.has_value() && (on_cuda() ? *dtype != fusedmoe::DType::kFloat64
+                                        : (*dtype == fusedmoe::DType::kFloat32 || *dtype == fusedmoe::DType::kFloat64));
+    TORCH_CHECK_TYPE(supported, "fusedmoe: ", name, ": dtype ", t.scalar_type(), " is not supported on ",
+                     device.type(), on_cuda() ? " (expected float32, bfloat16 or float16)" : " (expected float32 or float64)");
     TORCH_CHECK_TYPE(*dtype == config.dtype, "fusedmoe: ", name, ": dtype ", t.scalar_type(),
                      " does not match the config dtype ", fusedmoe::to_string(config.dtype),
                      " (expected ", scalar_type_of(config.dtype), ")");
@@ -106,8 +115,9 @@ struct Call {
   }
 };
 
-Call make_call(std::string_view config_text, std::string_view backend_text) {
+Call make_call(std::string_view config_text, std::string_view backend_text, const Tensor& x) {
   Call call;
+  call.device = x.device();
   try {
     call.config = fusedmoe::parse_config_string(config_text);
     call.config.validate();
@@ -115,11 +125,17 @@ Call make_call(std::string_view config_text, std::string_view backend_text) {
   } catch (const fusedmoe::Error& e) {
     TORCH_CHECK_VALUE(false, "fusedmoe: ", e.what());
   }
-  TORCH_CHECK_VALUE(call.backend != fusedmoe::Backend::kCuda,
-                    "fusedmoe: backend 'cuda' cannot run the CPU kernel of the op (the tensors are on CPU)");
-  // NOTE: this is the CPU kernel: "auto" must not resolve to the CUDA backend (which MoeLayer
-  // would pick in a CUDA build with a device present) while the tensors live in host memory.
-  if (call.backend == fusedmoe::Backend::kAuto) call.backend = fusedmoe::Backend::kCpu;
+  if (call.on_cuda()) {
+    TORCH_CHECK_VALUE(call.backend == fusedmoe::Backend::kAuto || call.backend == fusedmoe::Backend::kCuda,
+                      "fusedmoe: backend '", backend_text, "' cannot run on CUDA tensors (use 'auto' or 'cuda')");
+    call.backend = fusedmoe::Backend::kCuda;
+  } else {
+    TORCH_CHECK_VALUE(call.backend != fusedmoe::Backend::kCuda,
+                      "fusedmoe: backend 'cuda' cannot run the CPU kernel of the op (the tensors are on CPU)");
+    // NOTE: "auto" must not resolve to the CUDA backend (which MoeLayer would pick in a CUDA
+    // build with a device present) while the tensors live in host memory.
+    if (call.backend == fusedmoe::Backend::kAuto) call.backend = fusedmoe::Backend::kCpu;
+  }
   return call;
 }
 
@@ -160,6 +176,10 @@ Inputs make_inputs(Call& call, const Tensor& x, const Tensor& gate_weight, const
   in.args.training = training;
   in.args.seed = static_cast<uint64_t>(seed);
   in.args.token_offset = token_offset;
+  if (call.on_cuda()) {
+    const c10::impl::VirtualGuardImpl guard_impl(call.device.type());
+    in.args.stream = guard_impl.getStream(call.device).native_handle();
+  }
   if (forced_topk_idx.has_value() && forced_topk_idx->defined()) {
     const Tensor& f = *forced_topk_idx;
     call.check_cpu(f, "forced_topk_idx");
@@ -196,7 +216,8 @@ ForwardResult moe_forward(const Tensor& x, const Tensor& gate_weight, const OptT
                           const OptTensor& shared_b2, const OptTensor& forced_topk_idx,
                           std::string_view config, c10::IntArrayRef tokens_per_rank, bool training,
                           int64_t seed, int64_t token_offset, std::string_view backend) {
-  Call call = make_call(config, backend);
+  const c10::DeviceGuard device_guard(x.device());
+  Call call = make_call(config, backend, x);
   Inputs in = make_inputs(call, x, gate_weight, gate_bias, noise_weight, selection_bias, w1, b1, w2,
                           b2, shared_w1, shared_b1, shared_w2, shared_b2, forced_topk_idx,
                           tokens_per_rank, training, seed, token_offset);
@@ -216,8 +237,8 @@ ForwardResult moe_forward(const Tensor& x, const Tensor& gate_weight, const OptT
     expert_counts.fill_(std::numeric_limits<int64_t>::min());
     kept_counts.fill_(std::numeric_limits<int64_t>::min());
   }
-  double aux_loss = std::numeric_limits<double>::quiet_NaN();
-  double z_loss = std::numeric_limits<double>::quiet_NaN();
+  // Losses as two doubles where the backend writes them (device memory for CUDA: no sync).
+  Tensor losses = at::full({2}, std::numeric_limits<double>::quiet_NaN(), x.options().dtype(at::kDouble));
   translate_errors("moe_forward", [&] {
     fusedmoe::MoeLayer layer(call.config, in.weights, call.backend);
     fusedmoe::ForwardOutputs out;
@@ -229,12 +250,12 @@ ForwardResult moe_forward(const Tensor& x, const Tensor& gate_weight, const OptT
     out.kept = T == 0 ? nullptr : reinterpret_cast<uint8_t*>(kept.data_ptr<bool>());
     out.expert_counts = expert_counts.data_ptr<int64_t>();
     out.kept_counts = kept_counts.data_ptr<int64_t>();
-    out.aux_loss = &aux_loss;
-    out.z_loss = &z_loss;
+    out.aux_loss = losses.data_ptr<double>();
+    out.z_loss = losses.data_ptr<double>() + 1;
     layer.forward(in.args, out);
   });
-  Tensor aux = at::scalar_tensor(aux_loss, x.options());
-  Tensor z = at::scalar_tensor(z_loss, x.options());
+  Tensor aux = losses[0].to(x.scalar_type());
+  Tensor z = losses[1].to(x.scalar_type());
   return {y, topk_idx, topk_weight, kept, expert_counts, kept_counts, aux, z};
 }
 
@@ -259,15 +280,29 @@ BackwardResult moe_backward(const Tensor& x, const Tensor& gate_weight, const Op
                             bool training, int64_t seed, int64_t token_offset,
                             std::string_view backend, const Tensor& dy, const Tensor& d_aux,
                             const Tensor& d_z) {
-  Call call = make_call(config, backend);
+  const c10::DeviceGuard device_guard(x.device());
+  Call call = make_call(config, backend, x);
   Inputs in = make_inputs(call, x, gate_weight, gate_bias, noise_weight, selection_bias, w1, b1, w2,
                           b2, shared_w1, shared_b1, shared_w2, shared_b2, forced_topk_idx,
                           tokens_per_rank, training, seed, token_offset);
   fusedmoe::BackwardArgs args;
   args.forward = in.args;
   args.dy = call.view(dy, "dy");
-  args.d_aux = scalar_of(d_aux, "d_aux");
-  args.d_z = scalar_of(d_z, "d_z");
+  Tensor d_losses;  // CUDA: the loss gradients stay on the device (read by the kernel)
+  if (call.on_cuda()) {
+    for (const auto& [t, name] : {std::pair{&d_aux, "d_aux"}, std::pair{&d_z, "d_z"}})
+      TORCH_CHECK_VALUE(!t->defined() || t->numel() == 1, "fusedmoe: ", name,
+                        ": expected a single value (0-dim tensor), got shape ", t->sizes());
+    auto value_or_zero = [&](const Tensor& t) {
+      return t.defined() ? t.reshape({1}).to(x.device(), at::kDouble) : at::zeros({1}, x.options().dtype(at::kDouble));
+    };
+    d_losses = at::cat({value_or_zero(d_aux), value_or_zero(d_z)});
+    args.d_aux_device = d_losses.data_ptr<double>();
+    args.d_z_device = d_losses.data_ptr<double>() + 1;
+  } else {
+    args.d_aux = scalar_of(d_aux, "d_aux");
+    args.d_z = scalar_of(d_z, "d_z");
+  }
 
   const bool poison = poison_outputs();
   // A gradient like `like` when the input is present, an empty tensor otherwise (a new one each
@@ -321,6 +356,14 @@ TORCH_LIBRARY(fusedmoe, m) {
 }
 
 TORCH_LIBRARY_IMPL(fusedmoe, CPU, m) {
+  m.impl("moe_forward", &moe_forward);
+  m.impl("moe_backward", &moe_backward);
+}
+
+// The same kernels serve CUDA tensors: the library's cuda backend reads device pointers and
+// runs on the stream taken above (a CPU-only build of the library reports that it has no CUDA
+// backend when such a call arrives).
+TORCH_LIBRARY_IMPL(fusedmoe, CUDA, m) {
   m.impl("moe_forward", &moe_forward);
   m.impl("moe_backward", &moe_backward);
 }

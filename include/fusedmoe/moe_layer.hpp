@@ -70,6 +70,10 @@ struct BackwardArgs {
   TensorView dy;        // [T, H]
   double d_aux = 0.0;   // upstream gradient of aux_loss
   double d_z = 0.0;     // upstream gradient of z_loss
+  // cuda backend: when given, the upstream gradients are read from device memory instead (so a
+  // training step never synchronises with the host).
+  const double* d_aux_device = nullptr;
+  const double* d_z_device = nullptr;
 };
 
 // Every view is optional; given ones are overwritten with the gradient.

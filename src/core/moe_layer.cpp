@@ -125,8 +125,9 @@ MoeLayer::MoeLayer(MoeConfig config, MoeWeights weights, Backend backend)
     case Backend::kNaive: impl_ = make_naive_backend(); break;
     case Backend::kCuda:
       impl_ = make_cuda_backend();
-      FUSEDMOE_CHECK(impl_ != nullptr, "backend: cuda requested, but this build of fusedmoe has no "
-                                       "CUDA backend or no CUDA device is present");
+      FUSEDMOE_CHECK(impl_ != nullptr, "backend: cuda requested, but this build of fusedmoe has no CUDA backend");
+      FUSEDMOE_CHECK(cuda_device_present(), "backend: cuda requested, but no CUDA device is present");
+      FUSEDMOE_CHECK(config_.dtype != DType::kFloat64, "backend: cuda supports fp32, bf16 and fp16, not the config's dtype = fp64");
       break;
     case Backend::kAuto: break;
   }

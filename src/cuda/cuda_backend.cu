@@ -188,7 +188,8 @@ class CudaBackend final : public BackendImpl {
     float* dlogits = s.alloc<float>(Tn * E);
     const bool noisy = c.gate == GateKind::kNoisyTopK && fa.training;
     float* dnoise = noisy ? s.alloc<float>(Tn * E) : nullptr;
-    router_backward(st.rp, r, dweight, args.d_aux, args.d_z, dlogits, dnoise, stream);
+    router_backward(st.rp, r, dweight, args.d_aux, args.d_z, args.d_aux_device, args.d_z_device, dlogits, dnoise,
+                    stream);
     float* dx_acc = s.zeros<float>(Tn * H);
     const Operand dlogits_t{dlogits, 0, 1, E};  // A(m = e, k = t)
     if (g.d_gate_weight.defined()) {

@@ -336,8 +336,11 @@ __global__ void balance_final_kernel(RouterParams p, RoutingBuffers r, const dou
 
 // -------------------------------------------------------------------- router backward --
 
-__global__ void router_backward_kernel(RouterParams p, RoutingBuffers r, const float* dweight, double d_aux,
-                                       double d_z, float* dlogits, float* dnoise) {
+__global__ void router_backward_kernel(RouterParams p, RoutingBuffers r, const float* dweight, double d_aux_value,
+                                       double d_z_value, const double* d_aux_device, const double* d_z_device,
+                                       float* dlogits, float* dnoise) {
+  const double d_aux = d_aux_device ? *d_aux_device : d_aux_value;
+  const double d_z = d_z_device ? *d_z_device : d_z_value;
   extern __shared__ float dp_smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
@@ -543,11 +546,12 @@ void routing_weight_grad(const T* dy, const T* out_rows, const RoutingBuffers& r
 }
 
 void router_backward(const RouterParams& p, const RoutingBuffers& r, const float* dweight, double d_aux, double d_z,
-                     float* dlogits, float* dnoise, cudaStream_t stream) {
+                     const double* d_aux_device, const double* d_z_device, float* dlogits, float* dnoise,
+                     cudaStream_t stream) {
   if (p.num_tokens == 0) return;
   const size_t smem = sizeof(float) * kWarpsPerBlock * static_cast<size_t>(p.num_experts);
   router_backward_kernel<<<blocks_for(p.num_tokens, kWarpsPerBlock), 32 * kWarpsPerBlock, smem, stream>>>(
-      p, r, dweight, d_aux, d_z, dlogits, dnoise);
+      p, r, dweight, d_aux, d_z, d_aux_device, d_z_device, dlogits, dnoise);
   FUSEDMOE_LAUNCH_CHECK();
 }
 

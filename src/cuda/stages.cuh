@@ -79,8 +79,10 @@ template <class T>
 void routing_weight_grad(const T* dy, const T* out_rows, const RoutingBuffers& r, float* dweight,
                          int64_t num_tokens, int64_t top_k, int64_t hidden, cudaStream_t stream);
 // dlogits [T, E] from dweight, d_aux, d_z (and dnoise [T, E] = dlogits ⊙ ε ⊙ σ(noise_pre) if given).
+// d_aux_device / d_z_device, when given, override d_aux / d_z (device doubles: no host sync).
 void router_backward(const RouterParams& p, const RoutingBuffers& r, const float* dweight, double d_aux,
-                     double d_z, float* dlogits, float* dnoise, cudaStream_t stream);
+                     double d_z, const double* d_aux_device, const double* d_z_device, float* dlogits,
+                     float* dnoise, cudaStream_t stream);
 // out[g, n] = Σ rows of group g of src[row, n]  (bias gradients), written as T. offsets = nullptr
 // means one group of rows [0, single_group_rows).
 template <class T, class TS>

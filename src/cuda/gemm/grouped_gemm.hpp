@@ -12,8 +12,9 @@
 //   grouped_gemm_reference  Obviously-correct CUDA-core kernel (fp32 accumulate, one thread per
 //                           output element), the oracle for tests (grouped_gemm_reference.cu).
 //
-// Test and benchmark: tests/gpu/gemm/build.sh, then build/gemm/grouped_gemm_test
-// (see tests/gpu/gemm/README in the header comment of grouped_gemm_test.cu).
+// Test and benchmark (needs an H100/H200): CUTLASS_INCLUDE=... tests/gpu/gemm/build.sh, then
+// build/gemm/grouped_gemm_test; tests/gpu/gemm/run_gpu.sh does build + SASS check + tests +
+// benchmark + torch baseline in one go (see the header comment of grouped_gemm_test.cu).
 #pragma once
 
 #include <cstddef>
@@ -43,7 +44,7 @@ struct GroupedGemmArgs {
   int64_t n = 0, k = 0;                // B is [num_groups, k, n] row-major (n contiguous)
   const void* a = nullptr;             // [rows, k] row-major, a_type (kBF16 or kF16), 16-B aligned
   const void* b = nullptr;             // [num_groups, k, n], a_type, 16-B aligned
-  void* c = nullptr;                   // [rows, n_out] row-major, c_type;
+  void* c = nullptr;                   // [rows, n_out] row-major, c_type, 16-B aligned;
                                        // n_out = n (non-gated) or n/2 (gated)
   ElementType a_type = ElementType::kBF16;
   ElementType c_type = ElementType::kBF16;
@@ -58,14 +59,14 @@ struct GroupedGemmArgs {
 };
 
 // Largest num_groups the Hopper kernel accepts (per-group tables live in shared memory).
-inline constexpr int kMaxGroups = 2048;
+inline constexpr int kMaxGroups = 1024;
 
 // Bytes of device workspace grouped_gemm needs (one 128-B TMA descriptor per SM of the current
 // device). Pass a pointer to at least this many bytes, 128-B aligned (cudaMalloc is).
 size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args);
 
 // Hopper (sm_90a) grouped GEMM. Preconditions (checked, std::runtime_error naming the argument):
-// k % 8 == 0, n % 8 == 0 (n % 16 == 0 for gated), k > 0, a/b 16-B aligned, c and pre_activation
+// k % 8 == 0, n % 8 == 0 (n % 16 == 0 for gated), k > 0, a/b/c 16-B aligned, pre_activation
 // 8-B aligned, accumulate only with c_type kF32, a_type kBF16 or kF16, the current device is
 // sm_90. Asynchronous on `stream`; CUDA errors at launch are thrown.
 void grouped_gemm(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream);

@@ -124,8 +124,10 @@ void validate_grouped_gemm_args(const GroupedGemmArgs& args, const char* caller)
     fail(caller, "a, b and c must be non-null device pointers");
   if (misaligned(args.a, 16) || misaligned(args.b, 16))
     fail(caller, "a and b must be 16-byte aligned (TMA)");
-  if (misaligned(args.c, 8) || misaligned(args.pre_activation, 8))
-    fail(caller, "c and pre_activation must be 8-byte aligned");
+  if (misaligned(args.c, 16))
+    fail(caller, "c must be 16-byte aligned (16-B vector stores)");
+  if (misaligned(args.pre_activation, 8))
+    fail(caller, "pre_activation must be 8-byte aligned");
   if (args.accumulate && args.c_type != ElementType::kF32)
     fail(caller, "accumulate = true requires c_type = kF32");
 }

@@ -29,6 +29,14 @@
 // or, past the last row of A, zeros from TMA's out-of-bounds fill — never memory beyond A. The
 // epilogue predicates rows (< the expert's end) and columns (< n_out).
 //
+// Epilogue: per consumer warp, 32-column chunks go registers -> padded shared-memory staging
+// -> coalesced 16-B stores (see store_tile_typed); activation, gating, row_scale and
+// accumulate (f32) are applied on the way. It is not overlapped with the next tile's wgmmas,
+// but the producer keeps prefetching the next tile's stages meanwhile.
+//
+// Resources: 384 threads (producer warpgroup at 40 registers, consumers at 232 via setmaxnreg),
+// one CTA per SM, ~213 KiB static shared memory + 12 B per group.
+//
 // Device-level tile function (for the persistent MoE kernel): see `TileMainloop` and
 // `store_tile` below. Contract:
 //   - the caller owns a CTA of kNumThreads = 384 threads laid out as warpgroup 0 = producer,
@@ -36,6 +44,7 @@
 //   - producer (one elected thread): `produce_tile(...)` issues the TMA loads of one tile into
 //     the pipeline; consumers (256 threads): `consume_tile(...)` runs the wgmma mainloop into
 //     the 64x256-per-warpgroup fp32 accumulator and `store_tile(...)` applies the epilogue;
+//   - store_tile needs 16-B aligned c (vector stores) and the warp's staging buffer;
 //   - producer and consumers must visit the same sequence of tiles (the pipeline state carries
 //     across tiles).
 #pragma once
@@ -129,13 +138,19 @@ struct Config {
   using TmaB = decltype(make_tma_b(nullptr, 256, 64, 1));
 };
 
+// Epilogue staging: 16 rows x 32 columns per consumer warp, rows padded (f32 is the largest).
+inline constexpr int kStagingBytesPerWarp = 16 * (32 * 4 + 32);
+inline constexpr int kNumConsumerWarps = 8;
+
 template <class Cfg>
 struct SharedStorage {
+  static_assert(Cfg::kNumConsumerWarpgroups * 4 == kNumConsumerWarps);
   struct alignas(1024) Tensors {
     cute::array_aligned<typename Cfg::ElementAB, cosize_v<typename Cfg::SmemLayoutA>, 1024> a;
     cute::array_aligned<typename Cfg::ElementAB, cosize_v<typename Cfg::SmemLayoutB>, 1024> b;
   } tensors;
   alignas(128) cute::TmaDescriptor tensormap_a;  // this CTA's copy, before publishing
+  alignas(128) char staging[kNumConsumerWarps][kStagingBytesPerWarp];  // epilogue
   typename Cfg::Pipeline::SharedStorage pipeline;
   // Followed in dynamic shared memory by the group tables (see GroupTables).
 };
@@ -333,13 +348,34 @@ __device__ __forceinline__ void consume_tile(SharedStorage<Cfg>& smem,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Epilogue: registers -> global memory, predicated on rows and columns
+// Epilogue: registers -> per-warp shared-memory staging -> coalesced 16-B global stores
 // ---------------------------------------------------------------------------------------------
+// Each consumer warp owns 16 rows x 256 accumulator columns of the tile (rows 16*w .. 16*w+15
+// for consumer warp w). The output is written in chunks of 32 columns: the warp's fragment of
+// the chunk (registers 16c .. 16c+15) goes through its own staging buffer (16 rows x 32 columns,
+// padded rows: conflict-free) and is then stored with 16-B vectors, 4 (bf16/f16) or 8 (f32)
+// lanes per row, predicated on rows (< the group's end) and columns (< n_out; n_out % 8 == 0 so
+// a 16-B segment is all in or all out). Only __syncwarp, no block barrier.
+// pre_activation (backward only) is stored directly from registers.
+template <class TOut>
+struct StagingShape {
+  static constexpr int kChunkCols = 32;
+  static constexpr int kRows = 16;
+  static constexpr int kRowBytes = kChunkCols * int(sizeof(TOut));
+  static constexpr int kPitch = kRowBytes + (sizeof(TOut) == 4 ? 32 : 16);  // bank-conflict pad
+  static constexpr int kLanesPerRow = kRowBytes / 16;
+  static constexpr int kRowsPerPass = 32 / kLanesPerRow;
+  static constexpr int kPasses = kRows / kRowsPerPass;
+  static constexpr int kElemsPer16B = 16 / int(sizeof(TOut));
+};
+static_assert(StagingShape<float>::kRows * StagingShape<float>::kPitch <= kStagingBytesPerWarp);
+
 template <class Cfg, class TOut, class Accumulator>
 __device__ __forceinline__ void store_tile_typed(Params<Cfg> const& params, TileCoord const& tc,
-                                                 int consumer_thread,
-                                                 Accumulator const& accum) {
+                                                 int consumer_thread, Accumulator const& accum,
+                                                 char* staging) {
   using namespace epilogue_math;
+  using SS = StagingShape<TOut>;
   typename Cfg::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(consumer_thread);
   Tensor coord = thr_mma.partition_C(
@@ -352,62 +388,105 @@ __device__ __forceinline__ void store_tile_typed(Params<Cfg> const& params, Tile
   const int64_t n = params.n;
   const int col_base = tc.n_tile * Cfg::kOutBlockN;
   const Epilogue epilogue = params.epilogue;
+  const int lane = consumer_thread % 32;
+  const int warp_row0 = (consumer_thread / 32) * SS::kRows;
 
-  // With the 64x256 wgmma accumulator, register i holds column c and register i + kHalf holds
-  // column c + 128 of the same row (the value modes are (2,2,32) with the column-group mode
-  // outermost); consecutive registers 2j, 2j+1 are two adjacent columns.
+  // The two rows this thread holds: warp_row0 + lane/4 and warp_row0 + lane/4 + 8.
+  float scale_lo = 1.0f, scale_hi = 1.0f;
+  if (params.row_scale != nullptr) {
+    const int64_t row_lo = tc.row_begin + warp_row0 + lane / 4;
+    if (row_lo < tc.row_end) scale_lo = __ldg(params.row_scale + row_lo);
+    if (row_lo + 8 < tc.row_end) scale_hi = __ldg(params.row_scale + row_lo + 8);
+  }
+
+  // Register layout of the 64x256 wgmma accumulator (checked on the host in the tests' layout
+  // probe): registers 2j, 2j+1 are adjacent columns of one row; register i + kHalf is column
+  // + 128 of the same row; registers [16c, 16c+16) are the columns [32c, 32c+32).
   constexpr int kSize = decltype(size(accum))::value;
   constexpr int kHalf = kSize / 2;
-  constexpr int kCount = Cfg::kGated ? kHalf : kSize;
+  constexpr int kChunks = Cfg::kOutBlockN / SS::kChunkCols;
+  constexpr int kRegsPerChunk = 16;
+  static_assert(kChunks * kRegsPerChunk == (Cfg::kGated ? kHalf : kSize));
+
   CUTE_UNROLL
-  for (int i = 0; i < kCount; i += 2) {
-    const int m = get<0>(coord(i));
-    const int col = col_base + get<1>(coord(i));
-    const int64_t row = tc.row_begin + m;
-    if (row >= tc.row_end || col >= n_out) continue;
-    const float scale = params.row_scale != nullptr ? __ldg(params.row_scale + row) : 1.0f;
-    float out0, out1;
-    if constexpr (Cfg::kGated) {
-      const float g0 = accum(i), g1 = accum(i + 1);
-      const float u0 = accum(i + kHalf), u1 = accum(i + kHalf + 1);
-      if (pre != nullptr) {
-        store_pair(pre + row * n + col, g0, g1);
-        store_pair(pre + row * n + n_out + col, u0, u1);
+  for (int chunk = 0; chunk < kChunks; ++chunk) {
+    // Skip chunks entirely right of n_out (warp-uniform).
+    if (col_base + chunk * SS::kChunkCols >= n_out) break;
+    // Phase 1: activation, scale, convert, write the fragment to the staging buffer.
+    CUTE_UNROLL
+    for (int q = 0; q < kRegsPerChunk; q += 2) {
+      const int i = chunk * kRegsPerChunk + q;
+      const int r = get<0>(coord(i)) - warp_row0;  // 0..15
+      const int tile_col = get<1>(coord(i));
+      const float scale = r < 8 ? scale_lo : scale_hi;
+      float out0, out1;
+      if constexpr (Cfg::kGated) {
+        const float g0 = accum(i), g1 = accum(i + 1);
+        const float u0 = accum(i + kHalf), u1 = accum(i + kHalf + 1);
+        if (pre != nullptr) {
+          const int64_t row = tc.row_begin + warp_row0 + r;
+          const int col = col_base + tile_col;
+          if (row < tc.row_end && col < n_out) {
+            store_pair(pre + row * n + col, g0, g1);
+            store_pair(pre + row * n + n_out + col, u0, u1);
+          }
+        }
+        out0 = gate_up(epilogue, g0, u0);
+        out1 = gate_up(epilogue, g1, u1);
+      } else {
+        const float v0 = accum(i), v1 = accum(i + 1);
+        if (pre != nullptr) {
+          const int64_t row = tc.row_begin + warp_row0 + r;
+          const int col = col_base + tile_col;
+          if (row < tc.row_end && col < n_out) store_pair(pre + row * n + col, v0, v1);
+        }
+        out0 = activate(epilogue, v0);
+        out1 = activate(epilogue, v1);
       }
-      out0 = gate_up(epilogue, g0, u0);
-      out1 = gate_up(epilogue, g1, u1);
-    } else {
-      const float v0 = accum(i), v1 = accum(i + 1);
-      if (pre != nullptr) store_pair(pre + row * n + col, v0, v1);
-      out0 = activate(epilogue, v0);
-      out1 = activate(epilogue, v1);
+      TOut* slot = reinterpret_cast<TOut*>(staging + r * SS::kPitch) +
+                   (tile_col - chunk * SS::kChunkCols);
+      store_pair(slot, out0 * scale, out1 * scale);
     }
-    out0 *= scale;
-    out1 *= scale;
-    TOut* dst = c + row * n_out + col;
-    if constexpr (std::is_same_v<TOut, float>) {
-      if (params.accumulate) {
-        const float2 old = *reinterpret_cast<const float2*>(dst);
-        out0 += old.x;
-        out1 += old.y;
+    __syncwarp();
+    // Phase 2: coalesced 16-B stores of the 16 x 32 chunk.
+    CUTE_UNROLL
+    for (int pass = 0; pass < SS::kPasses; ++pass) {
+      const int r = pass * SS::kRowsPerPass + lane / SS::kLanesPerRow;
+      const int segment = lane % SS::kLanesPerRow;
+      const int64_t row = tc.row_begin + warp_row0 + r;
+      const int col = col_base + chunk * SS::kChunkCols + segment * SS::kElemsPer16B;
+      if (row < tc.row_end && col < n_out) {
+        uint4 value = *reinterpret_cast<const uint4*>(staging + r * SS::kPitch + segment * 16);
+        TOut* dst = c + row * n_out + col;
+        if constexpr (std::is_same_v<TOut, float>) {
+          if (params.accumulate) {
+            const float4 old = *reinterpret_cast<const float4*>(dst);
+            value.x = __float_as_uint(__uint_as_float(value.x) + old.x);
+            value.y = __float_as_uint(__uint_as_float(value.y) + old.y);
+            value.z = __float_as_uint(__uint_as_float(value.z) + old.z);
+            value.w = __float_as_uint(__uint_as_float(value.w) + old.w);
+          }
+        }
+        *reinterpret_cast<uint4*>(dst) = value;
       }
     }
-    store_pair(dst, out0, out1);
+    __syncwarp();
   }
 }
 
 template <class Cfg, class Accumulator>
 __device__ __forceinline__ void store_tile(Params<Cfg> const& params, TileCoord const& tc,
-                                           int consumer_thread, Accumulator const& accum) {
+                                           int consumer_thread, Accumulator const& accum,
+                                           char* staging) {
   switch (params.c_type) {
     case ElementType::kBF16:
-      store_tile_typed<Cfg, __nv_bfloat16>(params, tc, consumer_thread, accum);
+      store_tile_typed<Cfg, __nv_bfloat16>(params, tc, consumer_thread, accum, staging);
       break;
     case ElementType::kF16:
-      store_tile_typed<Cfg, __half>(params, tc, consumer_thread, accum);
+      store_tile_typed<Cfg, __half>(params, tc, consumer_thread, accum, staging);
       break;
     case ElementType::kF32:
-      store_tile_typed<Cfg, float>(params, tc, consumer_thread, accum);
+      store_tile_typed<Cfg, float>(params, tc, consumer_thread, accum, staging);
       break;
   }
 }
@@ -489,7 +568,8 @@ __global__ void __launch_bounds__(Cfg::kNumThreads, 1)
     for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
       const TileCoord tc = decode_tile<Cfg::kBlockM>(tables, params.num_groups, tile);
       consume_tile<Cfg>(smem, pipeline, read_state, params.k_tiles, consumer_thread, accum);
-      store_tile(params, tc, consumer_thread, accum);
+      store_tile(params, tc, consumer_thread, accum,
+                 smem.staging[consumer_thread / 32]);
     }
   }
 #endif

@@ -36,3 +36,6 @@ echo "nvcc grouped_gemm_test.cu"
 nvcc "${flags[@]}" "$root/tests/gpu/gemm/grouped_gemm_test.cu" "$out/grouped_gemm_sm90.o" \
   "$out/grouped_gemm_reference.o" -o "$out/grouped_gemm_test"
 echo "built $out/grouped_gemm_test"
+echo "nvcc layout_probe.cu (host-only check, runs without a GPU)"
+nvcc "${flags[@]}" "$root/tests/gpu/gemm/layout_probe.cu" -o "$out/layout_probe"
+"$out/layout_probe"

@@ -1,0 +1,47 @@
+// fusedmoe — host-only check (no GPU needed) of the CuTe layout facts the Hopper grouped GEMM's
+// epilogue and producer rely on (src/cuda/gemm/grouped_gemm_sm90.cuh):
+//   1. accumulator registers 2j, 2j+1 are adjacent columns of one row;
+//   2. register i + size/2 is column + 128 of the same row (gated epilogue: gate and up halves);
+//   3. consumer warp w holds rows 16w + lane/4 and 16w + lane/4 + 8;
+//   4. registers [16c, 16c+16) are the columns [32c, 32c+32) (epilogue staging chunks);
+//   5. each 128-column half of a B stage is one contiguous block of 128x64 elements.
+// Built and run by tests/gpu/gemm/build.sh. Exit code 0 when all hold.
+#include <cstdio>
+
+#include "grouped_gemm_sm90.cuh"
+
+using namespace cute;
+
+template <class Cfg>
+bool check() {
+  typename Cfg::TiledMma mma;
+  bool ok = true;
+  for (int t = 0; t < 256; ++t) {
+    auto thr = mma.get_thread_slice(t);
+    auto c = thr.partition_C(make_identity_tensor(make_shape(Int<128>{}, Int<256>{})));
+    const int half = size(c) / 2, lane = t % 32, warp_row0 = (t / 32) * 16;
+    for (int i = 0; i < size(c); ++i) {
+      const int m = get<0>(c(i)), n = get<1>(c(i));
+      if (i % 2 == 0 && (get<0>(c(i + 1)) != m || get<1>(c(i + 1)) != n + 1)) ok = false;
+      if (i < half && (get<0>(c(i + half)) != m || get<1>(c(i + half)) != n + 128)) ok = false;
+      if (m - warp_row0 != lane / 4 && m - warp_row0 != lane / 4 + 8) ok = false;
+      if (n / 32 != i / 16) ok = false;
+    }
+  }
+  auto sB = make_tensor(make_smem_ptr((typename Cfg::ElementAB*)nullptr), typename Cfg::SmemLayoutB{});
+  auto halves = flat_divide(sB, make_shape(Int<128>{}, Int<64>{}));
+  for (int h = 0; h < 2; ++h) {
+    auto half_tensor = halves(_, _, h, 0, 0);
+    if (cosize(half_tensor.layout()) != 128 * 64) ok = false;
+    if (half_tensor.data() != sB.data() + h * 128 * 64) ok = false;
+  }
+  return ok;
+}
+
+int main() {
+  using namespace fusedmoe::cuda::sm90;
+  const bool ok = check<Config<cute::bfloat16_t, true>>() && check<Config<cute::bfloat16_t, false>>() &&
+                  check<Config<cute::half_t, true>>() && check<Config<cute::half_t, false>>();
+  std::printf("layout_probe: %s\n", ok ? "all layout assumptions hold" : "LAYOUT ASSUMPTION VIOLATED");
+  return ok ? 0 : 1;
+}
