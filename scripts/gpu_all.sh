@@ -26,7 +26,7 @@ step "GPU tests"
 grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED  \]|Failure|error" "$OUT/gpu_tests.log" | head -60
 tail -3 "$OUT/gpu_tests.log"
 
-if [ -n "${SANITIZE:-1}" ] && command -v compute-sanitizer >/dev/null; then
+if [ "${SANITIZE:-1}" != 0 ] && command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck; do
     step "compute-sanitizer $tool (small cases)"
     compute-sanitizer --tool "$tool" --error-exitcode 3 "$BUILD_DIR/tests/gpu/fusedmoe_gpu_tests" \

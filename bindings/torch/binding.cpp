@@ -254,8 +254,8 @@ ForwardResult moe_forward(const Tensor& x, const Tensor& gate_weight, const OptT
     out.z_loss = losses.data_ptr<double>() + 1;
     layer.forward(in.args, out);
   });
-  Tensor aux = losses[0].to(x.scalar_type());
-  Tensor z = losses[1].to(x.scalar_type());
+  Tensor aux = losses[0].to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);  // outputs must not alias
+  Tensor z = losses[1].to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
   return {y, topk_idx, topk_weight, kept, expert_counts, kept_counts, aux, z};
 }
 

@@ -22,7 +22,7 @@ cuobjdump -sass "$bin" > /tmp/sass.txt 2>&1
 grep -oE "HGMMA\.[A-Za-z0-9.]+|UTMALDG\.[A-Za-z0-9.]+|USETMAXREG[A-Za-z0-9.]*|UTMACCTL[A-Za-z0-9.]*|\bHMMA\.[A-Za-z0-9.]+|LDL|STL" /tmp/sass.txt | sort | uniq -c | sort -rn | head -20 | tee "$out/sass_summary.txt"
 if [[ -n "${SANITIZE:-}" ]]; then
   echo "== compute-sanitizer memcheck (tests only)"
-  timeout 400 compute-sanitizer --tool memcheck --print-limit 20 "$bin" --no-bench 2>&1 | tail -n 25 | tee "$out/memcheck.log"
+  timeout 240 compute-sanitizer --tool memcheck --print-limit 20 "$bin" --no-bench 2>&1 | tail -n 25 | tee "$out/memcheck.log"
 fi
 echo "== tests + benchmark"
 timeout 300 "$bin" --results "$out/ours.txt" "$@" 2>&1 | tee "$out/test.log"
