@@ -26,6 +26,13 @@ step "GPU tests"
 grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED  \]|Failure|error" "$OUT/gpu_tests.log" | head -60
 tail -3 "$OUT/gpu_tests.log"
 
+if [ -x "$BUILD_DIR/tests/gpu/fusedmoe_gemm_tests" ]; then
+  step "grouped GEMM engine: tests + benchmark"
+  "$BUILD_DIR/tests/gpu/fusedmoe_gemm_tests" --results "$OUT/gemm_ours.txt" >"$OUT/gemm_tests.log" 2>&1 || status=1
+  grep -iE "fail|passed|TFLOP|error" "$OUT/gemm_tests.log" | tail -12
+  python3 tests/gpu/gemm/bench_torch.py --ours "$OUT/gemm_ours.txt" 2>&1 | tail -8 | tee "$OUT/gemm_torch.log"
+fi
+
 if [ "${SANITIZE:-1}" != 0 ] && command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck; do
     step "compute-sanitizer $tool (small cases)"

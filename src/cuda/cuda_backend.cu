@@ -8,8 +8,9 @@
 
 #include "core/backend.hpp"
 #include "cuda/common.cuh"
-#include "cuda/simple_gemm.cuh"
 #include "cuda/stages.cuh"
+#include "cuda/wmma_gemm.cuh"
+#include "gemm/grouped_gemm.hpp"
 
 namespace fusedmoe {
 namespace cuda {
@@ -44,7 +45,62 @@ void gemm(cudaStream_t stream, VaryDim vary, const int64_t* offsets, int groups,
   p.b = b.data; p.b_group = b.group; p.b_sk = b.rows; p.b_sn = b.cols;
   p.c = c; p.c_group = c_group; p.c_sm = c_rows; p.c_sn = 1;
   p.accumulate = accumulate;
-  simple_gemm<TA, TB, TC>(p, stream);
+  grouped_gemm_any<TA, TB, TC>(p, stream);
+}
+
+// ------------------------------------------------------------------ Hopper expert GEMMs --
+
+bool hopper_device() {
+  static const bool is_hopper = [] {
+    int device = 0;
+    cudaDeviceProp prop{};
+    if (cudaGetDevice(&device) != cudaSuccess || cudaGetDeviceProperties(&prop, device) != cudaSuccess) return false;
+    return prop.major == 9 && prop.minor == 0;
+  }();
+  return is_hopper;
+}
+
+template <class T>
+constexpr bool kIs16Bit = std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>;
+
+template <class T>
+ElementType element_type() {
+  return std::is_same_v<T, __nv_bfloat16> ? ElementType::kBF16 : std::is_same_v<T, __half> ? ElementType::kF16 : ElementType::kF32;
+}
+
+Epilogue epilogue_of(FfnKind kind) {
+  switch (kind) {
+    case FfnKind::kReluMlp: return Epilogue::kRelu;
+    case FfnKind::kGeluMlp: return Epilogue::kGelu;
+    case FfnKind::kSwiGlu: return Epilogue::kSwiGlu;
+    case FfnKind::kGeGlu: return Epilogue::kGeGlu;
+  }
+  return Epilogue::kIdentity;
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// The wgmma + TMA engine runs the expert FFN when its constraints hold: Hopper, 16-bit data,
+// K and N multiples of 8 (16 for gated), 16-B aligned weights, no b1 (its epilogue has no bias).
+template <class T>
+bool use_hopper_engine(const MoeConfig& c, const MoeWeights& w) {
+  if constexpr (!kIs16Bit<T>) {
+    return false;
+  } else {
+    return hopper_device() && !w.b1.defined() && c.hidden_size % 8 == 0 && c.ffn_size % 8 == 0 &&
+           c.num_experts <= kMaxGroups && aligned16(w.w1.data) && aligned16(w.w2.data);
+  }
+}
+
+void run_grouped_gemm(const GroupedGemmArgs& args, Scratch& scratch, cudaStream_t stream) {
+  try {
+    void* workspace = scratch.alloc<unsigned char>(static_cast<int64_t>(grouped_gemm_workspace_size(args)));
+    grouped_gemm(args, workspace, stream);
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    FUSEDMOE_CHECK(false, "grouped GEMM: " << e.what());
+  }
 }
 
 // Everything forward computes, kept for backward.
@@ -65,7 +121,7 @@ struct ForwardState {
 
 template <class T>
 void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& args, ForwardState<T>& st,
-                 uint8_t* kept_out) {
+                 uint8_t* kept_out, bool keep_pre_activation) {
   cudaStream_t stream = static_cast<cudaStream_t>(args.stream);
   const int64_t Tn = args.x.shape[0], H = c.hidden_size, E = c.num_experts, k = c.top_k;
   const int64_t I = c.ffn_size, N1 = c.ffn_in_width();
@@ -123,12 +179,26 @@ void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& arg
   st.act = s.alloc<T>(st.rows_max * I);
   st.out_rows = s.alloc<T>(st.rows_max * H);
   gather_rows<T>(x, r, false, st.xperm, Tn, k, H, stream);
-  gemm<T, T, T>(stream, VaryDim::kM, r.row_offsets, static_cast<int>(E), st.rows_per_expert_max, N1, H,
-                {st.xperm, 0, H, 1}, {ptr<T>(w.w1), H * N1, N1, 1}, st.pre, 0, N1);
-  if (w.b1.defined()) add_group_bias<T, T>(st.pre, ptr<T>(w.b1), r.row_offsets, E, st.rows_max, N1, stream);
-  activation_forward<T>(c.ffn, st.pre, st.act, r.row_offsets + E, st.rows_max, I, stream);
-  gemm<T, T, T>(stream, VaryDim::kM, r.row_offsets, static_cast<int>(E), st.rows_per_expert_max, H, I,
-                {st.act, 0, I, 1}, {ptr<T>(w.w2), I * H, H, 1}, st.out_rows, 0, H);
+  if (use_hopper_engine<T>(c, w) && st.rows_max > 0) {
+    // GEMM0 with the activation (gated: both halves in one tile) fused; GEMM1 plain.
+    GroupedGemmArgs up{.num_groups = static_cast<int>(E), .row_offsets = r.row_offsets, .max_total_rows = st.rows_max,
+                       .n = N1, .k = H, .a = st.xperm, .b = w.w1.data, .c = st.act, .a_type = element_type<T>(),
+                       .c_type = element_type<T>(), .epilogue = epilogue_of(c.ffn),
+                       .pre_activation = keep_pre_activation ? st.pre : nullptr};
+    run_grouped_gemm(up, s, stream);
+    GroupedGemmArgs down{.num_groups = static_cast<int>(E), .row_offsets = r.row_offsets,
+                         .max_total_rows = st.rows_max, .n = H, .k = I, .a = st.act, .b = w.w2.data,
+                         .c = st.out_rows, .a_type = element_type<T>(), .c_type = element_type<T>(),
+                         .epilogue = Epilogue::kIdentity};
+    run_grouped_gemm(down, s, stream);
+  } else {
+    gemm<T, T, T>(stream, VaryDim::kM, r.row_offsets, static_cast<int>(E), st.rows_per_expert_max, N1, H,
+                  {st.xperm, 0, H, 1}, {ptr<T>(w.w1), H * N1, N1, 1}, st.pre, 0, N1);
+    if (w.b1.defined()) add_group_bias<T, T>(st.pre, ptr<T>(w.b1), r.row_offsets, E, st.rows_max, N1, stream);
+    activation_forward<T>(c.ffn, st.pre, st.act, r.row_offsets + E, st.rows_max, I, stream);
+    gemm<T, T, T>(stream, VaryDim::kM, r.row_offsets, static_cast<int>(E), st.rows_per_expert_max, H, I,
+                  {st.act, 0, I, 1}, {ptr<T>(w.w2), I * H, H, 1}, st.out_rows, 0, H);
+  }
   if (w.b2.defined()) add_group_bias<T, T>(st.out_rows, ptr<T>(w.b2), r.row_offsets, E, st.rows_max, H, stream);
 
   // Shared experts: dense FFNs over all tokens, summed in fp32.
@@ -157,7 +227,7 @@ class CudaBackend final : public BackendImpl {
     cudaStream_t stream = static_cast<cudaStream_t>(args.stream);
     const int64_t Tn = args.x.shape[0], H = c.hidden_size, E = c.num_experts, k = c.top_k;
     ForwardState<T> st(stream);
-    run_forward<T>(c, w, args, st, out.kept);
+    run_forward<T>(c, w, args, st, out.kept, /*keep_pre_activation=*/false);
     combine_rows<T>(st.out_rows, st.r, false, st.dense, mut<T>(out.y), Tn, k, H, stream);
     if (out.topk_idx && Tn > 0)
       FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(out.topk_idx, st.r.idx, sizeof(int32_t) * Tn * k, cudaMemcpyDeviceToDevice, stream));
@@ -178,7 +248,7 @@ class CudaBackend final : public BackendImpl {
     const T* x = ptr<T>(fa.x);
     const T* dy = ptr<T>(args.dy);
     ForwardState<T> st(stream);
-    run_forward<T>(c, w, fa, st, nullptr);
+    run_forward<T>(c, w, fa, st, nullptr, /*keep_pre_activation=*/true);
     Scratch& s = st.scratch;
     RoutingBuffers& r = st.r;
 

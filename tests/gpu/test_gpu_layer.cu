@@ -255,6 +255,16 @@ TEST(GpuLayer, AdversarialShapes) {
   wide.config.top_k = 8;
   wide.config.hidden_size = 72;
   check_case(wide, test_seed());
+  // Strides that are not multiples of 8 elements: the tensor-core path's scalar loads.
+  GpuCase odd{.config = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16), .tokens = 133};
+  odd.config.hidden_size = 90;
+  odd.config.ffn_size = 45;
+  check_case(odd, test_seed());
+  GpuCase odd16{.config = small(GateKind::kSigmoidTopK, FfnKind::kGeluMlp, DType::kFloat16), .tokens = 260};
+  odd16.config.hidden_size = 130;
+  odd16.config.ffn_size = 260;
+  odd16.config.expert_bias = true;
+  check_case(odd16, test_seed());
   GpuCase all{.config = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kFloat32), .tokens = 17};
   all.config.top_k = all.config.num_experts;
   check_case(all, test_seed());

@@ -572,6 +572,12 @@ __global__ void __launch_bounds__(Cfg::kNumThreads, 1)
                  smem.staging[consumer_thread / 32]);
     }
   }
+#elif defined(__CUDA_ARCH__)
+  // Built for a target without wgmma/setmaxnreg (not sm_90a): fail loudly, never silently.
+  if (threadIdx.x == 0 && blockIdx.x == 0)
+    printf("fusedmoe grouped_gemm: kernel not compiled for sm_90a (build with "
+           "-gencode=arch=compute_90a,code=sm_90a)\n");
+  __trap();
 #endif
 }
 
