@@ -166,6 +166,23 @@ def forward_backward(fn):
     return run
 
 
+def profile_kernels(p: Problem) -> None:
+    """Prints the CUDA kernels of fusedmoe's forward and forward+backward on p, by total time."""
+    from torch.profiler import ProfilerActivity, profile
+    for pass_name in ("forward", "forward+backward"):
+        inputs = make_inputs(p, sets=1, requires_grad=pass_name != "forward")
+        run = fusedmoe_layer if pass_name == "forward" else forward_backward(fusedmoe_layer)
+        with torch.no_grad() if pass_name == "forward" else torch.enable_grad():
+            for _ in range(2):
+                run(*inputs[0])
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run(*inputs[0])
+                torch.cuda.synchronize()
+        print(f"\n{p.name} {pass_name}: GPU kernels")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="fusedmoe bench", description="Times fusedmoe against the torch baselines (per-expert loop, _grouped_mm pipeline) on the standard MoE configs, forward and forward+backward, on one GPU.")
     ap.add_argument("--configs", default=",".join(STANDARD_CONFIGS),
@@ -175,6 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-loop", action="store_true", help="skip the slow torch per-expert loop baseline")
     ap.add_argument("--no-backward", action="store_true", help="forward only")
     ap.add_argument("--out", default="bench_out", help="directory for bench.csv and bench.png")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the GPU kernels of one fusedmoe forward and forward+backward per config (torch.profiler)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("fusedmoe bench: no CUDA device (the benchmark times GPU kernels)", file=sys.stderr)
@@ -185,6 +204,9 @@ def main(argv=None) -> int:
     if args.custom:
         t, h, i, e, k, ffn, dt = args.custom.split(",")
         problems.append(Problem("custom", int(t), int(h), int(i), int(e), int(k), ffn, dt))
+    if args.profile:
+        for p in problems:
+            profile_kernels(p)
     device = torch.cuda.get_device_name()
     peak = measured_peak_tflops(torch.bfloat16)
     props = torch.cuda.get_device_properties(0)

@@ -81,10 +81,13 @@ HostTensor download(const DeviceTensor& d) {
   return out;
 }
 
-double tolerance(DType dt) {
-  // 16-bit: pre-activations near a ReLU kink can land on the other side than in fp64, which
-  // moves whole gradient entries; forward errors stay near 1e-2.
-  return dt == DType::kFloat32 ? 2e-5 : 4e-2;
+// Forward errors of 16-bit runs stay near 1e-2 (QUALITY.md). Gradients through ReLU are
+// rougher: a pre-activation within one 16-bit ulp of zero lands on the other side of the kink
+// than in fp64 and flips a whole gradient entry; with a fraction f of such entries the relative
+// norm error is about sqrt(f) (bf16: f ≈ 0.3% gives 5%).
+double tolerance(DType dt, FfnKind ffn) {
+  if (dt == DType::kFloat32) return 2e-5;
+  return ffn == FfnKind::kReluMlp ? 8e-2 : 4e-2;
 }
 
 struct GpuCase {
@@ -177,7 +180,7 @@ void check_case(const GpuCase& gc, uint64_t seed) {
     in.forced = gpu.idx;
     ref = run_layer(c64, rounded, in, Backend::kCpu);
   }
-  expect_same(gpu, ref, tolerance(cg.dtype), "gpu vs oracle");
+  expect_same(gpu, ref, tolerance(cg.dtype, cg.ffn), "gpu vs oracle");
 }
 
 bool have_gpu() {
