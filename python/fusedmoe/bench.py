@@ -180,7 +180,7 @@ def profile_kernels(p: Problem) -> None:
                 run(*inputs[0])
                 torch.cuda.synchronize()
         print(f"\n{p.name} {pass_name}: GPU kernels")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
 
 
 def main(argv=None) -> int:
