@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 #include "fusedmoe/error.hpp"
@@ -47,11 +48,37 @@ __device__ __forceinline__ float warp_max(float v) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Stream-ordered scratch buffers (cudaMallocAsync), freed in order at destruction. Capturable in
+// The memory pool of the scratch buffers of `device`: a pool of its own whose release threshold
+// is unlimited, so memory freed at the end of a call is kept for the next one instead of being
+// unmapped at every synchronisation (the default pool's threshold is 0, which made each call
+// re-map its scratch: ~1 ms on paper-64).
+inline cudaMemPool_t scratch_pool(int device) {
+  constexpr int kMaxDevices = 64;
+  static cudaMemPool_t pools[kMaxDevices] = {};
+  FUSEDMOE_CHECK(device >= 0 && device < kMaxDevices, "device " << device << ": at most " << kMaxDevices << " devices");
+  static std::once_flag once[kMaxDevices];
+  std::call_once(once[device], [device] {
+    cudaMemPoolProps props{};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.handleTypes = cudaMemHandleTypeNone;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = device;
+    FUSEDMOE_CUDA_CHECK(cudaMemPoolCreate(&pools[device], &props));
+    uint64_t keep_all = UINT64_MAX;
+    FUSEDMOE_CUDA_CHECK(cudaMemPoolSetAttribute(pools[device], cudaMemPoolAttrReleaseThreshold, &keep_all));
+  });
+  return pools[device];
+}
+
+// Stream-ordered scratch buffers from scratch_pool, freed in order at destruction. Capturable in
 // CUDA graphs (allocations become graph memory nodes).
 class Scratch {
  public:
-  explicit Scratch(cudaStream_t stream) : stream_(stream) {}
+  explicit Scratch(cudaStream_t stream) : stream_(stream) {
+    int device = 0;
+    FUSEDMOE_CUDA_CHECK(cudaGetDevice(&device));
+    pool_ = scratch_pool(device);
+  }
   ~Scratch() {
     for (void* p : blocks_) cudaFreeAsync(p, stream_);
   }
@@ -62,7 +89,7 @@ class Scratch {
   T* alloc(int64_t count) {
     void* p = nullptr;
     const size_t bytes = static_cast<size_t>(count > 0 ? count : 1) * sizeof(T);
-    FUSEDMOE_CUDA_CHECK(cudaMallocAsync(&p, bytes, stream_));
+    FUSEDMOE_CUDA_CHECK(cudaMallocFromPoolAsync(&p, bytes, pool_, stream_));
     blocks_.push_back(p);
     return static_cast<T*>(p);
   }
@@ -75,6 +102,7 @@ class Scratch {
 
  private:
   cudaStream_t stream_;
+  cudaMemPool_t pool_ = nullptr;
   std::vector<void*> blocks_;
 };
 

@@ -576,13 +576,12 @@ void combine_rows(const T* rows, const RoutingBuffers& r, bool unit_weights, con
 }
 
 void balance_losses(const RouterParams& p, const RoutingBuffers& r, double* aux, double* z, cudaStream_t stream) {
-  double* mean_q = nullptr;
-  FUSEDMOE_CUDA_CHECK(cudaMallocAsync(&mean_q, sizeof(double) * static_cast<size_t>(p.num_experts), stream));
+  Scratch scratch(stream);
+  double* mean_q = scratch.alloc<double>(p.num_experts);
   balance_column_kernel<<<static_cast<unsigned>(p.num_experts), 256, 0, stream>>>(p, r, mean_q);
   FUSEDMOE_LAUNCH_CHECK();
   balance_final_kernel<<<1, 256, 0, stream>>>(p, r, mean_q, aux, z);
   FUSEDMOE_LAUNCH_CHECK();
-  FUSEDMOE_CUDA_CHECK(cudaFreeAsync(mean_q, stream));
 }
 
 template <class T>

@@ -50,6 +50,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_atom.hpp>
@@ -72,10 +73,25 @@ using namespace cute;
 // ---------------------------------------------------------------------------------------------
 // Compile-time configuration
 // ---------------------------------------------------------------------------------------------
-template <class ElementAB_, bool kGated_>
+// Operand majors of one kernel instantiation.
+//   kForward: C = A · B,    A [rows, k] (k contiguous, K-major), B [groups, k, n] (n contiguous,
+//             MN-major).
+//   kDgrad:   C = A · Bᵀ,   A as kForward, B [groups, n, k] (k contiguous, K-major: wgmma's
+//             natural B layout). Same scheduler, producer, consumer and epilogue as kForward;
+//             only the shared-memory layout of B, its TMA view and the wgmma B major differ.
+//   kWgrad:   C_g = A_gᵀ · B_g over the rows of group g (the reduction runs over rows):
+//             A [rows, m] (m contiguous: MN-major), B [rows, n] (n contiguous: MN-major).
+//             Used by grouped_gemm_wgrad (grouped_gemm_wgrad_sm90.cuh).
+enum class Operands { kForward, kDgrad, kWgrad };
+
+template <class ElementAB_, bool kGated_, Operands kOperands_ = Operands::kForward>
 struct Config {
   using ElementAB = ElementAB_;  // cute::bfloat16_t or cute::half_t
   static constexpr bool kGated = kGated_;
+  static constexpr Operands kOperands = kOperands_;
+  static constexpr bool kAKMajor = kOperands != Operands::kWgrad;
+  static constexpr bool kBKMajor = kOperands == Operands::kDgrad;
+  static_assert(!(kGated && kOperands != Operands::kForward), "gated epilogues: forward only");
 
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = 256;  // accumulator columns (gated: 128 gate + 128 up)
@@ -94,21 +110,33 @@ struct Config {
   using HalfN = Int<kHalfN>;
   using Stages = Int<kStages>;
 
-  // A: K-major (k contiguous). B: MN-major (n contiguous); its atoms are tiled K-first so that
-  // each 128-column half of a stage is one contiguous, independently TMA-loadable block.
-  using SmemLayoutAtomA = GMMA::Layout_K_SW128_Atom<ElementAB>;
-  using SmemLayoutAtomB = GMMA::Layout_MN_SW128_Atom<ElementAB>;
-  using SmemLayoutA =
-      decltype(tile_to_shape(SmemLayoutAtomA{}, make_shape(BlockM{}, BlockK{}, Stages{})));
+  // K-major operands: 8 x 64 SW128 atoms, tiled M/N-first (each 128-row block of a stage is
+  // contiguous). MN-major operands: 64 x 8 SW128 atoms, tiled K-first so that every 64-wide
+  // M/N block (and hence each 128-column half of B) is one contiguous, independently
+  // TMA-loadable block.
+  template <bool kKMajor>
+  using AtomOf = std::conditional_t<kKMajor, GMMA::Layout_K_SW128_Atom<ElementAB>,
+                                    GMMA::Layout_MN_SW128_Atom<ElementAB>>;
+  template <bool kKMajor>
+  using TileStep2 = std::conditional_t<kKMajor, Step<_1, _2>, Step<_2, _1>>;
+  template <bool kKMajor>
+  using TileStep3 = std::conditional_t<kKMajor, Step<_1, _2, _3>, Step<_2, _1, _3>>;
+
+  using SmemLayoutAtomA = AtomOf<kAKMajor>;
+  using SmemLayoutAtomB = AtomOf<kBKMajor>;
+  using SmemLayoutA = decltype(tile_to_shape(SmemLayoutAtomA{},
+                                             make_shape(BlockM{}, BlockK{}, Stages{}),
+                                             TileStep3<kAKMajor>{}));
   using SmemLayoutB = decltype(tile_to_shape(SmemLayoutAtomB{},
                                              make_shape(BlockN{}, BlockK{}, Stages{}),
-                                             Step<_2, _1, _3>{}));
-  using SmemLayoutBHalf =
-      decltype(tile_to_shape(SmemLayoutAtomB{}, make_shape(HalfN{}, BlockK{}), Step<_2, _1>{}));
+                                             TileStep3<kBKMajor>{}));
+  using SmemLayoutBHalf = decltype(tile_to_shape(SmemLayoutAtomB{}, make_shape(HalfN{}, BlockK{}),
+                                                 TileStep2<kBKMajor>{}));
 
+  static constexpr GMMA::Major kMajorA = kAKMajor ? GMMA::Major::K : GMMA::Major::MN;
+  static constexpr GMMA::Major kMajorB = kBKMajor ? GMMA::Major::K : GMMA::Major::MN;
   using MmaOp = decltype(GMMA::ss_op_selector<ElementAB, ElementAB, float,
-                                              Shape<_64, BlockN, BlockK>, GMMA::Major::K,
-                                              GMMA::Major::MN>());
+                                              Shape<_64, BlockN, BlockK>, kMajorA, kMajorB>());
   using TiledMma = decltype(make_tiled_mma(MmaOp{}, Layout<Shape<_2, _1, _1>>{}));
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
@@ -117,24 +145,34 @@ struct Config {
   static constexpr uint32_t kStageBytes =
       uint32_t((kBlockM * kBlockK + kBlockN * kBlockK) * sizeof(ElementAB));
 
-  // Global-memory views the TMA descriptors are made from.
-  //   A: (rows, k) : (k, 1)            B: (n, k, groups) : (1, n, n*k)
-  CUTE_HOST_DEVICE static auto make_gmem_a(ElementAB const* ptr, int rows, int k) {
-    return make_tensor(make_gmem_ptr(ptr), make_shape(rows, k), make_stride(int64_t(k), _1{}));
+  // Global-memory views the TMA descriptors are made from, as (M-or-N extent, K extent[, group]).
+  //   A  kForward/kDgrad: (rows, k) : (k, 1)        kWgrad: (m, rows) : (1, m)
+  //   B  kForward: (n, k, groups) : (1, n, n*k)     kDgrad: (n, k, groups) : (k, 1, n*k)
+  //      kWgrad:   (n, rows, 1) : (1, n, n*rows)
+  // make_gmem_a(ptr, mn, k): mn = rows (kForward/kDgrad) or m (kWgrad); k = k or rows.
+  CUTE_HOST_DEVICE static auto make_gmem_a(ElementAB const* ptr, int mn, int k) {
+    if constexpr (kAKMajor)
+      return make_tensor(make_gmem_ptr(ptr), make_shape(mn, k), make_stride(int64_t(k), _1{}));
+    else
+      return make_tensor(make_gmem_ptr(ptr), make_shape(mn, k), make_stride(_1{}, int64_t(mn)));
   }
   static auto make_gmem_b(ElementAB const* ptr, int n, int k, int groups) {
-    return make_tensor(make_gmem_ptr(ptr), make_shape(n, k, groups),
-                       make_stride(_1{}, int64_t(n), int64_t(n) * k));
+    if constexpr (kBKMajor)
+      return make_tensor(make_gmem_ptr(ptr), make_shape(n, k, groups),
+                         make_stride(int64_t(k), _1{}, int64_t(n) * k));
+    else
+      return make_tensor(make_gmem_ptr(ptr), make_shape(n, k, groups),
+                         make_stride(_1{}, int64_t(n), int64_t(n) * k));
   }
-  static auto make_tma_a(ElementAB const* ptr, int rows, int k) {
-    return make_tma_copy(SM90_TMA_LOAD{}, make_gmem_a(ptr, rows, k),
+  static auto make_tma_a(ElementAB const* ptr, int mn, int k) {
+    return make_tma_copy(SM90_TMA_LOAD{}, make_gmem_a(ptr, mn, k),
                          SmemLayoutA{}(_, _, 0), make_shape(BlockM{}, BlockK{}), _1{});
   }
   static auto make_tma_b(ElementAB const* ptr, int n, int k, int groups) {
     return make_tma_copy(SM90_TMA_LOAD{}, make_gmem_b(ptr, n, k, groups), SmemLayoutBHalf{},
                          make_shape(HalfN{}, BlockK{}), _1{});
   }
-  using TmaA = decltype(make_tma_a(nullptr, 1, 64));
+  using TmaA = decltype(make_tma_a(nullptr, 128, 64));
   using TmaB = decltype(make_tma_b(nullptr, 256, 64, 1));
 };
 
