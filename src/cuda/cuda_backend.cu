@@ -5,6 +5,7 @@
 // forward intermediates (routing is deterministic and noise is keyed).
 // Test: tests/gpu/test_gpu_layer.cpp against the CPU oracle with the same routing.
 #include <algorithm>
+#include <optional>
 
 #include "core/backend.hpp"
 #include "cuda/common.cuh"
@@ -33,6 +34,19 @@ struct Operand {
   int64_t group = 0, rows = 0, cols = 0;  // strides (elements)
 };
 
+// TF32 for the fp32 expert GEMMs unless the config asks for exact fp32 (set per call); the
+// router's GEMMs always run in exact fp32 (RouterScope).
+thread_local bool g_allow_tf32 = false;
+
+struct Fp32MathScope {
+  explicit Fp32MathScope(bool allow_tf32) : saved(g_allow_tf32) { g_allow_tf32 = allow_tf32; }
+  ~Fp32MathScope() { g_allow_tf32 = saved; }
+  bool saved;
+};
+struct RouterScope : Fp32MathScope {
+  RouterScope() : Fp32MathScope(false) {}
+};
+
 template <class TA, class TB, class TC>
 void gemm(cudaStream_t stream, VaryDim vary, const int64_t* offsets, int groups, int64_t m, int64_t n, int64_t k,
           Operand a, Operand b, void* c, int64_t c_group, int64_t c_rows, bool accumulate = false) {
@@ -45,7 +59,7 @@ void gemm(cudaStream_t stream, VaryDim vary, const int64_t* offsets, int groups,
   p.b = b.data; p.b_group = b.group; p.b_sk = b.rows; p.b_sn = b.cols;
   p.c = c; p.c_group = c_group; p.c_sm = c_rows; p.c_sn = 1;
   p.accumulate = accumulate;
-  grouped_gemm_any<TA, TB, TC>(p, stream);
+  grouped_gemm_any<TA, TB, TC>(p, stream, g_allow_tf32);
 }
 
 // ------------------------------------------------------------------ Hopper expert GEMMs --
@@ -153,6 +167,7 @@ void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& arg
   r.row_source = s.alloc<int32_t>(st.rows_max);
 
   // Router logits (fp32) = router input · Wgᵀ + bg.
+  std::optional<RouterScope> router_scope(std::in_place);
   const bool jitter = c.gate == GateKind::kSwitchTop1 && args.training && c.jitter_eps > 0;
   const Operand gate_b{ptr<T>(w.gate_weight), 0, 1, H};  // B(k = h, n = e) = Wg[e, h]
   if (jitter) {
@@ -170,6 +185,7 @@ void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& arg
                       r.noise_pre, 0, E);
     add_gate_noise(rp, r, stream);
   }
+  router_scope.reset();
   gate_topk<T>(rp, ptr<T>(w.selection_bias), r, stream);
   assign_slots(rp, st.capacity, r, stream);
 
@@ -261,6 +277,7 @@ class CudaBackend final : public BackendImpl {
     router_backward(st.rp, r, dweight, args.d_aux, args.d_z, args.d_aux_device, args.d_z_device, dlogits, dnoise,
                     stream);
     float* dx_acc = s.zeros<float>(Tn * H);
+    std::optional<RouterScope> router_scope(std::in_place);
     const Operand dlogits_t{dlogits, 0, 1, E};  // A(m = e, k = t)
     if (g.d_gate_weight.defined()) {
       if (st.router_input_f32)
@@ -290,6 +307,7 @@ class CudaBackend final : public BackendImpl {
       }
     }
 
+    router_scope.reset();
     // Experts: dY out along the routes, scaled by the gate weight.
     T* grows = s.alloc<T>(st.rows_max * H);
     gather_rows<T>(dy, r, true, grows, Tn, k, H, stream);
@@ -349,6 +367,7 @@ class CudaBackendDispatch final : public BackendImpl {
   void forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& a, const std::vector<int64_t>& tpr,
                const ForwardOutputs& o) override {
     check(c);
+    const Fp32MathScope math(c.fp32_math == Fp32Math::kTf32);
     switch (c.dtype) {
       case DType::kFloat32: f32_.forward(c, w, a, tpr, o); break;
       case DType::kBFloat16: bf16_.forward(c, w, a, tpr, o); break;
@@ -359,6 +378,7 @@ class CudaBackendDispatch final : public BackendImpl {
   void backward(const MoeConfig& c, const MoeWeights& w, const BackwardArgs& a, const std::vector<int64_t>& tpr,
                 const MoeGrads& g) override {
     check(c);
+    const Fp32MathScope math(c.fp32_math == Fp32Math::kTf32);
     switch (c.dtype) {
       case DType::kFloat32: f32_.backward(c, w, a, tpr, g); break;
       case DType::kBFloat16: bf16_.backward(c, w, a, tpr, g); break;

@@ -1,5 +1,6 @@
 // src/cuda/wmma_gemm.cuh — the generic grouped GEMM of simple_gemm.cuh on tensor cores
-// (mma.sync through nvcuda::wmma, 16-bit inputs, fp32 accumulation), for every operand layout
+// (mma.sync through nvcuda::wmma; bf16/fp16 inputs, or fp32 inputs rounded to TF32; fp32
+// accumulation), for every operand layout
 // the modular path needs: forward (varying M), dgrad (B transposed) and wgrad (varying K, A
 // transposed). Each operand tile is staged in shared memory in the layout it has in global
 // memory (row- or column-major), and the matching wmma fragment layout reads it, so no
@@ -31,16 +32,17 @@ template <class T, int kOuter, int kInner>
 __device__ __forceinline__ void load_tile(SmemTile<T, kOuter, kInner>& tile, const T* base, int64_t outer_stride,
                                           int64_t outer0, int64_t outer_count, int64_t inner0, int64_t inner_count,
                                           bool vector) {
-  constexpr int kChunks = kOuter * kInner / 8;
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-B chunk
+  constexpr int kChunks = kOuter * kInner / kVec;
   for (int c = threadIdx.x; c < kChunks; c += blockDim.x) {
-    const int o = c / (kInner / 8), i = (c % (kInner / 8)) * 8;
+    const int o = c / (kInner / kVec), i = (c % (kInner / kVec)) * kVec;
     const int64_t go = outer0 + o, gi = inner0 + i;
     T* dst = &tile.data[o][i];
-    if (vector && go < outer_count && gi + 8 <= inner_count) {
+    if (vector && go < outer_count && gi + kVec <= inner_count) {
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(base + go * outer_stride + gi);
     } else {
 #pragma unroll
-      for (int e = 0; e < 8; ++e)
+      for (int e = 0; e < kVec; ++e)
         dst[e] = (go < outer_count && gi + e < inner_count) ? base[go * outer_stride + gi + e] : from_f32<T>(0.f);
     }
   }
@@ -71,7 +73,11 @@ __global__ void __launch_bounds__(256) wmma_gemm_kernel(SimpleGemmParams p, bool
 
   using ALayout = std::conditional_t<kAKContig, wmma::row_major, wmma::col_major>;
   using BLayout = std::conditional_t<kBNContig, wmma::row_major, wmma::col_major>;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+  // fp32 operands run as TF32 (k = 8 per instruction), 16-bit ones natively (k = 16).
+  constexpr bool kTf32 = std::is_same_v<T, float>;
+  constexpr int kStepK = kTf32 ? 8 : 16;
+  using FragElement = std::conditional_t<kTf32, wmma::precision::tf32, T>;
+  wmma::fragment<wmma::accumulator, 16, 16, kStepK, float> acc[4][2];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -84,9 +90,9 @@ __global__ void __launch_bounds__(256) wmma_gemm_kernel(SimpleGemmParams p, bool
     else load_tile(b_tile, b, p.b_sn, n0, p.n, k0, k_count, vector_b);
     __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < kWmmaBK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> fa[4];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb[2];
+    for (int kk = 0; kk < kWmmaBK; kk += kStepK) {
+      wmma::fragment<wmma::matrix_a, 16, 16, kStepK, FragElement, ALayout> fa[4];
+      wmma::fragment<wmma::matrix_b, 16, 16, kStepK, FragElement, BLayout> fb[2];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int mm = warp_m * 64 + i * 16;
@@ -98,6 +104,16 @@ __global__ void __launch_bounds__(256) wmma_gemm_kernel(SimpleGemmParams p, bool
         const int nn = warp_n * 32 + j * 16;
         if constexpr (kBNContig) wmma::load_matrix_sync(fb[j], &b_tile.data[kk][nn], kWmmaBN + kWmmaPad);
         else wmma::load_matrix_sync(fb[j], &b_tile.data[nn][kk], kWmmaBK + kWmmaPad);
+      }
+      if constexpr (kTf32) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int e = 0; e < fa[i].num_elements; ++e) fa[i].x[e] = wmma::__float_to_tf32(fa[i].x[e]);
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e = 0; e < fb[j].num_elements; ++e) fb[j].x[e] = wmma::__float_to_tf32(fb[j].x[e]);
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i)
@@ -145,9 +161,10 @@ bool wmma_gemm(const SimpleGemmParams& p, cudaStream_t stream) {
   // by offset · stride, also a multiple of 8 elements then).
   // A varying dimension that is also the unit-stride one shifts the base by an arbitrary
   // number of elements: scalar loads then.
-  const bool vector_a = detail::aligned16(p.a) && a_outer % 8 == 0 && p.a_group % 8 == 0 &&
+  constexpr int64_t kVec = 16 / sizeof(T);
+  const bool vector_a = detail::aligned16(p.a) && a_outer % kVec == 0 && p.a_group % kVec == 0 &&
                         !(p.vary == VaryDim::kK && a_k) && !(p.vary == VaryDim::kM && a_m);
-  const bool vector_b = detail::aligned16(p.b) && b_outer % 8 == 0 && p.b_group % 8 == 0 &&
+  const bool vector_b = detail::aligned16(p.b) && b_outer % kVec == 0 && p.b_group % kVec == 0 &&
                         !(p.vary == VaryDim::kK && b_k);
   dim3 grid(static_cast<unsigned>(ceil_div(p.n, detail::kWmmaBN)), static_cast<unsigned>(ceil_div(p.m, detail::kWmmaBM)),
             static_cast<unsigned>(p.num_groups));
@@ -163,12 +180,15 @@ bool wmma_gemm(const SimpleGemmParams& p, cudaStream_t stream) {
   return true;
 }
 
-// The modular path's GEMM entry: tensor cores for 16-bit operands, the CUDA-core kernel
-// otherwise (fp32: exact fp32 arithmetic).
+// The modular path's GEMM entry: tensor cores for 16-bit operands and, when allow_tf32, for
+// fp32 operands (TF32); the CUDA-core kernel otherwise (exact fp32 arithmetic).
 template <class TA, class TB, class TC>
-void grouped_gemm_any(const SimpleGemmParams& p, cudaStream_t stream) {
+void grouped_gemm_any(const SimpleGemmParams& p, cudaStream_t stream, bool allow_tf32 = false) {
   if constexpr (std::is_same_v<TA, TB> && (std::is_same_v<TA, __nv_bfloat16> || std::is_same_v<TA, __half>)) {
     if (wmma_gemm<TA, TC>(p, stream)) return;
+  }
+  if constexpr (std::is_same_v<TA, float> && std::is_same_v<TB, float>) {
+    if (allow_tf32 && wmma_gemm<float, TC>(p, stream)) return;
   }
   simple_gemm<TA, TB, TC>(p, stream);
 }
