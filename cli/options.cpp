@@ -93,7 +93,7 @@ constexpr std::array kRunFlags = {
     FlagSpec{"--seed", FlagTarget::kSeed, "", ValueKind::kRequired, "N",
              "seed of weights, inputs and gate noise"},
     FlagSpec{"--backend", FlagTarget::kBackend, "", ValueKind::kRequired, "NAME",
-             "auto (cuda if a device is found, except fp64), cpu, naive, cuda"},
+             "auto (cuda if a device is found, except fp64), cpu, naive, cuda, threads (the fused protocol on one CPU thread per rank)"},
     FlagSpec{"--training", FlagTarget::kTraining, "", ValueKind::kSwitch, "",
              "training mode: gate noise, jitter, random routing"},
     FlagSpec{"--gate-scale", FlagTarget::kGateScale, "", ValueKind::kRequired, "X",
@@ -209,7 +209,7 @@ void apply_flag(const FlagSpec& spec, std::string_view value, RunOptions& option
         options.backend = parse_backend(std::string(value));
       } catch (const Error&) {
         throw UsageError(std::string(spec.name) + ": unknown backend '" + std::string(value) +
-                         "' (allowed: auto, cpu, naive, cuda)");
+                         "' (allowed: auto, cpu, naive, cuda, threads)");
       }
       break;
     case FlagTarget::kTraining:
@@ -321,6 +321,8 @@ std::string backend_name(Backend backend) {
       return "naive";
     case Backend::kCuda:
       return "cuda";
+    case Backend::kThreads:
+      return "threads";
   }
   return "?";
 }

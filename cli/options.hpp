@@ -43,7 +43,7 @@ MoeConfig default_run_config();
 // TF32 tensor cores (the cuda backend with fp32_math = tf32).
 double tolerance_for(const MoeConfig& config, Backend backend);
 
-// The --backend spelling of a backend: auto, cpu, naive, cuda.
+// The --backend spelling of a backend: auto, cpu, naive, cuda, threads.
 std::string backend_name(Backend backend);
 
 // Parses the arguments that follow "run", in order (a --config file is applied where it

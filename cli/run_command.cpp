@@ -66,6 +66,8 @@ ChosenBackend choose_backend(Backend requested, DType dtype) {
       return {Backend::kCpu, "requested with --backend cpu"};
     case Backend::kNaive:
       return {Backend::kNaive, "requested with --backend naive"};
+    case Backend::kThreads:
+      return {Backend::kThreads, "requested with --backend threads (one CPU thread per rank)"};
   }
   return {Backend::kCpu, "?"};
 }
@@ -78,6 +80,7 @@ double flops_per_second(Backend backend) {
       return kCudaFlopsPerSecond;
     case Backend::kAuto:
     case Backend::kCpu:
+    case Backend::kThreads:
       return kCpuFlopsPerSecond;
   }
   return kCpuFlopsPerSecond;

@@ -98,6 +98,7 @@ enum class Backend {
   kCpu,    // the multi-threaded CPU backend (the oracle), emulating W ranks
   kNaive,  // deliberately naive loops over tokens and experts (cross-check)
   kCuda,
+  kThreads,  // the fused layer's protocol with one CPU thread per rank (forward; backward = cpu)
 };
 std::string to_string(Backend backend);
 Backend parse_backend(const std::string& text);

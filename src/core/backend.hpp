@@ -22,6 +22,7 @@ class BackendImpl {
 
 std::unique_ptr<BackendImpl> make_cpu_backend();
 std::unique_ptr<BackendImpl> make_naive_backend();
+std::unique_ptr<BackendImpl> make_threads_backend();
 // Defined by the CUDA backend when the library is built with CUDA; nullptr otherwise.
 std::unique_ptr<BackendImpl> make_cuda_backend();
 bool cuda_device_present();

@@ -31,6 +31,7 @@ std::string to_string(Backend backend) {
     case Backend::kCpu: return "cpu";
     case Backend::kNaive: return "naive";
     case Backend::kCuda: return "cuda";
+    case Backend::kThreads: return "threads";
   }
   return "?";
 }
@@ -40,7 +41,8 @@ Backend parse_backend(const std::string& text) {
   if (text == "cpu") return Backend::kCpu;
   if (text == "naive") return Backend::kNaive;
   if (text == "cuda" || text == "gpu") return Backend::kCuda;
-  FUSEDMOE_CHECK(false, "backend: unknown backend '" << text << "' (allowed: auto, cpu, naive, cuda)");
+  if (text == "threads") return Backend::kThreads;
+  FUSEDMOE_CHECK(false, "backend: unknown backend '" << text << "' (allowed: auto, cpu, naive, cuda, threads)");
 }
 
 namespace {
@@ -123,6 +125,7 @@ MoeLayer::MoeLayer(MoeConfig config, MoeWeights weights, Backend backend)
   switch (backend_) {
     case Backend::kCpu: impl_ = make_cpu_backend(); break;
     case Backend::kNaive: impl_ = make_naive_backend(); break;
+    case Backend::kThreads: impl_ = make_threads_backend(); break;
     case Backend::kCuda:
       impl_ = make_cuda_backend();
       FUSEDMOE_CHECK(impl_ != nullptr, "backend: cuda requested, but this build of fusedmoe has no CUDA backend");

@@ -274,4 +274,21 @@ void route_backward(const MoeConfig& c, const MoeWeights& w, const Routing& r,
   }
 }
 
+void write_routing_outputs(const MoeConfig& c, const Routing& r, const ForwardOutputs& out) {
+  const int64_t n = r.num_tokens * r.top_k, E = c.num_experts;
+  if (out.topk_idx) std::copy(r.idx.begin(), r.idx.end(), out.topk_idx);
+  if (out.kept) std::copy(r.kept.begin(), r.kept.end(), out.kept);
+  if (out.topk_weight.defined())
+    for (int64_t i = 0; i < n; ++i) store(out.topk_weight, i, r.weight[static_cast<size_t>(i)]);
+  if (out.expert_counts) std::copy(r.routed_count.begin(), r.routed_count.end(), out.expert_counts);
+  if (out.kept_counts)
+    for (int64_t e = 0; e < E; ++e) {
+      int64_t sum = 0;
+      for (int q = 0; q < c.world_size; ++q) sum += r.kept_count[static_cast<size_t>(q * E + e)];
+      out.kept_counts[e] = sum;
+    }
+  if (out.aux_loss) *out.aux_loss = r.aux_loss;
+  if (out.z_loss) *out.z_loss = r.z_loss;
+}
+
 }  // namespace fusedmoe::cpu

@@ -43,4 +43,7 @@ void route_backward(const MoeConfig& config, const MoeWeights& weights, const Ro
 
 bool renormalises(const MoeConfig& config);
 
+// Writes the routing outputs a forward call asked for (indices, weights, kept, counts, losses).
+void write_routing_outputs(const MoeConfig& config, const Routing& routing, const ForwardOutputs& out);
+
 }  // namespace fusedmoe::cpu

@@ -98,6 +98,9 @@ Pool& pool() {
 
 }  // namespace
 
+SerialScope::SerialScope() : saved_(inside_pool) { inside_pool = true; }
+SerialScope::~SerialScope() { inside_pool = saved_; }
+
 int num_threads() {
   static const int threads = [] {
     if (const char* env = std::getenv("FUSEDMOE_NUM_THREADS")) {

@@ -1,0 +1,246 @@
+// src/protocol/threads_backend.cpp — Backend::kThreads: the fused layer's forward protocol run by
+// one CPU thread per rank over the CpuThreadsTransport, so that its logic — slots, flags with
+// counts and epochs, bounded waits, the order of phases — is tested without a GPU, and under
+// ThreadSanitizer in CI (tests/cpp/test_protocol.cpp, target fusedmoe_protocol_tsan).
+//
+// Rank r of W, one launch with epoch ε (monotonic per backend object, 0 never used):
+//   1. dispatch: every kept (token, j) row of r goes to its expert's owner: put the row and its
+//      token·k + j into the owner's recv_rows / recv_meta at layout.recv_row(r, local expert,
+//      psum, slot); then signal the owner's recv_flags[r][local expert] = {ε, count}, count 0
+//      included. Data first, flag second (release): the planted fault flag_before_data swaps them.
+//   2. experts: for every source s and local expert, wait for its flag (acquire), take the count
+//      from it (offsets = prefix of the counts, in local-expert order), run the FFN over those
+//      rows, put every result row into s's ret_rows[token·k + j], then signal s's
+//      ret_flags[expert] = {ε, rows} (only for a non-empty segment: s waits only where it sent).
+//   3. combine: wait for ret_flags[e] of every expert r sent rows to, check the count, and sum.
+// Why no cycle of waits exists: phase 1 never waits; phase 2 waits only for phase-1 flags, which
+// every rank raises unconditionally before it waits on anything; phase 3 waits only for phase-2
+// signals, which depend on phase 1 alone. Every wait is bounded (ThreadsOptions::timeout) and a
+// failure aborts all ranks and is raised as a fusedmoe::Error naming rank, flag and values.
+#include "protocol/threads_backend.hpp"
+
+#include <algorithm>
+#include <mutex>
+#include <thread>
+
+#include "core/backend.hpp"
+#include "cpu/ffn.hpp"
+#include "cpu/routing.hpp"
+#include "cpu/tensor_io.hpp"
+#include "cpu/thread_pool.hpp"
+#include "fusedmoe/error.hpp"
+#include "fusedmoe/planner.hpp"
+#include "protocol/transport.hpp"
+
+namespace fusedmoe::protocol {
+
+namespace {
+std::mutex g_options_mutex;
+ThreadsOptions g_options;
+}  // namespace
+
+void set_threads_options(const ThreadsOptions& options) {
+  std::lock_guard<std::mutex> lock(g_options_mutex);
+  g_options = options;
+}
+
+ThreadsOptions threads_options() {
+  std::lock_guard<std::mutex> lock(g_options_mutex);
+  return g_options;
+}
+
+namespace {
+
+class ThreadsBackend final : public BackendImpl {
+ public:
+  void forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& args,
+               const std::vector<int64_t>& tokens_per_rank, const ForwardOutputs& out) override {
+    if (c.dtype == DType::kFloat64) run<double>(c, w, args, tokens_per_rank, out);
+    else run<float>(c, w, args, tokens_per_rank, out);
+  }
+  // The protocol covers the forward pass; backward runs the CPU backend (same results).
+  void backward(const MoeConfig& c, const MoeWeights& w, const BackwardArgs& args,
+                const std::vector<int64_t>& tokens_per_rank, const MoeGrads& grads) override {
+    if (!cpu_) cpu_ = make_cpu_backend();
+    cpu_->backward(c, w, args, tokens_per_rank, grads);
+  }
+
+ private:
+  template <class T>
+  void run(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& args, const std::vector<int64_t>& tokens_per_rank,
+           const ForwardOutputs& out) {
+    const ThreadsOptions options = threads_options();
+    const cpu::Routing routing = cpu::route(c, w, args, tokens_per_rank);
+    const int64_t max_tokens = *std::max_element(tokens_per_rank.begin(), tokens_per_rank.end());
+    const WorkspaceLayout layout = WorkspaceLayout::make(make_plan(c, max_tokens, DeviceInfo{}).layout);
+    if (transport_.ensure(c.world_size, layout.total_bytes)) epoch_ = 0;
+    if (++epoch_ == 0) ++epoch_;  // epoch 0 is the state of fresh memory
+    transport_.reset_errors();
+    Launch<T> launch{c, w, args, routing, layout, options, epoch_, transport_, typed_mut<T>(out.y)};
+    std::vector<std::thread> ranks;
+    for (int r = 0; r < c.world_size; ++r) ranks.emplace_back([&launch, r] { launch.rank_program(r); });
+    for (auto& t : ranks) t.join();
+    FUSEDMOE_CHECK(!transport_.aborted(), "threads backend: " << transport_.failure().message());
+    cpu::write_routing_outputs(c, routing, out);
+  }
+
+  template <class T>
+  static T* typed_mut(const TensorView& v) { return static_cast<T*>(v.data); }
+
+  template <class T>
+  struct Launch {
+    const MoeConfig& c;
+    const MoeWeights& w;
+    const ForwardArgs& args;
+    const cpu::Routing& r;
+    const WorkspaceLayout& layout;
+    const ThreadsOptions& options;
+    uint32_t epoch;
+    CpuThreadsTransport& transport;
+    T* y;
+
+    int64_t row_bytes() const { return c.hidden_size * static_cast<int64_t>(sizeof(T)); }
+    int64_t recv_flag_offset(int source, int64_t local) const {
+      return layout.recv_flags.offset + 8 * layout.recv_flag_index(source, local);
+    }
+    int64_t ret_flag_offset(int64_t expert) const { return layout.ret_flags.offset + 8 * layout.ret_flag_index(expert, 0); }
+
+    void rank_program(int rank) {
+      const cpu::SerialScope serial;  // the rank threads are the parallelism
+      if (rank != options.silent_rank) dispatch(rank);
+      if (!experts(rank)) return;
+      combine(rank);
+    }
+
+    void dispatch(int rank) {
+      const int64_t E = c.num_experts, k = c.top_k, H = c.hidden_size;
+      const T* x = static_cast<const T*>(args.x.data);
+      std::vector<int64_t> psum_before(static_cast<size_t>(E), 0);
+      for (int owner = 0; owner < c.world_size; ++owner) {
+        int64_t running = 0;
+        for (int64_t local = 0; local < c.num_local_experts(owner); ++local) {
+          const int64_t e = c.global_expert(owner, local);
+          psum_before[static_cast<size_t>(e)] = running;
+          running += r.kept_count[static_cast<size_t>(rank * E + e)];
+        }
+      }
+      auto send_rows = [&] {
+        for (int64_t t = r.rank_begin[rank]; t < r.rank_begin[rank + 1]; ++t)
+          for (int64_t j = 0; j < k; ++j) {
+            const size_t i = static_cast<size_t>(t * k + j);
+            if (!r.kept[i]) continue;
+            const int64_t e = r.idx[i];
+            const int owner = c.expert_rank(e);
+            const int64_t row = layout.recv_row(rank, c.expert_local_index(e), psum_before[static_cast<size_t>(e)], r.slot[i]);
+            transport.put(owner, layout.recv_rows.offset + row * row_bytes(), x + t * H, static_cast<size_t>(row_bytes()));
+            const int32_t meta = static_cast<int32_t>((t - r.rank_begin[rank]) * k + j);
+            transport.put(owner, layout.recv_meta.offset + row * 4, &meta, 4);
+          }
+      };
+      auto raise_flags = [&] {
+        for (int64_t e = 0; e < E; ++e)
+          transport.signal(c.expert_rank(e), recv_flag_offset(rank, c.expert_local_index(e)),
+                           make_flag(epoch, static_cast<uint32_t>(r.kept_count[static_cast<size_t>(rank * E + e)])));
+      };
+      if (options.flag_before_data) {  // planted fault: the readers may see the flag first
+        raise_flags();
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        send_rows();
+      } else {
+        send_rows();
+        raise_flags();
+      }
+    }
+
+    bool experts(int rank) {
+      const int64_t H = c.hidden_size, N1 = c.ffn_in_width(), I = c.ffn_size;
+      const cpu::FfnShape shape{H, I, N1, c.ffn};
+      std::vector<T> pre, act, rows_out;
+      for (int step = 0; step < c.world_size; ++step) {
+        const int source = (rank + step) % c.world_size;  // start with our own rows
+        int64_t psum = 0;
+        for (int64_t local = 0; local < c.num_local_experts(rank); ++local) {
+          const int64_t e = c.global_expert(rank, local);
+          uint64_t flag = 0;
+          if (!transport.wait(rank, recv_flag_offset(source, local), epoch,
+                              "dispatch flag (source " + std::to_string(source) + ", local expert " +
+                                  std::to_string(local) + ")",
+                              options.timeout, &flag))
+            return false;
+          const int64_t count = flag_count(flag);
+          const int64_t first = layout.recv_row(source, local, psum, 0);
+          psum += count;
+          if (count == 0) continue;
+          pre.resize(static_cast<size_t>(count * N1));
+          act.resize(static_cast<size_t>(count * I));
+          rows_out.resize(static_cast<size_t>(count * H));
+          const T* rows_in = transport.at<T>(rank, layout.recv_rows.offset) + first * H;
+          cpu::ffn_up<T>(shape, count, rows_in, cpu::typed<T>(w.w1) + e * H * N1, cpu::ptr_or_null<T>(w.b1, e * N1),
+                         pre.data(), act.data());
+          cpu::ffn_down<T>(shape, count, act.data(), cpu::typed<T>(w.w2) + e * I * H, cpu::ptr_or_null<T>(w.b2, e * H),
+                           rows_out.data());
+          const int32_t* meta = transport.at<int32_t>(rank, layout.recv_meta.offset) + first;
+          for (int64_t row = 0; row < count; ++row)
+            transport.put(source, layout.ret_rows.offset + meta[row] * row_bytes(), &rows_out[static_cast<size_t>(row * H)],
+                          static_cast<size_t>(row_bytes()));
+          transport.signal(source, ret_flag_offset(e), make_flag(epoch, static_cast<uint32_t>(count)));
+        }
+      }
+      return true;
+    }
+
+    void combine(int rank) {
+      const int64_t E = c.num_experts, k = c.top_k, H = c.hidden_size;
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t expected = r.kept_count[static_cast<size_t>(rank * E + e)];
+        if (expected == 0) continue;
+        uint64_t flag = 0;
+        if (!transport.wait(rank, ret_flag_offset(e), epoch, "return flag of expert " + std::to_string(e),
+                            options.timeout, &flag))
+          return;
+        if (flag_count(flag) != static_cast<uint32_t>(expected)) {  // no throwing on a rank thread
+          transport.fail(WaitFailure{.rank = rank, .violation = "expected " + std::to_string(expected) +
+                                                                " rows back from expert " + std::to_string(e) +
+                                                                ", its return flag says " + std::to_string(flag_count(flag))});
+          return;
+        }
+      }
+      const int64_t begin = r.rank_begin[rank], tokens = r.rank_begin[rank + 1] - begin;
+      std::vector<double> acc(static_cast<size_t>(tokens * H), 0.0);
+      const T* ret = transport.at<T>(rank, layout.ret_rows.offset);
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t j = 0; j < k; ++j) {
+          const size_t i = static_cast<size_t>((begin + t) * k + j);
+          if (!r.kept[i]) continue;
+          for (int64_t h = 0; h < H; ++h)
+            acc[static_cast<size_t>(t * H + h)] += r.weight[i] * static_cast<double>(ret[(t * k + j) * H + h]);
+        }
+      if (c.num_shared_experts > 0 && tokens > 0) {  // shared experts on the rank's own tokens
+        const cpu::FfnShape shape{H, c.shared_size(), c.shared_in_width(), c.ffn};
+        const int64_t Is = c.shared_size(), Ns1 = c.shared_in_width();
+        std::vector<T> pre(static_cast<size_t>(tokens * Ns1)), act(static_cast<size_t>(tokens * Is)),
+            shared_out(static_cast<size_t>(tokens * H));
+        const T* x = static_cast<const T*>(args.x.data) + begin * H;
+        for (int64_t s = 0; s < c.num_shared_experts; ++s) {
+          cpu::ffn_up<T>(shape, tokens, x, cpu::typed<T>(w.shared_w1) + s * H * Ns1,
+                         cpu::ptr_or_null<T>(w.shared_b1, s * Ns1), pre.data(), act.data());
+          cpu::ffn_down<T>(shape, tokens, act.data(), cpu::typed<T>(w.shared_w2) + s * Is * H,
+                           cpu::ptr_or_null<T>(w.shared_b2, s * H), shared_out.data());
+          for (size_t i = 0; i < acc.size(); ++i) acc[i] += static_cast<double>(shared_out[i]);
+        }
+      }
+      for (int64_t i = 0; i < tokens * H; ++i) y[begin * H + i] = static_cast<T>(acc[static_cast<size_t>(i)]);
+    }
+  };
+
+  CpuThreadsTransport transport_;
+  uint32_t epoch_ = 0;
+  std::unique_ptr<BackendImpl> cpu_;
+};
+
+}  // namespace
+}  // namespace fusedmoe::protocol
+
+namespace fusedmoe {
+std::unique_ptr<BackendImpl> make_threads_backend() { return std::make_unique<protocol::ThreadsBackend>(); }
+}  // namespace fusedmoe

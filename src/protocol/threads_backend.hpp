@@ -1,0 +1,19 @@
+// src/protocol/threads_backend.hpp — options of the CPU-threads protocol backend
+// (Backend::kThreads), for tests: the wait timeout and two planted faults.
+#pragma once
+
+#include <chrono>
+
+namespace fusedmoe::protocol {
+
+struct ThreadsOptions {
+  std::chrono::milliseconds timeout{5000};  // every bounded wait
+  int silent_rank = -1;          // fault: this rank never dispatches (its peers must time out)
+  bool flag_before_data = false; // fault: raise each dispatch flag before writing its rows
+};
+
+// Process-wide; read at the start of every forward.
+void set_threads_options(const ThreadsOptions& options);
+ThreadsOptions threads_options();
+
+}  // namespace fusedmoe::protocol
