@@ -342,28 +342,41 @@ __global__ void routing_weight_grad_kernel(const T* dy, const T* out_rows, Routi
 
 // ---------------------------------------------------------------------------- losses --
 
-__global__ void balance_column_kernel(RouterParams p, RoutingBuffers r, double* mean_q) {
-  __shared__ double partial[256];
-  const int64_t e = blockIdx.x, E = p.num_experts;
+// Balance losses in two deterministic passes. Pass 1: one block per chunk of kBalanceChunk tokens
+// writes its partial column sums of q (all E columns, coalesced over experts) and of lse².
+constexpr int kBalanceChunk = 128;
+
+__global__ void balance_partial_kernel(RouterParams p, RoutingBuffers r, double* partial_q, double* partial_z) {
+  const int64_t chunk = blockIdx.x, E = p.num_experts;
+  const int64_t t0 = chunk * kBalanceChunk, t1 = min(p.num_tokens, t0 + kBalanceChunk);
   const bool sigmoid_gate = p.gate == GateKind::kSigmoidTopK;
-  double acc = 0;
-  for (int64_t t = threadIdx.x; t < p.num_tokens; t += blockDim.x) {
-    const double prob = r.probs[t * E + e];
-    acc += sigmoid_gate ? prob / r.prob_sum[t] : prob;
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
+    double acc = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+      const double prob = r.probs[t * E + e];
+      acc += sigmoid_gate ? prob / r.prob_sum[t] : prob;
+    }
+    partial_q[chunk * E + e] = acc;
   }
-  partial[threadIdx.x] = acc;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-    __syncthreads();
+  if (threadIdx.x == 0) {
+    double z = 0;
+    for (int64_t t = t0; t < t1; ++t) z += static_cast<double>(r.lse[t]) * r.lse[t];
+    partial_z[chunk] = z;
   }
-  if (threadIdx.x == 0) mean_q[e] = p.num_tokens > 0 ? partial[0] / static_cast<double>(p.num_tokens) : 0.0;
 }
 
-__global__ void balance_final_kernel(RouterParams p, RoutingBuffers r, const double* mean_q, double* aux, double* z) {
+// Pass 2: one block sums the chunks in order and writes aux and z.
+__global__ void balance_final_kernel(RouterParams p, RoutingBuffers r, const double* partial_q, const double* partial_z,
+                                     int64_t chunks, double* aux, double* z) {
   __shared__ double partial[256];
+  const int64_t E = p.num_experts;
   double acc = 0;
-  for (int64_t t = threadIdx.x; t < p.num_tokens; t += blockDim.x) acc += static_cast<double>(r.lse[t]) * r.lse[t];
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
+    double column = 0;
+    for (int64_t c = 0; c < chunks; ++c) column += partial_q[c * E + e];
+    const double mean_q = column / static_cast<double>(p.num_tokens);
+    acc += static_cast<double>(r.routed[e]) / static_cast<double>(p.num_tokens * p.top_k) * mean_q;
+  }
   partial[threadIdx.x] = acc;
   __syncthreads();
   for (int s = blockDim.x / 2; s > 0; s >>= 1) {
@@ -371,12 +384,10 @@ __global__ void balance_final_kernel(RouterParams p, RoutingBuffers r, const dou
     __syncthreads();
   }
   if (threadIdx.x != 0) return;
-  double a = 0;
-  if (p.num_tokens > 0)
-    for (int64_t e = 0; e < p.num_experts; ++e)
-      a += static_cast<double>(r.routed[e]) / static_cast<double>(p.num_tokens * p.top_k) * mean_q[e];
-  if (aux) *aux = static_cast<double>(p.num_experts) * a;
-  if (z) *z = p.num_tokens > 0 ? partial[0] / static_cast<double>(p.num_tokens) : 0.0;
+  double zsum = 0;
+  for (int64_t c = 0; c < chunks; ++c) zsum += partial_z[c];
+  if (aux) *aux = p.num_tokens > 0 ? static_cast<double>(E) * partial[0] : 0.0;
+  if (z) *z = p.num_tokens > 0 ? zsum / static_cast<double>(p.num_tokens) : 0.0;
 }
 
 // -------------------------------------------------------------------- router backward --
@@ -577,10 +588,14 @@ void combine_rows(const T* rows, const RoutingBuffers& r, bool unit_weights, con
 
 void balance_losses(const RouterParams& p, const RoutingBuffers& r, double* aux, double* z, cudaStream_t stream) {
   Scratch scratch(stream);
-  double* mean_q = scratch.alloc<double>(p.num_experts);
-  balance_column_kernel<<<static_cast<unsigned>(p.num_experts), 256, 0, stream>>>(p, r, mean_q);
-  FUSEDMOE_LAUNCH_CHECK();
-  balance_final_kernel<<<1, 256, 0, stream>>>(p, r, mean_q, aux, z);
+  const int64_t chunks = ceil_div(p.num_tokens, kBalanceChunk);
+  double* partial_q = scratch.alloc<double>(chunks * p.num_experts);
+  double* partial_z = scratch.alloc<double>(chunks);
+  if (chunks > 0) {
+    balance_partial_kernel<<<static_cast<unsigned>(chunks), 256, 0, stream>>>(p, r, partial_q, partial_z);
+    FUSEDMOE_LAUNCH_CHECK();
+  }
+  balance_final_kernel<<<1, 256, 0, stream>>>(p, r, partial_q, partial_z, chunks, aux, z);
   FUSEDMOE_LAUNCH_CHECK();
 }
 
