@@ -17,8 +17,11 @@ __global__ void layout_probe_kernel(LayoutParams params, int64_t* out) {
 }  // namespace
 
 bool cuda_device_present() {
-  int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+  static const bool present = [] {  // asked on every layer construction: cache it
+    int count = 0;
+    return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+  }();
+  return present;
 }
 
 // Computes three layout values on the device (tests compare them with the host's).
