@@ -305,8 +305,9 @@ def from_model(model: nn.Module, *, user: Optional[dict] = None) -> Checkpoint:
         expert_tensors = []
         for rel in EXPERT_TENSORS:
             full = _join(name, rel)
-            if full in aliases:
-                raise CheckpointError(f"module '{name}': expert tensor '{full}' is tied to '{aliases[full]}'; "
+            tied = aliases.get(full) or next((a for a, target in aliases.items() if target == full), None)
+            if tied is not None:
+                raise CheckpointError(f"module '{name}': expert tensor '{full}' is tied to '{tied}'; "
                                       "expert tensors cannot be shared")
             if full in tensors:
                 expert_tensors.append(full)
@@ -580,11 +581,17 @@ def _find_shards(path: str) -> List[str]:
     if os.path.isfile(path):
         return [path]
     import glob
+    import re
     stem = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
-    found = sorted(glob.glob(glob.escape(stem) + ".rank*-of-*.safetensors"))
+    pattern = re.compile(re.escape(stem) + r"\.rank(\d+)-of-(\d+)\.safetensors$")
+    found = [f for f in sorted(glob.glob(glob.escape(stem) + ".rank*-of-*.safetensors")) if pattern.match(f)]
     if not found:
         raise FileNotFoundError(f"checkpoint {path!r}: neither the file nor shards "
                                 f"{stem}.rank<r>-of-<W>.safetensors exist")
+    worlds = sorted({int(pattern.match(f).group(2)) for f in found})
+    if len(worlds) > 1:
+        raise CheckpointError(f"checkpoint {path!r}: shards of several world sizes {worlds} exist; "
+                              "pass the files of one of them")
     return found
 
 

@@ -308,7 +308,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def patch(model: nn.Module, *, backend: str = "auto", fp32_math: str = "tf32") -> List[str]:
     """Replaces every Mixtral / Qwen3-MoE sparse MoE block of `model` by a FusedSparseMoeBlock
-    (in place; the original blocks and their weights are dropped).
+    (in place; the original blocks and their weights are dropped). The fused blocks hold new
+    parameters: build the optimizer after patching.
 
     Args:
         model: a transformers model (MixtralForCausalLM, Qwen3MoeModel, ...) or any nn.Module
@@ -327,8 +328,34 @@ def patch(model: nn.Module, *, backend: str = "auto", fp32_math: str = "tf32") -
         raise ValueError(f"model: {type(model).__name__} has no {' or '.join(SUPPORTED_BLOCKS)} to patch")
     config = getattr(model, "config", None)
     for name, block in targets:
-        _set_submodule(model, name, convert_block(block, config, backend=backend, fp32_math=fp32_math))
+        wrapper = convert_block(block, config, backend=backend, fp32_math=fp32_math)
+        _set_submodule(model, name, wrapper)
+        if wrapper.router_logits is not None and _hooks_already_installed(model, name):
+            _install_router_logits_hook(wrapper.router_logits)
     return [name for name, _ in targets]
+
+
+def _hooks_already_installed(model: nn.Module, name: str) -> bool:
+    """Whether a transformers model above `name` has installed its output hooks already (they
+    are installed once, at the first forward that records outputs, so a block added later would
+    be missed)."""
+    parts = name.split(".")
+    for depth in range(len(parts)):
+        owner = model.get_submodule(".".join(parts[:depth])) if depth else model
+        if getattr(owner, "_output_capturing_hooks_installed", False):
+            return True
+    return False
+
+
+def _install_router_logits_hook(probe: nn.Module) -> None:
+    try:
+        from transformers.utils.output_capturing import install_output_capuring_hook as install
+    except ImportError:
+        try:
+            from transformers.utils.output_capturing import install_output_capturing_hook as install
+        except ImportError:
+            return
+    install(probe, "router_logits", 0)
 
 
 def unpatch(model: nn.Module) -> List[str]:
