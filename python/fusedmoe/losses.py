@@ -23,7 +23,18 @@ def moe_modules(model: nn.Module) -> List[nn.Module]:
         model: any nn.Module.
     """
     from .moe import MoE
-    return [m for m in model.modules() if isinstance(m, MoE)]
+    # An explicit walk over _modules (not model.modules()) keeps torch.compile from breaking the
+    # graph when the model was changed in the same frame.
+    found, seen, stack = [], set(), [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, MoE):
+            found.append(module)
+        stack.extend(reversed([m for m in module._modules.values() if m is not None]))
+    return found
 
 
 def aux_losses(model: nn.Module) -> List[torch.Tensor]:

@@ -150,8 +150,9 @@ class MoE(nn.Module):
                              persistent=False)
         self.register_buffer("_kept_total", torch.zeros(num_experts, dtype=torch.int64, device=device),
                              persistent=False)
-        self._tokens_total = 0
-        self._calls_total = 0
+        # Tensors, not Python ints: torch.compile would treat ints as constants and recompile.
+        self.register_buffer("_tokens_total", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("_calls_total", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
 
     # --- configuration ----------------------------------------------------------------------
     def config_for(self, dtype: torch.dtype) -> MoeConfig:
@@ -210,8 +211,8 @@ class MoE(nn.Module):
         with torch.no_grad():
             self._routed_total += expert_counts.to(self._routed_total.device)
             self._kept_total += kept_counts.to(self._kept_total.device)
-        self._tokens_total += tokens.shape[0]
-        self._calls_total += 1
+            self._tokens_total += tokens.shape[0]
+            self._calls_total += 1
         return y.reshape(shape)
 
     # --- load statistics --------------------------------------------------------------------
@@ -228,15 +229,15 @@ class MoE(nn.Module):
         total = int(routed.sum())
         load = routed.double() / total if total > 0 else torch.zeros(self.num_experts, dtype=torch.float64)
         dropped = 1.0 - float(kept.sum()) / total if total > 0 else 0.0
-        return {"routed": routed, "kept": kept, "tokens": self._tokens_total, "calls": self._calls_total,
+        return {"routed": routed, "kept": kept, "tokens": int(self._tokens_total), "calls": int(self._calls_total),
                 "load": load, "dropped_fraction": dropped}
 
     def reset_load_stats(self) -> None:
         """Zeroes the accumulated load statistics."""
         self._routed_total.zero_()
         self._kept_total.zero_()
-        self._tokens_total = 0
-        self._calls_total = 0
+        self._tokens_total.zero_()
+        self._calls_total.zero_()
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ffn={self.d_ffn}, "
