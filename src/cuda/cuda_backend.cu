@@ -5,6 +5,7 @@
 // forward intermediates (routing is deterministic and noise is keyed).
 // Test: tests/gpu/test_gpu_layer.cpp against the CPU oracle with the same routing.
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
 
 #include "core/backend.hpp"
@@ -94,6 +95,13 @@ Epilogue epilogue_of(FfnKind kind) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// Switches for isolating a kernel in the field: FUSEDMOE_NO_HOPPER_BACKWARD=1 runs the backward
+// GEMMs on the generic tensor-core kernel; FUSEDMOE_HOPPER_WGRAD=1 opts in to the Hopper wgrad.
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] != '\0' && v[0] != '0';
+}
+
 // The wgmma + TMA engine runs the expert FFN when its constraints hold: Hopper, 16-bit data,
 // K and N multiples of 8 (16 for gated), 16-B aligned weights, no b1 (its epilogue has no bias).
 template <class T>
@@ -114,6 +122,18 @@ void run_grouped_gemm(const GroupedGemmArgs& args, Scratch& scratch, cudaStream_
     throw;
   } catch (const std::exception& e) {
     FUSEDMOE_CHECK(false, "grouped GEMM: " << e.what());
+  }
+}
+
+void run_grouped_wgrad(const GroupedWgradArgs& args, Scratch& scratch, cudaStream_t stream) {
+  try {
+    const size_t bytes = grouped_gemm_wgrad_workspace_size(args);
+    void* workspace = bytes ? scratch.alloc<unsigned char>(static_cast<int64_t>(bytes)) : nullptr;
+    grouped_gemm_wgrad(args, workspace, stream);
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    FUSEDMOE_CHECK(false, "grouped wgrad GEMM: " << e.what());
   }
 }
 
@@ -175,6 +195,14 @@ void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& arg
     jitter_router_input<T>(x, xr, Tn, H, c.jitter_eps, args.seed, args.token_offset, stream);
     st.router_input_f32 = xr;
     gemm<float, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, E, H, {xr, 0, H, 1}, gate_b, r.logits, 0, E);
+  } else if (use_hopper_engine<T>(c, w) && Tn > 0 && E % 8 == 0 && aligned16(w.gate_weight.data)) {
+    // One group of all tokens; Wg [E, H] is B stored K-major. fp32 logits.
+    int64_t* all_rows = s.alloc<int64_t>(2);
+    set_range(all_rows, Tn, stream);
+    run_grouped_gemm(GroupedGemmArgs{.num_groups = 1, .row_offsets = all_rows, .max_total_rows = Tn, .n = E, .k = H,
+                                     .a = x, .b = w.gate_weight.data, .c = r.logits, .a_type = element_type<T>(),
+                                     .c_type = ElementType::kF32, .b_k_major = true},
+                     s, stream);
   } else {
     gemm<T, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, E, H, {x, 0, H, 1}, gate_b, r.logits, 0, E);
   }
@@ -279,7 +307,33 @@ class CudaBackend final : public BackendImpl {
     float* dx_acc = s.zeros<float>(Tn * H);
     std::optional<RouterScope> router_scope(std::in_place);
     const Operand dlogits_t{dlogits, 0, 1, E};  // A(m = e, k = t)
-    if (g.d_gate_weight.defined()) {
+    bool router_done = false;
+    if constexpr (kIs16Bit<T>) {
+      if (!st.router_input_f32) {
+        // As torch does for a 16-bit router: dlogits in T, then tensor cores. dWg = dlogitsᵀ · x
+        // has K = T tokens and a small output (E x H): split-K into ordered fp32 partials.
+        T* dlogits_16 = s.alloc<T>(Tn * E);
+        convert<T>(dlogits, dlogits_16, Tn * E, stream);
+        if (g.d_gate_weight.defined()) {
+          const int splits = static_cast<int>(std::clamp<int64_t>(Tn / 1024, 1, 32));
+          float* partials = s.alloc<float>(splits * E * H);
+          SimpleGemmParams p;
+          p.m = E; p.n = H; p.k = Tn;
+          p.a = dlogits_16; p.a_sm = 1; p.a_sk = E;
+          p.b = x; p.b_sk = H; p.b_sn = 1;
+          p.c = partials; p.c_sm = H; p.c_sn = 1;
+          p.k_splits = splits;
+          p.c_split = E * H;
+          const bool launched = wmma_gemm<T, float>(p, stream);
+          FUSEDMOE_CHECK(launched, "internal: router weight gradient layout");
+          sum_partials<T>(partials, splits, mut<T>(g.d_gate_weight), E * H, stream);
+        }
+        gemm<T, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, H, E, {dlogits_16, 0, E, 1},
+                          {ptr<T>(w.gate_weight), 0, H, 1}, dx_acc, 0, H, true);
+        router_done = true;
+      }
+    }
+    if (!router_done && g.d_gate_weight.defined()) {
       if (st.router_input_f32)
         gemm<float, float, T>(stream, VaryDim::kNone, nullptr, 1, E, H, Tn, dlogits_t, {st.router_input_f32, 0, H, 1},
                               mut<T>(g.d_gate_weight), 0, H);
@@ -287,7 +341,9 @@ class CudaBackend final : public BackendImpl {
         gemm<float, T, T>(stream, VaryDim::kNone, nullptr, 1, E, H, Tn, dlogits_t, {x, 0, H, 1}, mut<T>(g.d_gate_weight), 0, H);
     }
     if (g.d_gate_bias.defined()) group_column_sums<T, float>(dlogits, nullptr, 1, E, mut<T>(g.d_gate_bias), stream, Tn);
-    if (st.router_input_f32) {
+    if (router_done) {
+      // the router path's dx was accumulated above
+    } else if (st.router_input_f32) {
       float* dxr = s.alloc<float>(Tn * H);
       gemm<float, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, H, E, {dlogits, 0, E, 1}, {ptr<T>(w.gate_weight), 0, H, 1}, dxr, 0, H);
       add_jittered(dxr, dx_acc, Tn, H, c.jitter_eps, fa.seed, fa.token_offset, stream);
@@ -312,21 +368,59 @@ class CudaBackend final : public BackendImpl {
     T* grows = s.alloc<T>(st.rows_max * H);
     gather_rows<T>(dy, r, true, grows, Tn, k, H, stream);
     float* dact = s.alloc<float>(st.rows_max * I);
-    gemm<T, T, float>(stream, VaryDim::kM, r.row_offsets, static_cast<int>(E), st.rows_per_expert_max, I, H,
-                      {grows, 0, H, 1}, {ptr<T>(w.w2), I * H, 1, H}, dact, 0, I);
     T* dpre = s.alloc<T>(st.rows_max * N1);
-    activation_backward<T>(c.ffn, st.pre, dact, dpre, r.row_offsets + E, st.rows_max, I, stream);
-    if (g.d_w2.defined())
-      gemm<T, T, T>(stream, VaryDim::kK, r.row_offsets, static_cast<int>(E), I, H, st.rows_per_expert_max,
-                    {st.act, 0, 1, I}, {grows, 0, H, 1}, mut<T>(g.d_w2), I * H, H);
-    if (g.d_b2.defined()) group_column_sums<T, T>(grows, r.row_offsets, E, H, mut<T>(g.d_b2), stream);
-    if (g.d_w1.defined())
-      gemm<T, T, T>(stream, VaryDim::kK, r.row_offsets, static_cast<int>(E), H, N1, st.rows_per_expert_max,
-                    {st.xperm, 0, 1, H}, {dpre, 0, N1, 1}, mut<T>(g.d_w1), H * N1, N1);
-    if (g.d_b1.defined()) group_column_sums<T, T>(dpre, r.row_offsets, E, N1, mut<T>(g.d_b1), stream);
     T* dxperm = s.alloc<T>(st.rows_max * H);
-    gemm<T, T, T>(stream, VaryDim::kM, r.row_offsets, static_cast<int>(E), st.rows_per_expert_max, H, N1,
-                  {dpre, 0, N1, 1}, {ptr<T>(w.w1), H * N1, 1, N1}, dxperm, 0, H);
+    const bool hopper = use_hopper_engine<T>(c, w) && st.rows_max > 0 && aligned16(g.d_w1.data) &&
+                        aligned16(g.d_w2.data) && !env_flag("FUSEDMOE_NO_HOPPER_BACKWARD");
+    // NOTE: the Hopper wgrad kernel hung on the decode shape (T = 128, k = 8, E = 32, H = 7168:
+    // ~32 rows per expert) on an H100; until that is found it runs only on request.
+    const bool hopper_wgrad = hopper && env_flag("FUSEDMOE_HOPPER_WGRAD");
+    if (hopper) {
+      // dgrad with the weights read K-major (no transposes), wgrad with ragged K per expert.
+      const ElementType et = element_type<T>();
+      run_grouped_gemm(GroupedGemmArgs{.num_groups = static_cast<int>(E), .row_offsets = r.row_offsets,
+                                       .max_total_rows = st.rows_max, .n = I, .k = H, .a = grows, .b = w.w2.data,
+                                       .c = dact, .a_type = et, .c_type = ElementType::kF32, .b_k_major = true},
+                       s, stream);
+      activation_backward<T>(c.ffn, st.pre, dact, dpre, r.row_offsets + E, st.rows_max, I, stream);
+      if (hopper_wgrad) {
+        if (g.d_w2.defined())
+          run_grouped_wgrad(GroupedWgradArgs{.num_groups = static_cast<int>(E), .row_offsets = r.row_offsets,
+                                             .max_total_rows = st.rows_max, .m = I, .n = H, .a = st.act, .b = grows,
+                                             .c = g.d_w2.data, .a_type = et, .c_type = et},
+                            s, stream);
+        if (g.d_w1.defined())
+          run_grouped_wgrad(GroupedWgradArgs{.num_groups = static_cast<int>(E), .row_offsets = r.row_offsets,
+                                             .max_total_rows = st.rows_max, .m = H, .n = N1, .a = st.xperm, .b = dpre,
+                                             .c = g.d_w1.data, .a_type = et, .c_type = et},
+                            s, stream);
+      } else {
+        if (g.d_w2.defined())
+          gemm<T, T, T>(stream, VaryDim::kK, r.row_offsets, static_cast<int>(E), I, H, st.rows_per_expert_max,
+                        {st.act, 0, 1, I}, {grows, 0, H, 1}, mut<T>(g.d_w2), I * H, H);
+        if (g.d_w1.defined())
+          gemm<T, T, T>(stream, VaryDim::kK, r.row_offsets, static_cast<int>(E), H, N1, st.rows_per_expert_max,
+                        {st.xperm, 0, 1, H}, {dpre, 0, N1, 1}, mut<T>(g.d_w1), H * N1, N1);
+      }
+      run_grouped_gemm(GroupedGemmArgs{.num_groups = static_cast<int>(E), .row_offsets = r.row_offsets,
+                                       .max_total_rows = st.rows_max, .n = H, .k = N1, .a = dpre, .b = w.w1.data,
+                                       .c = dxperm, .a_type = et, .c_type = et, .b_k_major = true},
+                       s, stream);
+    } else {
+      gemm<T, T, float>(stream, VaryDim::kM, r.row_offsets, static_cast<int>(E), st.rows_per_expert_max, I, H,
+                        {grows, 0, H, 1}, {ptr<T>(w.w2), I * H, 1, H}, dact, 0, I);
+      activation_backward<T>(c.ffn, st.pre, dact, dpre, r.row_offsets + E, st.rows_max, I, stream);
+      if (g.d_w2.defined())
+        gemm<T, T, T>(stream, VaryDim::kK, r.row_offsets, static_cast<int>(E), I, H, st.rows_per_expert_max,
+                      {st.act, 0, 1, I}, {grows, 0, H, 1}, mut<T>(g.d_w2), I * H, H);
+      if (g.d_w1.defined())
+        gemm<T, T, T>(stream, VaryDim::kK, r.row_offsets, static_cast<int>(E), H, N1, st.rows_per_expert_max,
+                      {st.xperm, 0, 1, H}, {dpre, 0, N1, 1}, mut<T>(g.d_w1), H * N1, N1);
+      gemm<T, T, T>(stream, VaryDim::kM, r.row_offsets, static_cast<int>(E), st.rows_per_expert_max, H, N1,
+                    {dpre, 0, N1, 1}, {ptr<T>(w.w1), H * N1, 1, N1}, dxperm, 0, H);
+    }
+    if (g.d_b2.defined()) group_column_sums<T, T>(grows, r.row_offsets, E, H, mut<T>(g.d_b2), stream);
+    if (g.d_b1.defined()) group_column_sums<T, T>(dpre, r.row_offsets, E, N1, mut<T>(g.d_b1), stream);
 
     // Shared experts.
     if (c.num_shared_experts > 0) {

@@ -24,6 +24,10 @@ struct SimpleGemmParams {
   int64_t c_group = 0, c_sm = 0, c_sn = 0;
   bool accumulate = false;
   const float* row_scale = nullptr;  // indexed by the global row (m_base + m)
+  // Split-K (tensor-core kernel only): k_splits blocks share one output tile, block `split`
+  // sums its slice of K into C + split · c_split (partial outputs, reduced by the caller).
+  int k_splits = 1;
+  int64_t c_split = 0;
 };
 
 namespace detail {
@@ -92,6 +96,7 @@ __global__ void __launch_bounds__(256) simple_gemm_kernel(SimpleGemmParams p) {
 
 template <class TA, class TB, class TC>
 void simple_gemm(const SimpleGemmParams& p, cudaStream_t stream) {
+  FUSEDMOE_CHECK(p.k_splits == 1, "simple_gemm: k_splits = " << p.k_splits << " (split-K runs on the tensor-core kernel only)");
   if (p.n <= 0 || p.num_groups <= 0) return;
   const int64_t m_bound = p.m;
   if (m_bound <= 0) return;

@@ -486,12 +486,26 @@ __global__ void convert_kernel(const float* src, T* dst, int64_t n) {
 }
 
 template <class T>
+__global__ void sum_partials_kernel(const float* partials, int splits, T* dst, int64_t n) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  float acc = 0.f;
+  for (int s = 0; s < splits; ++s) acc += partials[s * n + i];
+  dst[i] = from_f32<T>(acc);
+}
+
+template <class T>
 __global__ void fill_nan_kernel(T* dst, int64_t n) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i < n) dst[i] = from_f32<T>(NAN);
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+__global__ void set_range_kernel(int64_t* offsets, int64_t count) {
+  offsets[0] = 0;
+  offsets[1] = count;
+}
 
 unsigned blocks_for(int64_t n, int64_t per_block) { return static_cast<unsigned>(ceil_div(n > 0 ? n : 1, per_block)); }
 
@@ -642,6 +656,18 @@ void convert(const float* src, T* dst, int64_t n, cudaStream_t stream) {
   FUSEDMOE_LAUNCH_CHECK();
 }
 
+void set_range(int64_t* offsets, int64_t count, cudaStream_t stream) {
+  set_range_kernel<<<1, 1, 0, stream>>>(offsets, count);
+  FUSEDMOE_LAUNCH_CHECK();
+}
+
+template <class T>
+void sum_partials(const float* partials, int splits, T* dst, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  sum_partials_kernel<T><<<blocks_for(n, 256), 256, 0, stream>>>(partials, splits, dst, n);
+  FUSEDMOE_LAUNCH_CHECK();
+}
+
 template <class T>
 void fill_nan(T* dst, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
@@ -660,7 +686,8 @@ void fill_nan(T* dst, int64_t n, cudaStream_t stream) {
   template void group_column_sums<T, T>(const T*, const int64_t*, int64_t, int64_t, T*, cudaStream_t, int64_t); \
   template void add_group_bias<T, T>(T*, const T*, const int64_t*, int64_t, int64_t, int64_t, cudaStream_t); \
   template void convert<T>(const float*, T*, int64_t, cudaStream_t);                                          \
-  template void fill_nan<T>(T*, int64_t, cudaStream_t);
+  template void fill_nan<T>(T*, int64_t, cudaStream_t);                                       \
+  template void sum_partials<T>(const float*, int, T*, int64_t, cudaStream_t);
 
 FUSEDMOE_INSTANTIATE_STAGES(float)
 FUSEDMOE_INSTANTIATE_STAGES(__nv_bfloat16)

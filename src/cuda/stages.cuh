@@ -99,7 +99,12 @@ void add_jittered(const float* a, float* out, int64_t num_tokens, int64_t hidden
                   int64_t token_offset, cudaStream_t stream);
 template <class T>
 void convert(const float* src, T* dst, int64_t n, cudaStream_t stream);
+// dst[i] = Σ_s partials[s · n + i] over `splits` partial results, in order (deterministic).
+template <class T>
+void sum_partials(const float* partials, int splits, T* dst, int64_t n, cudaStream_t stream);
 template <class T>
 void fill_nan(T* dst, int64_t n, cudaStream_t stream);
+// offsets[0] = 0, offsets[1] = count: the row offsets of a single group, on the device.
+void set_range(int64_t* offsets, int64_t count, cudaStream_t stream);
 
 }  // namespace fusedmoe::cuda

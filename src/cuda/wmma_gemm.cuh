@@ -58,10 +58,16 @@ __global__ void __launch_bounds__(256) wmma_gemm_kernel(SimpleGemmParams p, bool
   __shared__ BTile b_tile;
   __shared__ float out_stage[8][16][16 + 4];
 
-  const int g = blockIdx.z;
+  const int g = blockIdx.z / p.k_splits, split = blockIdx.z % p.k_splits;
   int64_t m_base = 0, m_count = p.m, k_base = 0, k_count = p.k;
   if (p.vary == VaryDim::kM) { m_base = p.offsets[g]; m_count = p.offsets[g + 1] - m_base; }
   if (p.vary == VaryDim::kK) { k_base = p.offsets[g]; k_count = p.offsets[g + 1] - k_base; }
+  if (p.k_splits > 1) {  // this block's slice of K (whole tiles)
+    const int64_t chunk = (k_count + static_cast<int64_t>(p.k_splits) * kWmmaBK - 1) / (static_cast<int64_t>(p.k_splits) * kWmmaBK) * kWmmaBK;
+    const int64_t begin = static_cast<int64_t>(split) * chunk;
+    k_base += begin < k_count ? begin : k_count;
+    k_count = begin < k_count ? (k_count - begin < chunk ? k_count - begin : chunk) : 0;
+  }
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kWmmaBM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kWmmaBN;
   if (m0 >= m_count || n0 >= p.n) return;
@@ -124,7 +130,7 @@ __global__ void __launch_bounds__(256) wmma_gemm_kernel(SimpleGemmParams p, bool
   }
 
   // Epilogue: each 16 x 16 fragment through a per-warp staging tile, bounds-checked.
-  TC* c = static_cast<TC*>(p.c) + g * p.c_group;
+  TC* c = static_cast<TC*>(p.c) + g * p.c_group + split * p.c_split;
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int i = 0; i < 4; ++i)
@@ -167,7 +173,7 @@ bool wmma_gemm(const SimpleGemmParams& p, cudaStream_t stream) {
   const bool vector_b = detail::aligned16(p.b) && b_outer % kVec == 0 && p.b_group % kVec == 0 &&
                         !(p.vary == VaryDim::kK && b_k);
   dim3 grid(static_cast<unsigned>(ceil_div(p.n, detail::kWmmaBN)), static_cast<unsigned>(ceil_div(p.m, detail::kWmmaBM)),
-            static_cast<unsigned>(p.num_groups));
+            static_cast<unsigned>(p.num_groups * p.k_splits));
   FUSEDMOE_CHECK(grid.y <= 65535u && grid.z <= 65535u, "wmma_gemm: grid " << grid.y << " x " << grid.z << " too large");
 #define FUSEDMOE_WMMA_LAUNCH(AK, BN) \
   detail::wmma_gemm_kernel<T, TC, AK, BN><<<grid, 256, 0, stream>>>(p, vector_a, vector_b)

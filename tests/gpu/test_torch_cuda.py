@@ -36,8 +36,8 @@ def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-# fp32 runs the expert GEMMs in TF32 by default (about 1e-3 over two GEMMs).
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 4e-2), (torch.float16, 4e-2)])
+# fp32 runs the expert GEMMs in TF32 by default: ~1e-3 per GEMM, and dx chains four of them.
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-2), (torch.bfloat16, 4e-2), (torch.float16, 4e-2)])
 @pytest.mark.parametrize("gate,ffn", [("softmax", "swiglu"), ("sigmoid", "gelu"), ("gshard", "geglu"), ("switch", "relu")])
 def test_cuda_op_matches_cpu_fp64(dtype, tol, gate, ffn):
     layer = make_layer(gate=gate, ffn=ffn, top_k=1 if gate == "switch" else 2, gate_bias=True, expert_bias=True)

@@ -5,6 +5,11 @@
 // B. The per-expert row counts are read ON THE DEVICE (row_offsets is a device array), so a call
 // needs no host synchronisation and can be captured in a CUDA graph.
 //
+// Backward (dgrad): with b_k_major = true, B is stored [num_groups, n, k] (k contiguous) and
+// C_g = epilogue(A_g · B_gᵀ): dX = dY · Wᵀ without materialising a transpose.
+// Backward (wgrad, varying K): grouped_gemm_wgrad computes C_g = A_gᵀ · B_g over the rows of
+// each group (see GroupedWgradArgs).
+//
 // Implementations:
 //   grouped_gemm            Hopper (sm_90a) kernel: CuTe wgmma + TMA, warp-specialised
 //                           producer/consumer pipeline, persistent tile scheduler
@@ -41,9 +46,11 @@ struct GroupedGemmArgs {
                                        // pre_activation. A holds row_offsets[num_groups] rows.
   int64_t max_total_rows = 0;          // host upper bound of row_offsets[num_groups] (sizes the
                                        // grid; may exceed the real total)
-  int64_t n = 0, k = 0;                // B is [num_groups, k, n] row-major (n contiguous)
+  int64_t n = 0, k = 0;                // B is [num_groups, k, n] row-major (n contiguous), or
+                                       // [num_groups, n, k] (k contiguous) with b_k_major
   const void* a = nullptr;             // [rows, k] row-major, a_type (kBF16 or kF16), 16-B aligned
-  const void* b = nullptr;             // [num_groups, k, n], a_type, 16-B aligned
+  const void* b = nullptr;             // [num_groups, k, n] (or [num_groups, n, k] with
+                                       // b_k_major), a_type, 16-B aligned
   void* c = nullptr;                   // [rows, n_out] row-major, c_type, 16-B aligned;
                                        // n_out = n (non-gated) or n/2 (gated)
   ElementType a_type = ElementType::kBF16;
@@ -56,6 +63,9 @@ struct GroupedGemmArgs {
   void* pre_activation = nullptr;      // optional [rows, n], c_type: the raw GEMM result before
                                        // the epilogue (both halves for gated epilogues, at their
                                        // original column positions)
+  bool b_k_major = false;              // B stored [num_groups, n, k] (k contiguous) and the
+                                       // product uses B_gᵀ: C_g = A_g · B_gᵀ (dgrad). Not
+                                       // with the gated epilogues.
 };
 
 // Largest num_groups the Hopper kernel accepts (per-group tables live in shared memory).
@@ -77,5 +87,41 @@ void grouped_gemm_reference(const GroupedGemmArgs& args, cudaStream_t stream);
 
 // Shared argument validation (throws std::runtime_error with a clear message).
 void validate_grouped_gemm_args(const GroupedGemmArgs& args, const char* caller);
+
+// ---------------------------------------------------------------------------------------------
+// Weight gradient (varying K): for every group g with rows [row_offsets[g], row_offsets[g+1]),
+//   C_g[i, j] = sum over rows r of g of A[r, i] * B[r, j]          (C_g = A_gᵀ · B_g)
+// e.g. dW2[e] = act_eᵀ · dy_e (m = I, n = H) and dW1[e] = x_eᵀ · dpre_e (m = H, n = 2I).
+// Groups with no rows get C_g = 0 (accumulate: C_g unchanged). Row counts are read on the
+// device: no host synchronisation, CUDA-graph capturable.
+struct GroupedWgradArgs {
+  int num_groups = 0;                   // 1 ..= kMaxGroups
+  const int64_t* row_offsets = nullptr; // DEVICE [num_groups + 1], non-decreasing, >= 0
+  int64_t max_total_rows = 0;           // host upper bound of row_offsets[num_groups] (A and B
+                                        // hold at least row_offsets[num_groups] rows)
+  int64_t m = 0, n = 0;                 // C_g is m x n
+  const void* a = nullptr;              // [rows, m] row-major, a_type, 16-B aligned
+  const void* b = nullptr;              // [rows, n] row-major, a_type, 16-B aligned
+  void* c = nullptr;                    // [num_groups, m, n] row-major, c_type, 16-B aligned
+  ElementType a_type = ElementType::kBF16;  // kBF16 or kF16 (A and B)
+  ElementType c_type = ElementType::kBF16;  // kBF16, kF16 or kF32
+  bool accumulate = false;              // c_type must be kF32: C += result
+};
+
+// Bytes of device workspace grouped_gemm_wgrad needs (currently 0; pass any pointer, or null
+// when 0). Reserved for split-K over rows.
+size_t grouped_gemm_wgrad_workspace_size(const GroupedWgradArgs& args);
+
+// Hopper (sm_90a) wgrad. Preconditions (checked, std::runtime_error naming the argument):
+// m % 8 == 0, n % 8 == 0, m, n > 0, a/b/c 16-B aligned, accumulate only with c_type kF32,
+// a_type kBF16 or kF16, max_total_rows < 2^31, the current device is sm_90. Rows outside a
+// group that share its first/last 64-row block are read and multiplied by zero in shared
+// memory (so other groups' values never leak in). Asynchronous on `stream`.
+void grouped_gemm_wgrad(const GroupedWgradArgs& args, void* workspace, cudaStream_t stream);
+
+// Reference: same contract, CUDA cores, fp32 accumulation in sequential row order. For tests.
+void grouped_gemm_wgrad_reference(const GroupedWgradArgs& args, cudaStream_t stream);
+
+void validate_grouped_wgrad_args(const GroupedWgradArgs& args, const char* caller);
 
 }  // namespace fusedmoe::cuda

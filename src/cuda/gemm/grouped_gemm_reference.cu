@@ -53,11 +53,15 @@ __global__ void reference_kernel(GroupedGemmArgs args) {
     const int g = find_group(args.row_offsets, args.num_groups, row);
     const TIn* a_row = a + row * args.k;
     const TIn* b_g = b + int64_t(g) * args.k * args.n;
+    // B element (kk, j): b_g[kk * n + j], or b_g[j * k + kk] when B is stored K-major.
+    const int64_t b_stride_k = args.b_k_major ? 1 : args.n;
+    const int64_t b_stride_n = args.b_k_major ? args.k : 1;
     float acc0 = 0.0f, acc1 = 0.0f;  // acc1: up half (gated)
     for (int64_t kk = 0; kk < args.k; ++kk) {
       const float av = epilogue_math::to_float(a_row[kk]);
-      acc0 += av * epilogue_math::to_float(b_g[kk * args.n + col]);
-      if (gated) acc1 += av * epilogue_math::to_float(b_g[kk * args.n + n_out + col]);
+      acc0 += av * epilogue_math::to_float(b_g[kk * b_stride_k + col * b_stride_n]);
+      if (gated)
+        acc1 += av * epilogue_math::to_float(b_g[kk * b_stride_k + (n_out + col) * b_stride_n]);
     }
     float out;
     if (gated) {
@@ -96,6 +100,44 @@ void launch_reference(const GroupedGemmArgs& args, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "grouped_gemm_reference", "kernel launch");
 }
 
+// One thread per output element (g, i, j): rows of the group in sequential order.
+template <class TIn, class TOut>
+__global__ void wgrad_reference_kernel(GroupedWgradArgs args) {
+  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t i = blockIdx.y;
+  const int g = blockIdx.z;
+  if (j >= args.n) return;
+  const auto* a = static_cast<const TIn*>(args.a);
+  const auto* b = static_cast<const TIn*>(args.b);
+  auto* c = static_cast<TOut*>(args.c);
+  float acc = 0.0f;
+  for (int64_t r = args.row_offsets[g]; r < args.row_offsets[g + 1]; ++r)
+    acc += epilogue_math::to_float(a[r * args.m + i]) * epilogue_math::to_float(b[r * args.n + j]);
+  TOut* dst = c + (int64_t(g) * args.m + i) * args.n + j;
+  if (args.accumulate) acc += epilogue_math::to_float(*dst);
+  *dst = epilogue_math::from_float<TOut>(acc);
+}
+
+template <class TIn>
+void launch_wgrad_reference(const GroupedWgradArgs& args, cudaStream_t stream) {
+  if (args.m > 65535) fail("grouped_gemm_wgrad_reference", "m > 65535 (grid.y limit)");
+  const int threads = 128;
+  dim3 grid(unsigned((args.n + threads - 1) / threads), unsigned(args.m),
+            unsigned(args.num_groups));
+  switch (args.c_type) {
+    case ElementType::kBF16:
+      wgrad_reference_kernel<TIn, __nv_bfloat16><<<grid, threads, 0, stream>>>(args);
+      break;
+    case ElementType::kF16:
+      wgrad_reference_kernel<TIn, __half><<<grid, threads, 0, stream>>>(args);
+      break;
+    case ElementType::kF32:
+      wgrad_reference_kernel<TIn, float><<<grid, threads, 0, stream>>>(args);
+      break;
+  }
+  check_cuda(cudaGetLastError(), "grouped_gemm_wgrad_reference", "kernel launch");
+}
+
 }  // namespace
 
 void validate_grouped_gemm_args(const GroupedGemmArgs& args, const char* caller) {
@@ -130,6 +172,47 @@ void validate_grouped_gemm_args(const GroupedGemmArgs& args, const char* caller)
     fail(caller, "pre_activation must be 8-byte aligned");
   if (args.accumulate && args.c_type != ElementType::kF32)
     fail(caller, "accumulate = true requires c_type = kF32");
+  if (args.b_k_major && gated)
+    fail(caller, "b_k_major = true is not supported with the gated epilogues (kSwiGlu, kGeGlu)");
+}
+
+void validate_grouped_wgrad_args(const GroupedWgradArgs& args, const char* caller) {
+  auto misaligned = [](const void* p, uintptr_t alignment) {
+    return (reinterpret_cast<uintptr_t>(p) % alignment) != 0;
+  };
+  if (args.num_groups < 1 || args.num_groups > kMaxGroups)
+    fail(caller, "num_groups = " + std::to_string(args.num_groups) + ", expected 1.." +
+                     std::to_string(kMaxGroups));
+  if (args.row_offsets == nullptr) fail(caller, "row_offsets is null (expected a device array)");
+  if (args.max_total_rows < 0 || args.max_total_rows > (int64_t(1) << 31) - 256)
+    fail(caller, "max_total_rows = " + std::to_string(args.max_total_rows) +
+                     ", expected 0 .. 2^31 - 256");
+  if (args.m <= 0 || args.m % 8 != 0)
+    fail(caller, "m = " + std::to_string(args.m) + ", expected a positive multiple of 8");
+  if (args.n <= 0 || args.n % 8 != 0)
+    fail(caller, "n = " + std::to_string(args.n) + ", expected a positive multiple of 8");
+  if (args.m > (int64_t(1) << 30) || args.n > (int64_t(1) << 30))
+    fail(caller, "m or n larger than 2^30");
+  if (int64_t(args.num_groups) * args.m > (int64_t(1) << 31) - 1 ||
+      (args.m + 127) / 128 * ((args.n + 255) / 256) * args.num_groups > (int64_t(1) << 31) - 1)
+    fail(caller, "num_groups * m too large (tile indices must fit in int32)");
+  if (args.a_type != ElementType::kBF16 && args.a_type != ElementType::kF16)
+    fail(caller, "a_type must be kBF16 or kF16");
+  if (args.a == nullptr || args.b == nullptr || args.c == nullptr)
+    fail(caller, "a, b and c must be non-null device pointers");
+  if (misaligned(args.a, 16) || misaligned(args.b, 16))
+    fail(caller, "a and b must be 16-byte aligned (TMA)");
+  if (misaligned(args.c, 16)) fail(caller, "c must be 16-byte aligned (16-B vector stores)");
+  if (args.accumulate && args.c_type != ElementType::kF32)
+    fail(caller, "accumulate = true requires c_type = kF32");
+}
+
+void grouped_gemm_wgrad_reference(const GroupedWgradArgs& args, cudaStream_t stream) {
+  validate_grouped_wgrad_args(args, "grouped_gemm_wgrad_reference");
+  if (args.a_type == ElementType::kBF16)
+    launch_wgrad_reference<__nv_bfloat16>(args, stream);
+  else
+    launch_wgrad_reference<__half>(args, stream);
 }
 
 void grouped_gemm_reference(const GroupedGemmArgs& args, cudaStream_t stream) {

@@ -1,12 +1,15 @@
-// fusedmoe — host launcher of the Hopper grouped GEMM (kernel in grouped_gemm_sm90.cuh).
-// Instantiations: {bf16, fp16} x {non-gated, gated}; the activation and output type are
-// runtime arguments of the epilogue.
+// fusedmoe — host launchers of the Hopper grouped GEMMs (kernels in grouped_gemm_sm90.cuh and
+// grouped_gemm_wgrad_sm90.cuh).
+// Instantiations: forward {bf16, fp16} x {non-gated, gated}; dgrad (B K-major) {bf16, fp16}
+// non-gated; wgrad {bf16, fp16}. The activation and output type are runtime arguments of the
+// epilogue.
 #include <algorithm>
 #include <sstream>
 #include <stdexcept>
 
 #include "grouped_gemm.hpp"
 #include "grouped_gemm_sm90.cuh"
+#include "grouped_gemm_wgrad_sm90.cuh"
 
 namespace fusedmoe::cuda {
 namespace {
@@ -45,9 +48,9 @@ void check_device_is_sm90() {
   }
 }
 
-template <class ElementAB, bool kGated>
+template <class ElementAB, bool kGated, sm90::Operands kOperands = sm90::Operands::kForward>
 void launch(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream) {
-  using Cfg = sm90::Config<ElementAB, kGated>;
+  using Cfg = sm90::Config<ElementAB, kGated, kOperands>;
   using Params = sm90::Params<Cfg>;
 
   const int n = int(args.n), k = int(args.k);
@@ -93,7 +96,63 @@ void launch(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "kernel launch");
 }
 
+template <class ElementAB>
+void launch_wgrad(const GroupedWgradArgs& args, cudaStream_t stream) {
+  using Cfg = sm90::Config<ElementAB, false, sm90::Operands::kWgrad>;
+  const int m = int(args.m), n = int(args.n);
+  const int rows_bound = int(std::max<int64_t>(args.max_total_rows, 1));
+  const int m_tiles = (m + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  const int n_tiles = (n + Cfg::kBlockN - 1) / Cfg::kBlockN;
+  const int64_t total_tiles = int64_t(args.num_groups) * m_tiles * n_tiles;
+  const int grid = int(std::max<int64_t>(1, std::min<int64_t>(current_sm_count(), total_tiles)));
+  const auto* a = static_cast<const ElementAB*>(args.a);
+  const auto* b = static_cast<const ElementAB*>(args.b);
+  sm90::WgradParams<Cfg> params{
+      .base = {
+          .tma_a = Cfg::make_tma_a(a, m, rows_bound),       // (m, rows), m contiguous
+          .tma_b = Cfg::make_tma_b(b, n, rows_bound, 1),    // (n, rows, 1), n contiguous
+          .a = a,
+          .row_offsets = args.row_offsets,
+          .num_groups = args.num_groups,
+          .n = n,
+          .k = rows_bound,
+          .n_out = n,
+          .n_tiles = n_tiles,
+          .k_tiles = 0,  // per tile
+          .up_column_offset = Cfg::kHalfN,
+          .tensormap_workspace = nullptr,
+          .epilogue = Epilogue::kIdentity,
+          .c_type = args.c_type,
+          .c = args.c,
+          .pre_activation = nullptr,
+          .row_scale = nullptr,
+          .accumulate = args.accumulate,
+      },
+      .m = m,
+      .rows_bound = rows_bound,
+      .m_tiles = m_tiles,
+      .n_tiles = n_tiles,
+  };
+  const size_t smem_bytes =
+      sizeof(sm90::SharedStorage<Cfg>) + sm90::wgrad_table_bytes(args.num_groups);
+  auto* kernel = &sm90::grouped_wgrad_kernel<Cfg>;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  int(smem_bytes)),
+             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  kernel<<<grid, Cfg::kNumThreads, smem_bytes, stream>>>(params);
+  check_cuda(cudaGetLastError(), "wgrad kernel launch");
+}
+
 }  // namespace
+
+size_t grouped_gemm_wgrad_workspace_size(const GroupedWgradArgs& /*args*/) { return 0; }
+
+void grouped_gemm_wgrad(const GroupedWgradArgs& args, void* /*workspace*/, cudaStream_t stream) {
+  validate_grouped_wgrad_args(args, "grouped_gemm_wgrad");
+  check_device_is_sm90();
+  if (args.a_type == ElementType::kBF16) launch_wgrad<cute::bfloat16_t>(args, stream);
+  else launch_wgrad<cute::half_t>(args, stream);
+}
 
 size_t grouped_gemm_workspace_size(const GroupedGemmArgs& /*args*/) {
   return size_t(current_sm_count()) * sizeof(cute::TmaDescriptor);
@@ -109,6 +168,12 @@ void grouped_gemm(const GroupedGemmArgs& args, void* workspace, cudaStream_t str
   check_device_is_sm90();
   if (args.max_total_rows == 0) return;
   const bool gated = is_gated(args.epilogue);
+  constexpr auto kDgrad = sm90::Operands::kDgrad;
+  if (args.b_k_major) {  // validation rejects gated epilogues here
+    if (args.a_type == ElementType::kBF16) launch<cute::bfloat16_t, false, kDgrad>(args, workspace, stream);
+    else launch<cute::half_t, false, kDgrad>(args, workspace, stream);
+    return;
+  }
   if (args.a_type == ElementType::kBF16) {
     if (gated) launch<cute::bfloat16_t, true>(args, workspace, stream);
     else launch<cute::bfloat16_t, false>(args, workspace, stream);

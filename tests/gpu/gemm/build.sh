@@ -19,6 +19,7 @@ flags=(-std=c++20 -gencode=arch=compute_90a,code=sm_90a -DNDEBUG --expt-relaxed-
 for src in grouped_gemm_sm90 grouped_gemm_reference; do
   if [[ ! -f "$out/$src.o" || "$root/src/cuda/gemm/$src.cu" -nt "$out/$src.o" ||
         "$root/src/cuda/gemm/grouped_gemm_sm90.cuh" -nt "$out/$src.o" ||
+        "$root/src/cuda/gemm/grouped_gemm_wgrad_sm90.cuh" -nt "$out/$src.o" ||
         "$root/src/cuda/gemm/grouped_gemm.hpp" -nt "$out/$src.o" ||
         "$root/src/cuda/gemm/epilogue_math.cuh" -nt "$out/$src.o" ]]; then
     echo "nvcc $src.cu"

@@ -10,9 +10,16 @@
 //     at 0, an upper bound larger than the real total), small N and K, K not a multiple of 64.
 //     Rows outside the groups must stay poisoned. Plus: bit-identical reruns, CUDA-graph replay
 //     after changing the row counts on the device, and bad arguments throwing.
+//     dgrad (b_k_major: B stored [groups, n, k]) on the same shapes, non-gated epilogues,
+//     bf16/f16/f32 outputs. wgrad (grouped_gemm_wgrad, C_g = A_gᵀ B_g over each group's rows)
+//     against grouped_gemm_wgrad_reference: group sizes 0, 1, 63, 64, 65, 127..129, primes,
+//     all rows in one group, all empty, NaN rows before row_offsets[0] (must not leak), M/N
+//     not multiples of the tile, bf16/f16 in, bf16/f16/f32 out, accumulate; graph replay.
 // (2) Benchmark (paper-64: 64 experts x 512 rows): GEMM0 K=2048 N=4096 SwiGLU -> 2048 wide,
 //     GEMM1 K=2048 N=2048 identity, bf16; CUDA events, warm-up, median of 30 runs, TFLOP/s with
 //     FLOPs = 2 * rows * K * N. Compare with tests/gpu/gemm/bench_torch.py in the same run.
+//     Backward: dgrad of GEMM1 (K=2048, N=2048) and GEMM0 (K=4096, N=2048) with B K-major;
+//     wgrad dW2 (M=2048, N=2048) and dW1 (M=2048, N=4096) over 512 rows per group.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -119,6 +126,7 @@ struct Case {
   bool row_scale = false;
   bool accumulate = false;
   bool pre_activation = false;
+  bool b_k_major = false;  // dgrad: B stored [groups, n, k]
 };
 
 struct Stats {
@@ -176,6 +184,7 @@ struct Problem {
     g.row_scale = cs.row_scale ? static_cast<const float*>(scale->ptr) : nullptr;
     g.accumulate = cs.accumulate;
     g.pre_activation = cs.pre_activation ? pre : nullptr;
+    g.b_k_major = cs.b_k_major;
     return g;
   }
 };
@@ -259,14 +268,15 @@ bool report(const std::string& name, const char* what, const Stats& s, double to
 
 std::string case_name(const Case& cs) {
   char buf[256];
-  std::snprintf(buf, sizeof buf, "%s n=%lld k=%lld %s->%s %s%s%s%s", cs.shape_name.c_str(),
+  std::snprintf(buf, sizeof buf, "%s%s n=%lld k=%lld %s->%s %s%s%s%s",
+                cs.b_k_major ? "dgrad " : "", cs.shape_name.c_str(),
                 (long long)cs.n, (long long)cs.k, name_of(cs.ab), name_of(cs.c),
                 name_of(cs.epilogue), cs.row_scale ? " scale" : "", cs.accumulate ? " acc" : "",
                 cs.pre_activation ? " pre" : "");
   return buf;
 }
 
-void run_case(const Case& cs, std::mt19937_64& rng, bool verbose) {
+void run_case_impl(const Case& cs, std::mt19937_64& rng, bool verbose) {
   ++g_cases;
   auto p = make_problem(cs, rng);
   reset_outputs(*p);
@@ -301,6 +311,20 @@ void run_case(const Case& cs, std::mt19937_64& rng, bool verbose) {
     std::printf("%s %-58s rel(C)=%.2e max_abs=%.2e%s\n", ok ? "ok  " : "FAIL", name.c_str(),
                 sc.rel, sc.max_abs,
                 cs.pre_activation ? (" rel(pre)=" + std::to_string(sp.rel)).c_str() : "");
+}
+
+// An unexpected exception fails the case and the run goes on.
+template <class C, class F>
+void guarded(const C& cs, const std::string& name, F&& body) {
+  try {
+    body();
+  } catch (const std::exception& e) {
+    ++g_failures;
+    std::printf("FAIL %-58s threw: %s\n", name.c_str(), e.what());
+  }
+}
+void run_case(const Case& cs, std::mt19937_64& rng, bool verbose) {
+  guarded(cs, case_name(cs), [&] { run_case_impl(cs, rng, verbose); });
 }
 
 // CUDA graph: capture once, change the row counts on the device, replay: the replay must use
@@ -362,6 +386,8 @@ void run_bad_args_test() {
       {"f32 inputs", [](GroupedGemmArgs& g) { g.a_type = ElementType::kF32; }},
       {"null row_offsets", [](GroupedGemmArgs& g) { g.row_offsets = nullptr; }},
       {"misaligned a", [](GroupedGemmArgs& g) { g.a = static_cast<const char*>(g.a) + 2; }},
+      {"b_k_major with a gated epilogue",
+       [](GroupedGemmArgs& g) { g.b_k_major = true; g.n = 64; g.epilogue = Epilogue::kSwiGlu; }},
   };
   for (auto& b : bad) {
     ++g_cases;
@@ -382,13 +408,213 @@ void run_bad_args_test() {
 }
 
 // ------------------------------------------------------------------------------------------
+// wgrad (varying K): C_g = A_gᵀ · B_g over the rows of each group
+// ------------------------------------------------------------------------------------------
+struct WgradCase {
+  std::string shape_name;
+  std::vector<int64_t> counts;  // rows per group
+  int64_t row_base = 0;         // row_offsets[0]; rows [0, row_base) of A and B hold NaN
+  int64_t extra_rows = 0;       // max_total_rows - real total
+  int64_t m = 0, n = 0;
+  ElementType ab = ElementType::kBF16;
+  ElementType c = ElementType::kBF16;
+  bool accumulate = false;
+};
+
+struct WgradProblem {
+  WgradCase cs;
+  int64_t total = 0;
+  std::vector<int64_t> offsets;
+  std::unique_ptr<DeviceBuffer> a, b, offs, c_fast, c_ref;
+  std::vector<uint8_t> c_init;
+
+  GroupedWgradArgs args(void* c) const {
+    GroupedWgradArgs g;
+    g.num_groups = int(cs.counts.size());
+    g.row_offsets = static_cast<const int64_t*>(offs->ptr);
+    g.max_total_rows = total + cs.extra_rows;
+    g.m = cs.m;
+    g.n = cs.n;
+    g.a = a->ptr;
+    g.b = b->ptr;
+    g.c = c;
+    g.a_type = cs.ab;
+    g.c_type = cs.c;
+    g.accumulate = cs.accumulate;
+    return g;
+  }
+  int64_t c_elems() const { return int64_t(cs.counts.size()) * cs.m * cs.n; }
+};
+
+std::unique_ptr<WgradProblem> make_wgrad_problem(const WgradCase& cs, std::mt19937_64& rng) {
+  auto p = std::make_unique<WgradProblem>();
+  p->cs = cs;
+  p->offsets.push_back(cs.row_base);
+  for (int64_t c : cs.counts) p->offsets.push_back(p->offsets.back() + c);
+  p->total = p->offsets.back();
+  uint64_t state = rng();
+  auto uni = [&state]() {
+    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return float(int64_t(z >> 40) - (int64_t(1) << 23)) * (1.0f / float(1 << 23));
+  };
+  // A and B hold exactly `total` rows (the kernel must not read past them); rows before
+  // row_base are NaN: a value of them that leaked into any group would poison it.
+  std::vector<float> a(size_t(p->total * cs.m)), b(size_t(p->total * cs.n));
+  for (auto& x : a) x = uni();
+  for (auto& x : b) x = uni();
+  for (int64_t i = 0; i < cs.row_base * cs.m; ++i) a[size_t(i)] = NAN;
+  for (int64_t i = 0; i < cs.row_base * cs.n; ++i) b[size_t(i)] = NAN;
+  auto a_bytes = to_bytes(a, cs.ab), b_bytes = to_bytes(b, cs.ab);
+  p->a = std::make_unique<DeviceBuffer>(a_bytes.size());
+  p->a->upload(a_bytes.data(), a_bytes.size());
+  p->b = std::make_unique<DeviceBuffer>(b_bytes.size());
+  p->b->upload(b_bytes.data(), b_bytes.size());
+  p->offs = std::make_unique<DeviceBuffer>(p->offsets.size() * 8);
+  p->offs->upload(p->offsets.data(), p->offsets.size() * 8);
+  const size_t c_bytes = size_t(p->c_elems()) * size_of(cs.c);
+  p->c_fast = std::make_unique<DeviceBuffer>(c_bytes);
+  p->c_ref = std::make_unique<DeviceBuffer>(c_bytes);
+  if (cs.accumulate) {
+    std::vector<float> init(size_t(p->c_elems()));
+    for (auto& x : init) x = uni();
+    p->c_init = to_bytes(init, cs.c);
+  }
+  return p;
+}
+
+void reset_wgrad_outputs(WgradProblem& p) {
+  p.c_fast->poison();
+  p.c_ref->poison();
+  if (p.cs.accumulate) {
+    p.c_fast->upload(p.c_init.data(), p.c_init.size());
+    p.c_ref->upload(p.c_init.data(), p.c_init.size());
+  }
+}
+
+std::string wgrad_case_name(const WgradCase& cs) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "wgrad %s m=%lld n=%lld %s->%s%s", cs.shape_name.c_str(),
+                (long long)cs.m, (long long)cs.n, name_of(cs.ab), name_of(cs.c),
+                cs.accumulate ? " acc" : "");
+  return buf;
+}
+
+void run_wgrad_case_impl(const WgradCase& cs, std::mt19937_64& rng, bool verbose) {
+  ++g_cases;
+  auto p = make_wgrad_problem(cs, rng);
+  reset_wgrad_outputs(*p);
+  grouped_gemm_wgrad(p->args(p->c_fast->ptr), nullptr, nullptr);
+  grouped_gemm_wgrad_reference(p->args(p->c_ref->ptr), nullptr);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const std::string name = wgrad_case_name(cs);
+  auto c_fast = p->c_fast->download();
+  // Every element of C is owned (empty groups: zeros, or the initial C when accumulating).
+  Stats sc = compare(c_fast, p->c_ref->download(), cs.c, p->c_elems() / cs.n, cs.n, 0,
+                     p->c_elems() / cs.n);
+  bool ok = report(name, "C", sc, 1e-2);
+  if (!cs.accumulate) {
+    p->c_fast->poison();
+    grouped_gemm_wgrad(p->args(p->c_fast->ptr), nullptr, nullptr);
+    CHECK_CUDA(cudaDeviceSynchronize());
+    if (p->c_fast->download() != c_fast) {
+      ++g_failures;
+      ok = false;
+      std::printf("FAIL %-58s rerun differs\n", name.c_str());
+    }
+  }
+  if (verbose || !ok)
+    std::printf("%s %-58s rel(C)=%.2e max_abs=%.2e\n", ok ? "ok  " : "FAIL", name.c_str(), sc.rel,
+                sc.max_abs);
+}
+
+void run_wgrad_case(const WgradCase& cs, std::mt19937_64& rng, bool verbose) {
+  guarded(cs, wgrad_case_name(cs), [&] { run_wgrad_case_impl(cs, rng, verbose); });
+}
+
+// Graph capture of wgrad, then new row counts on the device, then replay.
+void run_wgrad_graph_test(std::mt19937_64& rng) {
+  ++g_cases;
+  WgradCase cs{.shape_name = "graph", .counts = {100, 0, 200}, .extra_rows = 0, .m = 136,
+               .n = 264};
+  auto p = make_wgrad_problem(cs, rng);
+  reset_wgrad_outputs(*p);
+  cudaStream_t stream;
+  CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  grouped_gemm_wgrad(p->args(p->c_fast->ptr), nullptr, stream);
+  CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
+  CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  std::vector<int64_t> new_offsets = {0, 0, 299, 300};  // {0, 299, 1}
+  CHECK_CUDA(cudaMemcpy(p->offs->ptr, new_offsets.data(), new_offsets.size() * 8,
+                        cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaGraphLaunch(exec, stream));
+  CHECK_CUDA(cudaStreamSynchronize(stream));
+  grouped_gemm_wgrad_reference(p->args(p->c_ref->ptr), stream);
+  CHECK_CUDA(cudaStreamSynchronize(stream));
+  Stats s = compare(p->c_fast->download(), p->c_ref->download(), cs.c, p->c_elems() / cs.n,
+                    cs.n, 0, p->c_elems() / cs.n);
+  const bool ok = report("wgrad graph replay with new device row counts", "C", s, 1e-2);
+  std::printf("%s wgrad graph replay with new device row counts rel=%.2e\n", ok ? "ok  " : "FAIL",
+              s.rel);
+  CHECK_CUDA(cudaGraphExecDestroy(exec));
+  CHECK_CUDA(cudaGraphDestroy(graph));
+  CHECK_CUDA(cudaStreamDestroy(stream));
+}
+
+void run_wgrad_bad_args_test() {
+  DeviceBuffer dummy(1 << 16);
+  auto base = [&] {
+    GroupedWgradArgs g;
+    g.num_groups = 2;
+    g.row_offsets = static_cast<const int64_t*>(dummy.ptr);
+    g.max_total_rows = 16;
+    g.m = 64;
+    g.n = 64;
+    g.a = g.b = g.c = dummy.ptr;
+    return g;
+  };
+  struct Bad { const char* what; std::function<void(GroupedWgradArgs&)> edit; };
+  std::vector<Bad> bad = {
+      {"m not a multiple of 8", [](GroupedWgradArgs& g) { g.m = 100; }},
+      {"n = 0", [](GroupedWgradArgs& g) { g.n = 0; }},
+      {"num_groups = 0", [](GroupedWgradArgs& g) { g.num_groups = 0; }},
+      {"accumulate with bf16 C", [](GroupedWgradArgs& g) { g.accumulate = true; }},
+      {"f32 inputs", [](GroupedWgradArgs& g) { g.a_type = ElementType::kF32; }},
+      {"null row_offsets", [](GroupedWgradArgs& g) { g.row_offsets = nullptr; }},
+      {"misaligned b", [](GroupedWgradArgs& g) { g.b = static_cast<const char*>(g.b) + 2; }},
+  };
+  for (auto& b : bad) {
+    ++g_cases;
+    auto g = base();
+    b.edit(g);
+    bool threw = false;
+    try {
+      grouped_gemm_wgrad(g, nullptr, nullptr);
+    } catch (const std::runtime_error& e) {
+      threw = true;
+      std::printf("ok   wgrad bad args (%s): %s\n", b.what, e.what());
+    }
+    if (!threw) {
+      ++g_failures;
+      std::printf("FAIL wgrad bad args (%s): no exception\n", b.what);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
 // Benchmark
 // ------------------------------------------------------------------------------------------
 struct BenchResult { double ms, tflops, rel; };
 
 BenchResult bench(const char* name, std::vector<int64_t> counts, int64_t n, int64_t k,
-                  Epilogue epi, std::mt19937_64& rng, FILE* results) {
-  Case cs{.shape_name = name, .counts = std::move(counts), .n = n, .k = k, .epilogue = epi};
+                  Epilogue epi, std::mt19937_64& rng, FILE* results, bool b_k_major = false) {
+  Case cs{.shape_name = name, .counts = std::move(counts), .n = n, .k = k, .epilogue = epi,
+          .b_k_major = b_k_major};
   auto p = make_problem(cs, rng);
   reset_outputs(*p);
   auto args = p->args(p->c_fast->ptr, nullptr);
@@ -417,20 +643,65 @@ BenchResult bench(const char* name, std::vector<int64_t> counts, int64_t n, int6
   const double med = ms[iters / 2];
   const double flops = 2.0 * double(p->total) * double(k) * double(n);
   BenchResult r{med, flops / (med * 1e-3) / 1e12, s.rel};
-  std::printf("BENCH %-28s rows=%lld K=%lld N=%lld %-8s median %.4f ms (min %.4f max %.4f) "
+  std::printf("BENCH %-28s rows=%lld K=%lld N=%lld %-8s%s median %.4f ms (min %.4f max %.4f) "
               "%.1f TFLOP/s  rel=%.2e\n",
-              name, (long long)p->total, (long long)k, (long long)n, name_of(epi), med, ms[0],
+              name, (long long)p->total, (long long)k, (long long)n, name_of(epi),
+              b_k_major ? " B^T" : "", med, ms[0],
               ms[iters - 1], r.tflops, s.rel);
-  if (results) std::fprintf(results, "%s %.5f %.2f\n", name, med, r.tflops);
+  if (results) {
+    std::fprintf(results, "%s %.5f %.2f\n", name, med, r.tflops);
+    std::fflush(results);  // readable even if a later benchmark is cut off
+  }
   return r;
 }
 
+
+BenchResult bench_wgrad(const char* name, std::vector<int64_t> counts, int64_t m, int64_t n,
+                        std::mt19937_64& rng, FILE* results) {
+  WgradCase cs{.shape_name = name, .counts = std::move(counts), .m = m, .n = n};
+  auto p = make_wgrad_problem(cs, rng);
+  reset_wgrad_outputs(*p);
+  auto args = p->args(p->c_fast->ptr);
+  grouped_gemm_wgrad(args, nullptr, nullptr);
+  grouped_gemm_wgrad_reference(p->args(p->c_ref->ptr), nullptr);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  Stats s = compare(p->c_fast->download(), p->c_ref->download(), cs.c, p->c_elems() / n, n, 0,
+                    p->c_elems() / n);
+  report(std::string("bench ") + name, "C", s, 1e-2);
+  for (int i = 0; i < 5; ++i) grouped_gemm_wgrad(args, nullptr, nullptr);
+  const int iters = 30;
+  std::vector<cudaEvent_t> ev(2 * iters);
+  for (auto& e : ev) CHECK_CUDA(cudaEventCreate(&e));
+  for (int i = 0; i < iters; ++i) {
+    CHECK_CUDA(cudaEventRecord(ev[2 * i], nullptr));
+    grouped_gemm_wgrad(args, nullptr, nullptr);
+    CHECK_CUDA(cudaEventRecord(ev[2 * i + 1], nullptr));
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<float> ms(iters);
+  for (int i = 0; i < iters; ++i) CHECK_CUDA(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]));
+  for (auto& e : ev) CHECK_CUDA(cudaEventDestroy(e));
+  std::sort(ms.begin(), ms.end());
+  const double med = ms[iters / 2];
+  const double flops = 2.0 * double(p->total) * double(m) * double(n);
+  BenchResult r{med, flops / (med * 1e-3) / 1e12, s.rel};
+  std::printf("BENCH %-28s rows=%lld M=%lld N=%lld wgrad    median %.4f ms (min %.4f max %.4f) "
+              "%.1f TFLOP/s  rel=%.2e\n",
+              name, (long long)p->total, (long long)m, (long long)n, med, ms[0], ms[iters - 1],
+              r.tflops, s.rel);
+  if (results) {
+    std::fprintf(results, "%s %.5f %.2f\n", name, med, r.tflops);
+    std::fflush(results);  // readable even if a later benchmark is cut off
+  }
+  return r;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   uint64_t seed = std::random_device{}();
   bool do_tests = true, do_bench = true, verbose = false;
+  bool wgrad_tests_only = false, backward_bench_only = false;
   const char* results_path = nullptr;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
@@ -438,6 +709,8 @@ int main(int argc, char** argv) {
     else if (arg == "--no-bench") do_bench = false;
     else if (arg == "--bench-only") do_tests = false;
     else if (arg == "--verbose") verbose = true;
+    else if (arg == "--wgrad-tests-only") wgrad_tests_only = true;
+    else if (arg == "--backward-bench-only") backward_bench_only = true;
     else if (arg == "--results" && i + 1 < argc) results_path = argv[++i];
     else { std::fprintf(stderr, "unknown argument %s\n", arg.c_str()); return 2; }
   }
@@ -463,11 +736,13 @@ int main(int argc, char** argv) {
         {"single-row", {1}, 512, 512, 0, 0},
         {"all-empty", {0, 0, 0}, 256, 64, 0, 3},
         {"64-random", many, 768, 320, 0, 0},
+        {"63,64,65", {63, 64, 65, 0, 2}, 272, 72, 0, 0},
     };
     const Epilogue epis[] = {Epilogue::kIdentity, Epilogue::kRelu, Epilogue::kGelu,
                              Epilogue::kSwiGlu, Epilogue::kGeGlu};
     int variant = 0;
     for (const auto& sh : shapes) {
+      if (wgrad_tests_only) break;
       for (ElementType ab : {ElementType::kBF16, ElementType::kF16}) {
         for (Epilogue e : epis) {
           ++variant;
@@ -486,8 +761,56 @@ int main(int argc, char** argv) {
         }
       }
     }
-    run_graph_test(rng);
-    run_bad_args_test();
+    // dgrad (B stored K-major): non-gated epilogues, same adversarial shapes.
+    for (const auto& sh : shapes) {
+      if (wgrad_tests_only) break;
+      for (ElementType ab : {ElementType::kBF16, ElementType::kF16}) {
+        ++variant;
+        const Case base{.shape_name = sh.name, .counts = sh.counts, .row_base = sh.row_base,
+                        .extra_rows = sh.extra, .n = sh.n, .k = sh.k, .ab = ab, .c = ab,
+                        .b_k_major = true};
+        Case identity = base;
+        run_case(identity, rng, verbose);
+        Case relu = base;
+        relu.epilogue = Epilogue::kRelu;
+        relu.row_scale = true;
+        relu.pre_activation = true;
+        run_case(relu, rng, verbose);
+        Case f32 = base;
+        f32.c = ElementType::kF32;
+        f32.accumulate = (variant % 2) == 0;
+        run_case(f32, rng, verbose);
+      }
+    }
+    // wgrad (varying K): adversarial group sizes, m/n not multiples of the 128 x 256 tile.
+    struct WShape { std::string name; std::vector<int64_t> counts; int64_t m, n, row_base, extra; };
+    std::vector<WShape> wshapes = {
+        {"0,1,63,64,65,127,128,129", {0, 1, 63, 64, 65, 127, 128, 129}, 200, 264, 0, 0},
+        {"primes,base=5(NaN rows)", {7, 131, 0, 263, 1, 509}, 136, 520, 5, 37},
+        {"all-in-one", {0, 0, 1000, 0}, 128, 256, 0, 0},
+        {"all-empty", {0, 0, 0}, 64, 64, 0, 3},
+        {"tiny", {3, 0, 2}, 8, 8, 0, 0},
+        {"64-random", many, 256, 512, 0, 0},
+        {"m,n>tile", {300, 45}, 392, 776, 0, 0},
+    };
+    for (const auto& sh : wshapes) {
+      for (ElementType ab : {ElementType::kBF16, ElementType::kF16}) {
+        const WgradCase base{.shape_name = sh.name, .counts = sh.counts, .row_base = sh.row_base,
+                             .extra_rows = sh.extra, .m = sh.m, .n = sh.n, .ab = ab, .c = ab};
+        run_wgrad_case(base, rng, verbose);
+        WgradCase f32 = base;
+        f32.c = ElementType::kF32;
+        run_wgrad_case(f32, rng, verbose);
+        f32.accumulate = true;
+        run_wgrad_case(f32, rng, verbose);
+      }
+    }
+    run_wgrad_graph_test(rng);
+    run_wgrad_bad_args_test();
+    if (!wgrad_tests_only) {
+      run_graph_test(rng);
+      run_bad_args_test();
+    }
     std::printf("TESTS: %d cases, %d failures, max relative error %.3e (bound 1e-2)\n", g_cases,
                 g_failures, g_max_rel);
   }
@@ -495,7 +818,9 @@ int main(int argc, char** argv) {
   if (do_bench) {
     FILE* results = results_path ? std::fopen(results_path, "w") : nullptr;
     std::vector<int64_t> uniform(64, 512);
+    if (!backward_bench_only)
     bench("paper64_gemm0_swiglu", uniform, 4096, 2048, Epilogue::kSwiGlu, rng, results);
+    if (!backward_bench_only)
     bench("paper64_gemm1_identity", uniform, 2048, 2048, Epilogue::kIdentity, rng, results);
     // Skewed routing with the same total: a realistic imbalance.
     std::vector<int64_t> skewed(64);
@@ -508,8 +833,19 @@ int main(int argc, char** argv) {
       for (int i = 0; i < 64; ++i) acc += (skewed[i] = int64_t(32768 * w[i] / sum));
       skewed[0] += 32768 - acc;
     }
+    if (!backward_bench_only)
     bench("skewed64_gemm0_swiglu", skewed, 4096, 2048, Epilogue::kSwiGlu, rng, results);
+    if (!backward_bench_only)
     bench("skewed64_gemm1_identity", skewed, 2048, 2048, Epilogue::kIdentity, rng, results);
+    // Backward of paper-64 (H = I = 2048, 512 rows per expert):
+    //   dgrad GEMM1: dact = g · W2ᵀ, W2 [E, I, H] read as B [E, n = I, k = H] (K-major)
+    //   dgrad GEMM0: dx = dpre · W1ᵀ, W1 [E, H, 2I] read as B [E, n = H, k = 2I]
+    //   wgrad dW2 = actᵀ · g (M = I, N = H); wgrad dW1 = xᵀ · dpre (M = H, N = 2I)
+    bench("paper64_dgrad_gemm1", uniform, 2048, 2048, Epilogue::kIdentity, rng, results, true);
+    bench("paper64_dgrad_gemm0", uniform, 2048, 4096, Epilogue::kIdentity, rng, results, true);
+    bench_wgrad("paper64_wgrad_dw2", uniform, 2048, 2048, rng, results);
+    bench_wgrad("paper64_wgrad_dw1", uniform, 2048, 4096, rng, results);
+    bench_wgrad("skewed64_wgrad_dw2", skewed, 2048, 2048, rng, results);
     if (results) std::fclose(results);
   }
   if (g_failures) {

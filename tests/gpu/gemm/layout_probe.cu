@@ -4,11 +4,15 @@
 //   2. register i + size/2 is column + 128 of the same row (gated epilogue: gate and up halves);
 //   3. consumer warp w holds rows 16w + lane/4 and 16w + lane/4 + 8;
 //   4. registers [16c, 16c+16) are the columns [32c, 32c+32) (epilogue staging chunks);
-//   5. each 128-column half of a B stage is one contiguous block of 128x64 elements.
+//   5. each 128-column half of a B stage is one contiguous block of 128x64 elements (also for
+//      the dgrad config, B K-major);
+//   6. wgrad config (A and B MN-major): mn_sw128_byte_offset (the masking threads' address
+//      function, grouped_gemm_wgrad_sm90.cuh) equals CuTe's swizzled address of (mn, k) for
+//      every element of stage 0 and 1 of A and B.
 // Built and run by tests/gpu/gemm/build.sh. Exit code 0 when all hold.
 #include <cstdio>
 
-#include "grouped_gemm_sm90.cuh"
+#include "grouped_gemm_wgrad_sm90.cuh"
 
 using namespace cute;
 
@@ -38,10 +42,39 @@ bool check() {
   return ok;
 }
 
+template <class Cfg>
+bool check_wgrad_offsets() {
+  using T = typename Cfg::ElementAB;
+  // A 1024-B aligned host buffer: CuTe applies the SW128 swizzle to the address bits.
+  alignas(1024) static T buffer[256 * 64 * 4];
+  bool ok = true;
+  auto sA = make_tensor(make_smem_ptr(buffer), typename Cfg::SmemLayoutA{});
+  auto sB = make_tensor(make_smem_ptr(buffer), typename Cfg::SmemLayoutB{});
+  for (int s = 0; s < 2; ++s) {
+    for (int k = 0; k < 64; ++k) {
+      for (int m = 0; m < 128; ++m) {
+        const auto off = uint32_t(reinterpret_cast<char*>(&sA(m, k, s)) - reinterpret_cast<char*>(buffer));
+        if (off != s * 128 * 64 * sizeof(T) + fusedmoe::cuda::sm90::mn_sw128_byte_offset(m, k)) ok = false;
+      }
+      for (int n = 0; n < 256; ++n) {
+        const auto off = uint32_t(reinterpret_cast<char*>(&sB(n, k, s)) - reinterpret_cast<char*>(buffer));
+        if (off != s * 256 * 64 * sizeof(T) + fusedmoe::cuda::sm90::mn_sw128_byte_offset(n, k)) ok = false;
+      }
+    }
+  }
+  if (!ok) std::printf("layout_probe: mn_sw128_byte_offset differs from CuTe's layout\n");
+  return ok;
+}
+
 int main() {
   using namespace fusedmoe::cuda::sm90;
   const bool ok = check<Config<cute::bfloat16_t, true>>() && check<Config<cute::bfloat16_t, false>>() &&
-                  check<Config<cute::half_t, true>>() && check<Config<cute::half_t, false>>();
+                  check<Config<cute::half_t, true>>() && check<Config<cute::half_t, false>>() &&
+                  check<Config<cute::bfloat16_t, false, Operands::kDgrad>>() &&
+                  check<Config<cute::half_t, false, Operands::kDgrad>>() &&
+                  check<Config<cute::bfloat16_t, false, Operands::kWgrad>>() &&
+                  check_wgrad_offsets<Config<cute::bfloat16_t, false, Operands::kWgrad>>() &&
+                  check_wgrad_offsets<Config<cute::half_t, false, Operands::kWgrad>>();
   std::printf("layout_probe: %s\n", ok ? "all layout assumptions hold" : "LAYOUT ASSUMPTION VIOLATED");
   return ok ? 0 : 1;
 }
