@@ -76,15 +76,7 @@ class Emulation {
     const int64_t H = c_.hidden_size, E = c_.num_experts, k = c_.top_k;
     const Routing& r = routing_;
     for (int source = 0; source < c_.world_size; ++source) {
-      std::vector<int64_t> psum_before(static_cast<size_t>(E), 0);  // per global expert
-      for (int owner = 0; owner < c_.world_size; ++owner) {
-        int64_t running = 0;
-        for (int64_t local = 0; local < c_.num_local_experts(owner); ++local) {
-          const int64_t e = c_.global_expert(owner, local);
-          psum_before[static_cast<size_t>(e)] = running;
-          running += r.kept_count[static_cast<size_t>(source * E + e)];
-        }
-      }
+      const std::vector<int64_t> psum_before = dispatch_psum(c_, r, source);  // per global expert
       for (int64_t t = rank_begin(source); t < rank_begin(source + 1); ++t)
         for (int64_t j = 0; j < k; ++j) {
           const size_t i = static_cast<size_t>(t * k + j);

@@ -274,6 +274,20 @@ void route_backward(const MoeConfig& c, const MoeWeights& w, const Routing& r,
   }
 }
 
+std::vector<int64_t> dispatch_psum(const MoeConfig& c, const Routing& r, int source) {
+  const int64_t E = c.num_experts;
+  std::vector<int64_t> psum_before(static_cast<size_t>(E), 0);
+  for (int owner = 0; owner < c.world_size; ++owner) {
+    int64_t running = 0;
+    for (int64_t local = 0; local < c.num_local_experts(owner); ++local) {
+      const int64_t e = c.global_expert(owner, local);
+      psum_before[static_cast<size_t>(e)] = running;
+      running += r.kept_count[static_cast<size_t>(source * E + e)];
+    }
+  }
+  return psum_before;
+}
+
 void write_routing_outputs(const MoeConfig& c, const Routing& r, const ForwardOutputs& out) {
   const int64_t n = r.num_tokens * r.top_k, E = c.num_experts;
   if (out.topk_idx) std::copy(r.idx.begin(), r.idx.end(), out.topk_idx);

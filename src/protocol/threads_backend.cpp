@@ -115,15 +115,7 @@ class ThreadsBackend final : public BackendImpl {
     void dispatch(int rank) {
       const int64_t E = c.num_experts, k = c.top_k, H = c.hidden_size;
       const T* x = static_cast<const T*>(args.x.data);
-      std::vector<int64_t> psum_before(static_cast<size_t>(E), 0);
-      for (int owner = 0; owner < c.world_size; ++owner) {
-        int64_t running = 0;
-        for (int64_t local = 0; local < c.num_local_experts(owner); ++local) {
-          const int64_t e = c.global_expert(owner, local);
-          psum_before[static_cast<size_t>(e)] = running;
-          running += r.kept_count[static_cast<size_t>(rank * E + e)];
-        }
-      }
+      const std::vector<int64_t> psum_before = cpu::dispatch_psum(c, r, rank);
       auto send_rows = [&] {
         for (int64_t t = r.rank_begin[rank]; t < r.rank_begin[rank + 1]; ++t)
           for (int64_t j = 0; j < k; ++j) {
