@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install_deps.sh
-bash scripts/build.sh
+TARGET=fusedmoe_cli bash scripts/build.sh  # the CLI and the library it links
 exec "${BUILD_DIR:-build}/cli/fusedmoe" run "$@"
