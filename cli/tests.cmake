@@ -86,6 +86,11 @@ fusedmoe_cli_test(cli_world_size_4_gshard EXIT 0
   ARGS run --world-size 4 --capacity-factor 1.0 --gate gshard --top-k 2
   EXPECT "W=4.*tokens +512 \\(per rank: 128 128 128 128\\).*result: PASS" FORBID "FAIL")
 
+# The fused layer's protocol on one CPU thread per rank, against the naive reference.
+fusedmoe_cli_test(cli_threads_backend_w4 EXIT 0
+  ARGS run --backend threads --world-size 4 --capacity-factor 1.25 --num-shared-experts 1
+  EXPECT "backend +threads.*result: PASS" FORBID "FAIL")
+
 # Training-mode gates draw noise: every backend must draw the same.
 fusedmoe_cli_test(cli_noisy_training EXIT 0
   ARGS run --gate noisy --training --hidden-size 64 --ffn-size 96 --tokens 300 --gate-bias
