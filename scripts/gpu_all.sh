@@ -22,7 +22,8 @@ fi
 
 export LD_LIBRARY_PATH="$PWD/$BUILD_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 step "GPU tests"
-"$BUILD_DIR/tests/gpu/fusedmoe_gpu_tests" --gtest_output="xml:$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1 || status=1
+# A hang is a bug, never a wait: the suite runs under a timeout.
+timeout 600 "$BUILD_DIR/tests/gpu/fusedmoe_gpu_tests" --gtest_output="xml:$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1 || status=1
 grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED  \]|Failure|error" "$OUT/gpu_tests.log" | head -60
 tail -3 "$OUT/gpu_tests.log"
 

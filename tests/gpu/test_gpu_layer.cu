@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 
@@ -294,6 +295,20 @@ TEST(GpuLayer, Tf32ExpertGemms) {
     gc.config.expert_bias = true;
     check_case(gc, test_seed());
   }
+}
+
+// The Hopper wgrad kernel with a mask on every tile and many tiles per block (~32 rows per
+// expert, as in decode), where a single shared named barrier once hung it. Opt-in path.
+TEST(GpuLayer, HopperWgradManyMaskedTiles) {
+  REQUIRE_GPU();
+  setenv("FUSEDMOE_HOPPER_WGRAD", "1", 1);
+  GpuCase gc{.config = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16), .tokens = 128};
+  gc.config.hidden_size = 1024;
+  gc.config.ffn_size = 512;
+  gc.config.num_experts = 32;
+  gc.config.top_k = 8;
+  check_case(gc, test_seed());
+  unsetenv("FUSEDMOE_HOPPER_WGRAD");
 }
 
 TEST(GpuLayer, ZeroTokens) {

@@ -51,7 +51,15 @@ struct WgradTile {
 // Bytes after SharedStorage in dynamic shared memory: the row-offset table.
 inline size_t wgrad_table_bytes(int num_groups) { return size_t(num_groups + 1) * sizeof(int64_t); }
 
-inline constexpr int kWgradMaskBarrierId = 8;  // named barrier of the two consumer warpgroups
+// Named barriers kWgradMaskBarrierId + stage (one per pipeline stage) between the masking
+// threads and the two consumer warpgroups.
+// NOTE: one barrier per stage, not one in all: the masking threads only bar.arrive, so with a
+// single barrier they could arrive for the next stage's tile before the consumers had synced on
+// the previous one — two arrivals of the same warps in one barrier phase, which desynchronises
+// the barrier and hung the kernel when every tile needed masking (~32 rows per group, decode).
+// Per stage it cannot happen: fill n + 1 of a stage exists only after the consumers released
+// fill n, which they do after their bar.sync on it.
+inline constexpr int kWgradMaskBarrierId = 8;
 
 __device__ __forceinline__ WgradTile decode_wgrad_tile(const int64_t* row_offsets, int m_tiles,
                                                        int tiles_per_group, int tile) {
@@ -154,7 +162,7 @@ __device__ __forceinline__ void zero_stage_rows(SharedStorage<Cfg>& smem, int st
   for (int i = helper; i < 32 * mask_rows; i += kNumMaskThreads)  // B: 32 chunks per k row
     *reinterpret_cast<uint4*>(stage_b + mn_sw128_byte_offset((i % 32) * 8, i / 32)) = zero;
   cutlass::arch::fence_view_async_shared();
-  asm volatile("bar.arrive %0, %1;" ::"r"(kWgradMaskBarrierId), "r"(256 + kNumMaskThreads)
+  asm volatile("bar.arrive %0, %1;" ::"r"(kWgradMaskBarrierId + stage), "r"(256 + kNumMaskThreads)
                : "memory");
 }
 
@@ -187,7 +195,7 @@ __device__ __forceinline__ void consume_wgrad_tile(SharedStorage<Cfg>& smem,
     pipeline.consumer_wait(read_state);
     const int stage = read_state.index();
     if (k_tile + 1 == t.k_tiles && t.mask_rows > 0)  // wait for the masking threads
-      asm volatile("bar.sync %0, %1;" ::"r"(kWgradMaskBarrierId), "r"(256 + kNumMaskThreads)
+      asm volatile("bar.sync %0, %1;" ::"r"(kWgradMaskBarrierId + stage), "r"(256 + kNumMaskThreads)
                    : "memory");
     warpgroup_fence_operand(accum);
     warpgroup_arrive();
@@ -218,6 +226,7 @@ __global__ void __launch_bounds__(Cfg::kNumThreads, 1)
     grouped_wgrad_kernel(CUTE_GRID_CONSTANT WgradParams<Cfg> const params) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(Cfg::kOperands == Operands::kWgrad && !Cfg::kGated);
+  static_assert(kWgradMaskBarrierId + Cfg::kStages <= 16, "one named barrier per stage");
   using Pipeline = typename Cfg::Pipeline;
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<SharedStorage<Cfg>*>(smem_raw);
