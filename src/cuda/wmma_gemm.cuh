@@ -191,12 +191,16 @@ bool wmma_gemm(const SimpleGemmParams& p, cudaStream_t stream) {
 template <class TA, class TB, class TC>
 void grouped_gemm_any(const SimpleGemmParams& p, cudaStream_t stream, bool allow_tf32 = false) {
   if constexpr (std::is_same_v<TA, TB> && (std::is_same_v<TA, __nv_bfloat16> || std::is_same_v<TA, __half>)) {
-    if (wmma_gemm<TA, TC>(p, stream)) return;
+    // Every operand of the layer has a unit-stride dimension, so 16-bit GEMMs never need the
+    // CUDA-core kernel (which is not instantiated for them).
+    const bool launched = wmma_gemm<TA, TC>(p, stream);
+    FUSEDMOE_CHECK(launched, "internal: a 16-bit GEMM operand without a unit-stride dimension");
+  } else {
+    if constexpr (std::is_same_v<TA, float> && std::is_same_v<TB, float>) {
+      if (allow_tf32 && wmma_gemm<float, TC>(p, stream)) return;
+    }
+    simple_gemm<TA, TB, TC>(p, stream);
   }
-  if constexpr (std::is_same_v<TA, float> && std::is_same_v<TB, float>) {
-    if (allow_tf32 && wmma_gemm<float, TC>(p, stream)) return;
-  }
-  simple_gemm<TA, TB, TC>(p, stream);
 }
 
 }  // namespace fusedmoe::cuda
