@@ -53,7 +53,10 @@ if [ -f "$FUSEDMOE_OPS_LIBRARY" ]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   if [ -z "${NO_BENCH:-}" ]; then
     step "benchmark (fusedmoe bench)"
-    python3 -m fusedmoe.bench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | grep -v "^\[" || status=1
+    timeout 900 python3 -m fusedmoe.bench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | grep -v "^\[" || status=1
+    step "Hopper wgrad (opt-in) on the shape that once hung"
+    FUSEDMOE_HOPPER_WGRAD=1 timeout 120 python3 -m fusedmoe.bench --configs decode,paper-64 --no-loop --repeats 5 \
+      --out "$OUT/wgrad" 2>&1 | grep -E "fusedmoe" || { echo "Hopper wgrad run failed or hung"; status=1; }
   fi
 fi
 exit $status
