@@ -54,8 +54,10 @@ class MoE(nn.Module):
         gate_bias: a trained router bias [E].
         jitter_eps: Switch gate jitter half-width.
             (renormalize, gate_bias and jitter_eps are the gate module's own when `gate` is one.)
-        group: expert-parallel process group; None or a group of one rank (larger groups raise
-            NotImplementedError for now).
+        group: expert-parallel process group (torch.distributed); None or one rank = all experts
+            here. With W ranks this rank holds experts [rank·E/W, (rank+1)·E/W) (E % W == 0), the
+            gate is replicated, and tokens travel to their experts' ranks (fusedmoe.distributed;
+            sum replicated gradients with fusedmoe.distributed.allreduce_replicated_grads).
         dtype: parameter dtype (default: torch.get_default_dtype()); inputs must match it.
         device: parameter device.
         backend: "auto" | "cpu" | "naive" (the fused op's backends) | "reference" (plain PyTorch).
@@ -96,12 +98,13 @@ class MoE(nn.Module):
         if fp32_math not in ("tf32", "exact"):
             raise ValueError(f"fp32_math = {fp32_math!r}: must be 'tf32' or 'exact'")
         world = _group_size(group)
-        if world != 1:
-            raise NotImplementedError(
-                f"group: a process group of {world} ranks asks for expert parallelism, which the "
-                "Python package does not implement yet (open issue: expert-parallel dispatch over "
-                "torch.distributed groups); use group=None or a group of one rank")
+        if world > 1 and num_experts % world != 0:
+            raise ValueError(f"num_experts = {num_experts}: expert parallelism over a group of {world} ranks "
+                             "needs a multiple of the group size")
+        if world > 1 and backend == "reference":
+            raise ValueError("backend = 'reference': expert parallelism runs the fused op")
         self.group = group
+        self.world_size = world
         ffn = normalize_ffn_kind(ffn, "ffn")
 
         if isinstance(gate, BaseGate):
@@ -130,7 +133,9 @@ class MoE(nn.Module):
         self.capacity_factor = capacity_factor
         self.backend = backend
         self.fp32_math = fp32_math
-        self.experts = Experts(num_experts, d_model, d_ffn, ffn, bias=expert_bias, dtype=dtype, device=device)
+        # With expert parallelism this rank holds experts [rank·E/W, (rank+1)·E/W) only.
+        self.experts = Experts(num_experts // world, d_model, d_ffn, ffn, bias=expert_bias, dtype=dtype,
+                               device=device)
         self.shared_ffn_size = shared_ffn_size
         if num_shared_experts > 0:
             self.shared_experts = Experts(num_shared_experts, d_model, shared_ffn_size or d_ffn, ffn,
@@ -193,6 +198,8 @@ class MoE(nn.Module):
             tokens = tokens.contiguous()
         config = self.config_for(x.dtype)
         seed = self._draw_seed() if self.training and self.gate.stochastic else 0
+        if self.world_size > 1:
+            return self._forward_expert_parallel(tokens, config, seed).reshape(shape)
         g, ex, sh = self.gate, self.experts, self.shared_experts
         args = (tokens, g.weight, g.bias, g.noise_weight, g.selection_bias, ex.w1, ex.b1, ex.w2, ex.b2,
                 None if sh is None else sh.w1, None if sh is None else sh.b1,
@@ -214,6 +221,20 @@ class MoE(nn.Module):
             self._tokens_total += tokens.shape[0]
             self._calls_total += 1
         return y.reshape(shape)
+
+    def _forward_expert_parallel(self, tokens: torch.Tensor, config: MoeConfig, seed: int) -> torch.Tensor:
+        from . import distributed
+        y, routing = distributed.expert_parallel_forward(self, tokens, seed)
+        self.aux_loss, self.z_loss = (v.to(tokens.dtype) for v in reference.balance_losses(routing, config))
+        self.last_topk_idx = routing.topk_idx.to(torch.int32)
+        self.last_expert_counts = routing.expert_counts
+        self.last_kept_counts = routing.kept_counts
+        with torch.no_grad():
+            self._routed_total += routing.expert_counts.to(self._routed_total.device)
+            self._kept_total += routing.kept_counts.to(self._kept_total.device)
+            self._tokens_total += tokens.shape[0]
+            self._calls_total += 1
+        return y
 
     # --- load statistics --------------------------------------------------------------------
     def load_stats(self) -> dict:

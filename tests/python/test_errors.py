@@ -1,5 +1,5 @@
 # tests/python/test_errors.py — bad input raises ValueError / TypeError / RuntimeError (or
-# NotImplementedError for expert-parallel groups) whose message names the argument, both through
+# expert-parallel groups whose size does not divide the experts) whose message names the argument, both through
 # the op and through the fusedmoe.MoE module.
 # Run: see conftest.py.
 import pytest
@@ -164,12 +164,12 @@ def test_module_rejects_bad_input():
         half(torch.randn(3, 8, dtype=torch.bfloat16))
 
 
-def test_module_expert_parallel_group_not_implemented():
+def test_module_expert_parallel_group_needs_divisible_experts():
     class FakeGroup:
         def size(self):
-            return 2
+            return 3
 
-    with pytest.raises(NotImplementedError, match="expert parallelism"):
+    with pytest.raises(ValueError, match="num_experts = 4"):
         fusedmoe.MoE(4, 8, 8, group=FakeGroup())
 
 
