@@ -25,18 +25,12 @@ from . import reference
 
 
 def group_size(group) -> int:
-    """Ranks of a process group (None = 1)."""
+    """Ranks of a process group (None = 1; anything with size() counts as a group)."""
     if group is None:
         return 1
+    if callable(getattr(group, "size", None)):
+        return int(group.size())
     return dist.get_world_size(group)
-
-
-def local_expert_range(num_experts: int, group) -> range:
-    """The experts this rank owns: a contiguous block of num_experts / W."""
-    world = group_size(group)
-    rank = dist.get_rank(group) if group is not None else 0
-    per_rank = num_experts // world
-    return range(rank * per_rank, (rank + 1) * per_rank)
 
 
 def _exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:

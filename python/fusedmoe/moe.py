@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import reference
+from .distributed import group_size
 from .config import MoeConfig, dtype_name, normalize_ffn_kind
 from .experts import Experts
 from .gates import BaseGate, make_gate
@@ -22,16 +23,6 @@ from .gates import BaseGate, make_gate
 __all__ = ["MoE"]
 
 _BACKENDS = ("auto", "cpu", "naive", "reference")
-
-
-def _group_size(group) -> int:
-    """Ranks of a process group (None = 1)."""
-    if group is None:
-        return 1
-    if callable(getattr(group, "size", None)):
-        return int(group.size())
-    import torch.distributed as dist
-    return dist.get_world_size(group)
 
 
 class MoE(nn.Module):
@@ -97,7 +88,7 @@ class MoE(nn.Module):
             raise ValueError(f"backend = {backend!r}: must be one of {', '.join(_BACKENDS)}")
         if fp32_math not in ("tf32", "exact"):
             raise ValueError(f"fp32_math = {fp32_math!r}: must be 'tf32' or 'exact'")
-        world = _group_size(group)
+        world = group_size(group)
         if world > 1 and num_experts % world != 0:
             raise ValueError(f"num_experts = {num_experts}: expert parallelism over a group of {world} ranks "
                              "needs a multiple of the group size")

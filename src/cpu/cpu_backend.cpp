@@ -53,7 +53,7 @@ class Emulation {
  public:
   Emulation(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& args,
             const std::vector<int64_t>& tokens_per_rank)
-      : c_(c), w_(w), args_(args), tokens_per_rank_(tokens_per_rank) {
+      : c_(c) {
     const int64_t max_tokens = *std::max_element(tokens_per_rank.begin(), tokens_per_rank.end());
     layout_ = WorkspaceLayout::make(make_plan(c, max_tokens, DeviceInfo{}).layout);
     heaps_.resize(static_cast<size_t>(c.world_size));
@@ -131,9 +131,6 @@ class Emulation {
 
  private:
   const MoeConfig& c_;
-  const MoeWeights& w_;
-  const ForwardArgs& args_;
-  std::vector<int64_t> tokens_per_rank_;
   WorkspaceLayout layout_;
   std::vector<RankHeap<T>> heaps_;
   Routing routing_;

@@ -370,6 +370,15 @@ class CudaBackend final : public BackendImpl {
     float* dact = s.alloc<float>(st.rows_max * I);
     T* dpre = s.alloc<T>(st.rows_max * N1);
     T* dxperm = s.alloc<T>(st.rows_max * H);
+    // dW2 = actᵀ · g and dW1 = xpermᵀ · dpre per expert (ragged K) on the generic kernel.
+    auto generic_wgrad = [&] {
+      if (g.d_w2.defined())
+        gemm<T, T, T>(stream, VaryDim::kK, r.row_offsets, static_cast<int>(E), I, H, st.rows_per_expert_max,
+                      {st.act, 0, 1, I}, {grows, 0, H, 1}, mut<T>(g.d_w2), I * H, H);
+      if (g.d_w1.defined())
+        gemm<T, T, T>(stream, VaryDim::kK, r.row_offsets, static_cast<int>(E), H, N1, st.rows_per_expert_max,
+                      {st.xperm, 0, 1, H}, {dpre, 0, N1, 1}, mut<T>(g.d_w1), H * N1, N1);
+    };
     const bool hopper = use_hopper_engine<T>(c, w) && st.rows_max > 0 && aligned16(g.d_w1.data) &&
                         aligned16(g.d_w2.data) && !env_flag("FUSEDMOE_NO_HOPPER_BACKWARD");
     // NOTE: the Hopper wgrad kernel hung on the decode shape (T = 128, k = 8, E = 32, H = 7168:
@@ -395,12 +404,7 @@ class CudaBackend final : public BackendImpl {
                                              .c = g.d_w1.data, .a_type = et, .c_type = et},
                             s, stream);
       } else {
-        if (g.d_w2.defined())
-          gemm<T, T, T>(stream, VaryDim::kK, r.row_offsets, static_cast<int>(E), I, H, st.rows_per_expert_max,
-                        {st.act, 0, 1, I}, {grows, 0, H, 1}, mut<T>(g.d_w2), I * H, H);
-        if (g.d_w1.defined())
-          gemm<T, T, T>(stream, VaryDim::kK, r.row_offsets, static_cast<int>(E), H, N1, st.rows_per_expert_max,
-                        {st.xperm, 0, 1, H}, {dpre, 0, N1, 1}, mut<T>(g.d_w1), H * N1, N1);
+        generic_wgrad();
       }
       run_grouped_gemm(GroupedGemmArgs{.num_groups = static_cast<int>(E), .row_offsets = r.row_offsets,
                                        .max_total_rows = st.rows_max, .n = H, .k = N1, .a = dpre, .b = w.w1.data,
@@ -410,12 +414,7 @@ class CudaBackend final : public BackendImpl {
       gemm<T, T, float>(stream, VaryDim::kM, r.row_offsets, static_cast<int>(E), st.rows_per_expert_max, I, H,
                         {grows, 0, H, 1}, {ptr<T>(w.w2), I * H, 1, H}, dact, 0, I);
       activation_backward<T>(c.ffn, st.pre, dact, dpre, r.row_offsets + E, st.rows_max, I, stream);
-      if (g.d_w2.defined())
-        gemm<T, T, T>(stream, VaryDim::kK, r.row_offsets, static_cast<int>(E), I, H, st.rows_per_expert_max,
-                      {st.act, 0, 1, I}, {grows, 0, H, 1}, mut<T>(g.d_w2), I * H, H);
-      if (g.d_w1.defined())
-        gemm<T, T, T>(stream, VaryDim::kK, r.row_offsets, static_cast<int>(E), H, N1, st.rows_per_expert_max,
-                      {st.xperm, 0, 1, H}, {dpre, 0, N1, 1}, mut<T>(g.d_w1), H * N1, N1);
+      generic_wgrad();
       gemm<T, T, T>(stream, VaryDim::kM, r.row_offsets, static_cast<int>(E), st.rows_per_expert_max, H, N1,
                     {dpre, 0, N1, 1}, {ptr<T>(w.w1), H * N1, 1, N1}, dxperm, 0, H);
     }
