@@ -34,16 +34,6 @@ if [ -x "$BUILD_DIR/tests/gpu/fusedmoe_gemm_tests" ]; then
   python3 tests/gpu/gemm/bench_torch.py --ours "$OUT/gemm_ours.txt" 2>&1 | tail -8 | tee "$OUT/gemm_torch.log"
 fi
 
-if [ "${SANITIZE:-1}" != 0 ] && command -v compute-sanitizer >/dev/null; then
-  for tool in memcheck racecheck synccheck; do
-    step "compute-sanitizer $tool (small cases)"
-    compute-sanitizer --tool "$tool" --error-exitcode 3 "$BUILD_DIR/tests/gpu/fusedmoe_gpu_tests" \
-      --gtest_filter='All/GpuKinds.ForwardBackwardMatchOracle/fp32_softmax_swiglu:All/GpuKinds.ForwardBackwardMatchOracle/bf16_gshard_geglu:GpuLayer.CapacityAndSharedExperts' \
-      >"$OUT/sanitizer_$tool.log" 2>&1 || status=1
-    tail -4 "$OUT/sanitizer_$tool.log"
-  done
-fi
-
 export LD_LIBRARY_PATH="$PWD/$BUILD_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export FUSEDMOE_OPS_LIBRARY="$PWD/$BUILD_DIR/python/fusedmoe/_fusedmoe_ops.so"
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
@@ -58,5 +48,21 @@ if [ -f "$FUSEDMOE_OPS_LIBRARY" ]; then
     FUSEDMOE_HOPPER_WGRAD=1 timeout 120 python3 -m fusedmoe.bench --configs decode,paper-64 --no-loop --repeats 5 \
       --out "$OUT/wgrad" 2>&1 | grep -E "fusedmoe" || { echo "Hopper wgrad run failed or hung"; status=1; }
   fi
+  if [ -z "${NO_EXAMPLE:-}" ]; then
+    step "training example: ${EXAMPLE_STEPS:-500} steps, fusedmoe and the plain-PyTorch MoE from the same init"
+    timeout 600 python3 examples/train_lm.py --device cuda --moe both --steps "${EXAMPLE_STEPS:-500}" --no-progress \
+      --out "$OUT/train_lm" 2>&1 | tee "$OUT/train_lm.log" | tail -8
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  fi
 fi
+if [ "${SANITIZE:-1}" != 0 ] && command -v compute-sanitizer >/dev/null; then
+  for tool in ${SANITIZERS:-memcheck racecheck}; do
+    step "compute-sanitizer $tool (small cases)"
+    compute-sanitizer --tool "$tool" --error-exitcode 3 "$BUILD_DIR/tests/gpu/fusedmoe_gpu_tests" \
+      --gtest_filter='All/GpuKinds.ForwardBackwardMatchOracle/fp32_softmax_swiglu:All/GpuKinds.ForwardBackwardMatchOracle/bf16_gshard_geglu:GpuLayer.CapacityAndSharedExperts' \
+      >"$OUT/sanitizer_$tool.log" 2>&1 || status=1
+    tail -4 "$OUT/sanitizer_$tool.log"
+  done
+fi
+
 exit $status

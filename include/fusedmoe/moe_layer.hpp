@@ -99,6 +99,7 @@ enum class Backend {
   kNaive,  // deliberately naive loops over tokens and experts (cross-check)
   kCuda,
   kThreads,  // the fused layer's protocol with one CPU thread per rank (forward; backward = cpu)
+  kFused,    // the single persistent GPU kernel (forward; W ranks emulated on one GPU); backward = cuda
 };
 std::string to_string(Backend backend);
 Backend parse_backend(const std::string& text);

@@ -25,6 +25,7 @@ std::unique_ptr<BackendImpl> make_naive_backend();
 std::unique_ptr<BackendImpl> make_threads_backend();
 // Defined by the CUDA backend when the library is built with CUDA; nullptr otherwise.
 std::unique_ptr<BackendImpl> make_cuda_backend();
+std::unique_ptr<BackendImpl> make_fused_backend();  // the persistent kernel; nullptr without CUDA
 bool cuda_device_present();
 
 }  // namespace fusedmoe

@@ -32,6 +32,7 @@ std::string to_string(Backend backend) {
     case Backend::kNaive: return "naive";
     case Backend::kCuda: return "cuda";
     case Backend::kThreads: return "threads";
+    case Backend::kFused: return "fused";
   }
   return "?";
 }
@@ -42,7 +43,8 @@ Backend parse_backend(const std::string& text) {
   if (text == "naive") return Backend::kNaive;
   if (text == "cuda" || text == "gpu") return Backend::kCuda;
   if (text == "threads") return Backend::kThreads;
-  FUSEDMOE_CHECK(false, "backend: unknown backend '" << text << "' (allowed: auto, cpu, naive, cuda, threads)");
+  if (text == "fused") return Backend::kFused;
+  FUSEDMOE_CHECK(false, "backend: unknown backend '" << text << "' (allowed: auto, cpu, naive, cuda, threads, fused)");
 }
 
 namespace {
@@ -127,14 +129,17 @@ MoeLayer::MoeLayer(MoeConfig config, MoeWeights weights, Backend backend)
     case Backend::kNaive: impl_ = make_naive_backend(); break;
     case Backend::kThreads: impl_ = make_threads_backend(); break;
     case Backend::kCuda:
-      impl_ = make_cuda_backend();
-      FUSEDMOE_CHECK(impl_ != nullptr, "backend: cuda requested, but this build of fusedmoe has no CUDA backend");
-      FUSEDMOE_CHECK(cuda_device_present(), "backend: cuda requested, but no CUDA device is present");
-      FUSEDMOE_CHECK(config_.dtype != DType::kFloat64, "backend: cuda supports fp32, bf16 and fp16, not the config's dtype = fp64");
+    case Backend::kFused: {
+      const std::string name = to_string(backend_);
+      impl_ = backend_ == Backend::kCuda ? make_cuda_backend() : make_fused_backend();
+      FUSEDMOE_CHECK(impl_ != nullptr, "backend: " << name << " requested, but this build of fusedmoe has no CUDA backend");
+      FUSEDMOE_CHECK(cuda_device_present(), "backend: " << name << " requested, but no CUDA device is present");
+      FUSEDMOE_CHECK(config_.dtype != DType::kFloat64, "backend: " << name << " supports fp32, bf16 and fp16, not the config's dtype = fp64");
       break;
+    }
     case Backend::kAuto: break;
   }
-  if (backend_ != Backend::kCuda) {
+  if (backend_ != Backend::kCuda && backend_ != Backend::kFused) {
     FUSEDMOE_CHECK(config_.dtype == DType::kFloat32 || config_.dtype == DType::kFloat64,
                    "dtype = " << to_string(config_.dtype) << ": the " << to_string(backend_)
                               << " backend supports fp32 and fp64");

@@ -4,6 +4,7 @@
 namespace fusedmoe {
 
 std::unique_ptr<BackendImpl> make_cuda_backend() { return nullptr; }
+std::unique_ptr<BackendImpl> make_fused_backend() { return nullptr; }
 bool cuda_device_present() { return false; }
 
 }  // namespace fusedmoe

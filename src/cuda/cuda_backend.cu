@@ -96,7 +96,7 @@ Epilogue epilogue_of(FfnKind kind) {
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // Switches for isolating a kernel in the field: FUSEDMOE_NO_HOPPER_BACKWARD=1 runs the backward
-// GEMMs on the generic tensor-core kernel; FUSEDMOE_HOPPER_WGRAD=1 opts in to the Hopper wgrad.
+// GEMMs on the generic tensor-core kernel; FUSEDMOE_NO_HOPPER_WGRAD=1 only the weight gradients.
 bool env_flag(const char* name) {
   const char* v = std::getenv(name);
   return v != nullptr && v[0] != '\0' && v[0] != '0';
@@ -381,9 +381,8 @@ class CudaBackend final : public BackendImpl {
     };
     const bool hopper = use_hopper_engine<T>(c, w) && st.rows_max > 0 && aligned16(g.d_w1.data) &&
                         aligned16(g.d_w2.data) && !env_flag("FUSEDMOE_NO_HOPPER_BACKWARD");
-    // NOTE: the Hopper wgrad kernel hung on the decode shape (T = 128, k = 8, E = 32, H = 7168:
-    // ~32 rows per expert) on an H100; until that is found it runs only on request.
-    const bool hopper_wgrad = hopper && env_flag("FUSEDMOE_HOPPER_WGRAD");
+    // FUSEDMOE_NO_HOPPER_WGRAD=1 runs the weight gradients on the generic tensor-core kernel.
+    const bool hopper_wgrad = hopper && !env_flag("FUSEDMOE_NO_HOPPER_WGRAD");
     if (hopper) {
       // dgrad with the weights read K-major (no transposes), wgrad with ragged K per expert.
       const ElementType et = element_type<T>();

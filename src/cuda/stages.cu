@@ -2,6 +2,7 @@
 #include <cfloat>
 #include <climits>
 
+#include "cuda/router_device.cuh"
 #include "cuda/stages.cuh"
 #include "fusedmoe/noise.hpp"
 
@@ -67,74 +68,10 @@ __global__ void add_jittered_kernel(const float* a, float* out, int64_t n, int64
 template <class T>
 __global__ void gate_topk_kernel(RouterParams p, const T* selection_bias, RoutingBuffers r) {
   extern __shared__ float score_smem[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
   if (t >= p.num_tokens) return;
-  const int64_t E = p.num_experts, k = p.top_k;
-  float* score = score_smem + warp * E;
-  const float* l = r.logits + t * E;
-  const bool sigmoid_gate = p.gate == GateKind::kSigmoidTopK;
-  float m = -FLT_MAX;
-  for (int64_t e = lane; e < E; e += 32) m = fmaxf(m, l[e]);
-  m = warp_max(m);
-  float s = 0.f;
-  for (int64_t e = lane; e < E; e += 32) s += expf(l[e] - m);
-  s = warp_sum(s);
-  const float lse = m + logf(s);
-  float psum = 0.f;
-  for (int64_t e = lane; e < E; e += 32) {
-    const float prob = sigmoid_gate ? sigmoid_f(l[e]) : expf(l[e] - lse);
-    r.probs[t * E + e] = prob;
-    psum += prob;
-    score[e] = prob + (sigmoid_gate && selection_bias ? to_f32(selection_bias[e]) : 0.f);
-  }
-  psum = warp_sum(psum);
-  __syncwarp();
-  int32_t chosen[32];
-#pragma unroll 1
-  for (int64_t j = 0; j < k; ++j) {
-    int32_t pick;
-    if (p.forced_topk_idx) {
-      pick = p.forced_topk_idx[t * k + j];
-    } else {
-      float best = -FLT_MAX;
-      int32_t best_idx = INT_MAX;
-      for (int64_t e = lane; e < E; e += 32) {
-        const float v = score[e];
-        if (v > best || (v == best && e < best_idx)) { best = v; best_idx = static_cast<int32_t>(e); }
-      }
-      for (int offset = 16; offset > 0; offset >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, best, offset);
-        const int32_t oi = __shfl_xor_sync(0xffffffffu, best_idx, offset);
-        if (ov > best || (ov == best && oi < best_idx)) { best = ov; best_idx = oi; }
-      }
-      pick = best_idx;
-      __syncwarp();
-      if (lane == 0) score[pick] = -INFINITY;
-      __syncwarp();
-    }
-    chosen[j] = pick;
-  }
-  if (lane != 0) return;
-  float denom = 0.f;
-  for (int64_t j = 0; j < k; ++j) if (chosen[j] >= 0) denom += r.probs[t * E + chosen[j]];
-  const float norm = (p.renormalize && denom > 0.f) ? denom : 1.f;
-  r.renorm_sum[t] = norm;
-  r.lse[t] = lse;
-  r.prob_sum[t] = psum;
-  for (int64_t j = 0; j < k; ++j) {
-    const int32_t e = chosen[j];
-    r.selected[t * k + j] = e;
-    r.idx[t * k + j] = e;
-    r.weight[t * k + j] = e >= 0 ? r.probs[t * E + e] / norm : 0.f;
-  }
-  if (p.gate == GateKind::kGShardTop2 && p.training && !p.forced_topk_idx) {
-    const double u = noise::uniform(p.seed, noise::kGShardSecond, static_cast<uint64_t>(p.token_offset + t), 0);
-    if (2.0 * static_cast<double>(r.weight[t * k + 1]) < u) {
-      r.idx[t * k + 1] = -1;
-      r.weight[t * k + 1] = 0.f;
-    }
-  }
+  gate_topk_token<T>(p, selection_bias, r, t, score_smem + warp * p.num_experts);
 }
 
 // --------------------------------------------------------------------------------- slots --

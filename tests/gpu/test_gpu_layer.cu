@@ -9,12 +9,16 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <random>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 
 #include "../cpp/test_util.hpp"
+#include "cuda/fused/fused_options.hpp"
 
 namespace fusedmoe::testing {
 namespace {
@@ -99,10 +103,19 @@ struct GpuCase {
   bool training = false;
   double gate_scale = 2.0;
   std::vector<int32_t> forced;  // empty = router decides
+  std::vector<int64_t> tokens_per_rank;  // W > 1: each rank's share (empty = even split)
+  Backend backend = Backend::kCuda;
+  bool with_backward = true;
 };
 
-// Runs the GPU layer and the oracle; compares everything.
-void check_case(const GpuCase& gc, uint64_t seed) {
+struct GpuRun {
+  Result gpu;
+  Inputs in;            // with the rounded x and dy
+  HostWeights rounded;  // the weights as the GPU saw them (fp64)
+};
+
+// Runs the layer on the GPU with every output poisoned first.
+GpuRun run_gpu(const GpuCase& gc, uint64_t seed) {
   const MoeConfig& cg = gc.config;
   MoeConfig c64 = cg;
   c64.dtype = DType::kFloat64;
@@ -112,6 +125,7 @@ void check_case(const GpuCase& gc, uint64_t seed) {
   Inputs in = make_inputs(c64, gc.tokens, seed);
   in.training = gc.training;
   in.forced = gc.forced;
+  in.tokens_per_rank = gc.tokens_per_rank;
   // Upload, rounding; the oracle sees exactly the rounded values.
   std::vector<DeviceTensor> dev_w;
   HostWeights rounded = w;
@@ -134,9 +148,9 @@ void check_case(const GpuCase& gc, uint64_t seed) {
       losses(2 * sizeof(double)), forced(sizeof(int32_t) * T * k);
   if (!gc.forced.empty()) cudaMemcpy(forced.ptr, gc.forced.data(), sizeof(int32_t) * T * k, cudaMemcpyHostToDevice);
   cudaMemset(idx.ptr, 0xff, sizeof(int32_t) * T * k);
-  MoeLayer layer(cg, views, Backend::kCuda);
-  ForwardArgs fa{.x = dx_in.view, .training = gc.training, .seed = in.noise_seed,
-                 .forced_topk_idx = gc.forced.empty() ? nullptr : static_cast<int32_t*>(forced.ptr)};
+  MoeLayer layer(cg, views, gc.backend);
+  ForwardArgs fa{.x = dx_in.view, .tokens_per_rank = gc.tokens_per_rank, .training = gc.training,
+                 .seed = in.noise_seed, .forced_topk_idx = gc.forced.empty() ? nullptr : static_cast<int32_t*>(forced.ptr)};
   layer.forward(fa, ForwardOutputs{.y = y.view, .topk_idx = static_cast<int32_t*>(idx.ptr), .topk_weight = weight.view,
                                    .kept = static_cast<uint8_t*>(kept.ptr), .expert_counts = static_cast<int64_t*>(routed.ptr),
                                    .kept_counts = static_cast<int64_t*>(kept_counts.ptr),
@@ -150,8 +164,9 @@ void check_case(const GpuCase& gc, uint64_t seed) {
                  .d_noise_weight = dev_g[2].view, .d_w1 = dev_g[4].view, .d_b1 = dev_g[5].view, .d_w2 = dev_g[6].view,
                  .d_b2 = dev_g[7].view, .d_shared_w1 = dev_g[8].view, .d_shared_b1 = dev_g[9].view,
                  .d_shared_w2 = dev_g[10].view, .d_shared_b2 = dev_g[11].view};
-  layer.backward(BackwardArgs{.forward = fa, .dy = ddy.view, .d_aux = in.d_aux, .d_z = in.d_z}, grads);
-  CHECK_CUDA(cudaDeviceSynchronize());
+  if (gc.with_backward)
+    layer.backward(BackwardArgs{.forward = fa, .dy = ddy.view, .d_aux = in.d_aux, .d_z = in.d_z}, grads);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 
   Result gpu;
   gpu.y = download(y);
@@ -168,22 +183,39 @@ void check_case(const GpuCase& gc, uint64_t seed) {
   cudaMemcpy(loss_values, losses.ptr, sizeof(loss_values), cudaMemcpyDeviceToHost);
   gpu.aux = loss_values[0];
   gpu.z = loss_values[1];
-  gpu.dx = download(dxg);
-  gpu.grads = HostWeights::zeros_like(c64);
-  auto gpu_grads = gpu.grads.all();
-  for (size_t i = 0; i < gpu_grads.size(); ++i)
-    if (dev_g[i].view.defined()) *gpu_grads[i] = download(dev_g[i]);
-  gpu.grads.selection_bias = HostTensor();
-
-  // The oracle, with the GPU's routing when they disagree.
-  Result ref = run_layer(c64, rounded, in, Backend::kCpu);
-  if (ref.idx != gpu.idx) {
-    const bool gshard_drop = cg.gate == GateKind::kGShardTop2 && gc.training;
-    if (gshard_drop) GTEST_SKIP() << "routing differs at a near tie in a GShard training run (cannot force drops)";
-    in.forced = gpu.idx;
-    ref = run_layer(c64, rounded, in, Backend::kCpu);
+  if (gc.with_backward) {
+    gpu.dx = download(dxg);
+    gpu.grads = HostWeights::zeros_like(c64);
+    auto gpu_grads = gpu.grads.all();
+    for (size_t i = 0; i < gpu_grads.size(); ++i)
+      if (dev_g[i].view.defined()) *gpu_grads[i] = download(dev_g[i]);
+    gpu.grads.selection_bias = HostTensor();
   }
-  expect_same(gpu, ref, tolerance(cg), "gpu vs oracle");
+  return GpuRun{std::move(gpu), std::move(in), std::move(rounded)};
+}
+
+// The oracle (CPU backend, fp64, same W and token split), with the GPU's routing when the two
+// disagree at a near tie. Returns false (and skips) when the routing cannot be forced.
+bool oracle_for(const GpuCase& gc, GpuRun& run, Result* ref) {
+  MoeConfig c64 = gc.config;
+  c64.dtype = DType::kFloat64;
+  *ref = run_layer(c64, run.rounded, run.in, Backend::kCpu, gc.with_backward);
+  if (ref->idx != run.gpu.idx) {
+    if (gc.config.gate == GateKind::kGShardTop2 && gc.training) return false;
+    run.in.forced = run.gpu.idx;
+    *ref = run_layer(c64, run.rounded, run.in, Backend::kCpu, gc.with_backward);
+  }
+  return true;
+}
+
+// Runs the GPU layer and the oracle; compares everything.
+void check_case(const GpuCase& gc, uint64_t seed) {
+  GpuRun run = run_gpu(gc, seed);
+  if (::testing::Test::HasFailure()) return;
+  Result ref;
+  if (!oracle_for(gc, run, &ref))
+    GTEST_SKIP() << "routing differs at a near tie in a GShard training run (cannot force drops)";
+  expect_same(run.gpu, ref, tolerance(gc.config), std::string("gpu (") + to_string(gc.backend) + ") vs oracle");
 }
 
 bool have_gpu() {
@@ -298,23 +330,299 @@ TEST(GpuLayer, Tf32ExpertGemms) {
 }
 
 // The Hopper wgrad kernel with a mask on every tile and many tiles per block (~32 rows per
-// expert, as in decode), where a single shared named barrier once hung it. Opt-in path.
+// expert, as in decode), where a single shared named barrier once hung it.
 TEST(GpuLayer, HopperWgradManyMaskedTiles) {
   REQUIRE_GPU();
-  setenv("FUSEDMOE_HOPPER_WGRAD", "1", 1);
   GpuCase gc{.config = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16), .tokens = 128};
   gc.config.hidden_size = 1024;
   gc.config.ffn_size = 512;
   gc.config.num_experts = 32;
   gc.config.top_k = 8;
   check_case(gc, test_seed());
-  unsetenv("FUSEDMOE_HOPPER_WGRAD");
 }
 
 TEST(GpuLayer, ZeroTokens) {
   REQUIRE_GPU();
   GpuCase gc{.config = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kFloat32), .tokens = 0};
   check_case(gc, test_seed());
+}
+
+
+// ============================================================ the fused persistent kernel --
+// Backend::kFused: router, dispatch, expert GEMMs, return and combine in one cooperative launch,
+// W ranks emulated as W slices of the grid over W heaps on this GPU.
+
+GpuCase fused_case(MoeConfig c, int64_t tokens, std::vector<int64_t> split = {}) {
+  if (c.dtype == DType::kFloat32) c.fp32_math = Fp32Math::kTf32;
+  GpuCase gc{.config = c, .tokens = tokens};
+  gc.tokens_per_rank = std::move(split);
+  gc.backend = Backend::kFused;
+  gc.with_backward = false;
+  return gc;
+}
+
+// Sets the fused backend's options for one scope.
+struct FusedOptionsScope {
+  explicit FusedOptionsScope(const cuda::fused::FusedOptions& o) : saved(cuda::fused::fused_options()) {
+    cuda::fused::set_fused_options(o);
+  }
+  ~FusedOptionsScope() { cuda::fused::set_fused_options(saved); }
+  cuda::fused::FusedOptions saved;
+};
+
+class FusedKinds : public ::testing::TestWithParam<KindCase> {};
+
+TEST_P(FusedKinds, MatchesOracleAtW1AndW4) {
+  REQUIRE_GPU();
+  FusedOptionsScope sync({.sync_check = true});
+  for (int W : {1, 4}) {
+    for (bool training : {false, true}) {
+      if (training && GetParam().gate == GateKind::kSwitchTop1) continue;  // jitter is not fused
+      MoeConfig c = small(GetParam().gate, GetParam().ffn, GetParam().dtype);
+      c.world_size = W;
+      c.gate_bias = true;
+      c.expert_bias = true;
+      GpuCase gc = fused_case(c, 77 * W);
+      gc.training = training;
+      check_case(gc, test_seed() + static_cast<uint64_t>(W) + training);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(All, FusedKinds, ::testing::ValuesIn(kind_cases()), [](const auto& info) {
+  return to_string(info.param.dtype) + "_" + to_string(info.param.gate) + "_" + to_string(info.param.ffn);
+});
+
+TEST(FusedKernel, EmulatedRanksUnevenSkewedCapacity) {
+  REQUIRE_GPU();
+  FusedOptionsScope sync({.sync_check = true});
+  for (int W : {1, 2, 4, 8}) {
+    for (bool capacity : {false, true}) {
+      MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
+      c.world_size = W;
+      c.num_experts = 16;
+      c.top_k = 4;
+      if (capacity) c.capacity_factor = 0.6;  // overflow on the skewed experts
+      // Uneven shares, an empty rank, counts that are not tile multiples.
+      std::vector<int64_t> split;
+      int64_t total = 0;
+      for (int q = 0; q < W; ++q) {
+        const int64_t n = q == 1 ? 0 : 61 + 67 * q;
+        split.push_back(n);
+        total += n;
+      }
+      GpuCase gc = fused_case(c, total, split);
+      gc.gate_scale = 8.0;  // skewed routing: a few experts take most rows, others none
+      check_case(gc, test_seed() + static_cast<uint64_t>(W * 2 + capacity));
+    }
+  }
+}
+
+TEST(FusedKernel, AdversarialShapes) {
+  REQUIRE_GPU();
+  FusedOptionsScope sync({.sync_check = true});
+  for (int64_t tokens : {1, 2, 31, 127, 129, 257, 1031}) {
+    MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kGeGlu, DType::kBFloat16);
+    c.world_size = tokens >= 8 ? 2 : 1;
+    check_case(fused_case(c, tokens), test_seed() + static_cast<uint64_t>(tokens));
+  }
+  // All tokens to one expert (forced), with and without capacity overflow, W = 4.
+  MoeConfig one = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kFloat16);
+  one.world_size = 4;
+  one.top_k = 1;
+  GpuCase gc = fused_case(one, 300);
+  gc.forced.assign(300, 5);
+  check_case(gc, test_seed());
+  gc.config.capacity_factor = 1.0;
+  check_case(gc, test_seed() + 1);
+  // k = E = 8 and top-8 of 64 experts over 8 ranks; odd widths (scalar loads).
+  MoeConfig all = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
+  all.top_k = all.num_experts;
+  check_case(fused_case(all, 40), test_seed());
+  MoeConfig wide = small(GateKind::kSigmoidTopK, FfnKind::kSwiGlu, DType::kBFloat16);
+  wide.num_experts = 64;
+  wide.top_k = 8;
+  wide.world_size = 8;
+  check_case(fused_case(wide, 400), test_seed());
+  MoeConfig odd = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
+  odd.hidden_size = 90;
+  odd.ffn_size = 45;
+  odd.world_size = 2;
+  check_case(fused_case(odd, 133), test_seed());
+  MoeConfig zero = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
+  zero.world_size = 2;
+  check_case(fused_case(zero, 0, {0, 0}), test_seed());
+}
+
+// Randomized differential harness: FUSEDMOE_FUSED_CASES cases (default 2000), each a fresh
+// random config (W in {1, 2, 4, 8}, gates, FFNs, dtypes, capacity, uneven splits) against the
+// oracle. A failure prints its case seed; FUSEDMOE_TEST_SEED replays the run.
+TEST(FusedKernel, DifferentialHarness) {
+  REQUIRE_GPU();
+  FusedOptionsScope sync({.sync_check = true});
+  const char* env = std::getenv("FUSEDMOE_FUSED_CASES");
+  const int cases = env ? std::atoi(env) : 2000;
+  std::mt19937_64 rng(test_seed() ^ 0x5eedf00dULL);
+  int failures = 0, skipped = 0;
+  const int worlds[] = {1, 2, 4, 8};
+  const GateKind gates[] = {GateKind::kSoftmaxTopK, GateKind::kSigmoidTopK, GateKind::kNoisyTopK,
+                            GateKind::kSwitchTop1, GateKind::kGShardTop2};
+  const FfnKind ffns[] = {FfnKind::kReluMlp, FfnKind::kGeluMlp, FfnKind::kSwiGlu, FfnKind::kGeGlu};
+  const DType dtypes[] = {DType::kBFloat16, DType::kFloat16, DType::kFloat32};
+  for (int i = 0; i < cases && failures < 5; ++i) {
+    const uint64_t case_seed = rng();
+    std::mt19937_64 r(case_seed);
+    auto pick = [&](int n) { return static_cast<int>(r() % static_cast<uint64_t>(n)); };
+    const int W = worlds[pick(4)];
+    MoeConfig c;
+    c.world_size = W;
+    c.gate = gates[pick(5)];
+    c.ffn = ffns[pick(4)];
+    c.dtype = dtypes[pick(3)];
+    c.num_experts = W * (1 + pick(4));
+    c.top_k = c.gate == GateKind::kSwitchTop1 ? 1 : c.gate == GateKind::kGShardTop2 ? 2 : 1 + pick(std::min<int>(8, static_cast<int>(c.num_experts)));
+    if (c.gate == GateKind::kGShardTop2 && c.num_experts < 2) c.num_experts = 2 * W;
+    c.hidden_size = 8 * (1 + pick(24)) + (pick(4) == 0 ? 2 : 0);
+    c.ffn_size = 8 * (1 + pick(24)) + (pick(4) == 0 ? 2 : 0);
+    c.gate_bias = pick(2) == 0;
+    c.expert_bias = pick(3) == 0;
+    if (pick(3) == 0) c.capacity_factor = 0.5 + 0.25 * pick(5);
+    const bool training = c.gate != GateKind::kSwitchTop1 && pick(2) == 0;
+    std::vector<int64_t> split;
+    int64_t total = 0;
+    for (int q = 0; q < W; ++q) {
+      const int64_t n = pick(5) == 0 ? 0 : pick(300);
+      split.push_back(n);
+      total += n;
+    }
+    GpuCase gc = fused_case(c, total, split);
+    gc.training = training;
+    gc.gate_scale = pick(2) ? 2.0 : 8.0;
+    const int before = ::testing::UnitTest::GetInstance()->failed_test_count();
+    (void)before;
+    GpuRun run = run_gpu(gc, case_seed);
+    Result ref;
+    if (!oracle_for(gc, run, &ref)) { ++skipped; continue; }
+    const double tol = tolerance(gc.config);
+    const bool ok = run.gpu.idx == ref.idx && run.gpu.kept == ref.kept && run.gpu.routed == ref.routed &&
+                    run.gpu.kept_counts == ref.kept_counts && all_finite(run.gpu.y) &&
+                    relative_error(run.gpu.y, ref.y) <= tol && relative_error(run.gpu.weight, ref.weight) <= tol;
+    if (!ok) {
+      ++failures;
+      ADD_FAILURE() << "case " << i << " (seed " << case_seed << "): " << c.summary() << " T=" << total
+                    << " training=" << training << " y error " << relative_error(run.gpu.y, ref.y);
+    }
+  }
+  std::printf("fused differential harness: %d cases, %d mismatches, %d skipped (GShard near ties)\n", cases, failures,
+              skipped);
+  EXPECT_EQ(failures, 0);
+}
+
+// A rank that never dispatches: the others time out and the host raises an error naming the
+// rank and the flag, within the 5 s bound; the next launch is clean again.
+TEST(FusedKernel, SilentRankIsReportedWithinFiveSeconds) {
+  REQUIRE_GPU();
+  MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
+  c.world_size = 4;
+  {
+    FusedOptionsScope fault({.timeout_ms = 1000, .sync_check = true, .silent_rank = 2});
+    const auto start = std::chrono::steady_clock::now();
+    std::string message;
+    try {
+      run_gpu(fused_case(c, 400), test_seed());
+    } catch (const Error& e) {
+      message = e.what();
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_NE(message.find("timed out"), std::string::npos) << message;
+    EXPECT_NE(message.find("source 2"), std::string::npos) << message;
+    EXPECT_LT(seconds, 5.0);
+    std::printf("silent rank reported after %.2f s: %s\n", seconds, message.c_str());
+  }
+  FusedOptionsScope sync({.sync_check = true});
+  check_case(fused_case(c, 400), test_seed() + 1);
+}
+
+// The planted ordering bug (every dispatch flag raised before its rows are written) must be
+// caught by the oracle comparison.
+TEST(FusedKernel, FlagBeforeDataIsCaught) {
+  REQUIRE_GPU();
+  MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
+  c.world_size = 4;
+  c.hidden_size = 512;
+  GpuCase gc = fused_case(c, 2000);
+  {
+    FusedOptionsScope sync({.sync_check = true});
+    run_gpu(gc, test_seed());  // a correct launch first: stale rows from it are in the heaps
+  }
+  FusedOptionsScope fault({.sync_check = true, .flag_before_data = true});
+  GpuRun run = run_gpu(gc, test_seed() + 1);
+  Result ref;
+  ASSERT_TRUE(oracle_for(gc, run, &ref));
+  const double err = relative_error(run.gpu.y, ref.y);
+  std::printf("flag-before-data variant: y relative error %.3g (tolerance %.3g)\n", err, tolerance(gc.config));
+  EXPECT_GT(err, tolerance(gc.config)) << "the broken ordering went unnoticed";
+}
+
+__global__ void count_mismatches(const unsigned short* a, const unsigned short* b, int64_t n, unsigned long long* bad) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    if (a[i] != b[i]) atomicAdd(bad, 1ull);
+}
+
+// 10,000 back-to-back launches and 1,000 CUDA-graph replays of one forward give bit-identical
+// outputs (epochs advance on the device; nothing is reset between launches).
+TEST(FusedKernel, BackToBackLaunchesAndGraphReplaysAreIdentical) {
+  REQUIRE_GPU();
+  MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
+  c.world_size = 4;
+  c.num_experts = 16;
+  const int64_t T = 512, H = c.hidden_size;
+  HostWeights w = HostWeights::random(c, test_seed(), 2.0);
+  std::vector<DeviceTensor> dev_w;
+  for (const HostTensor* t : w.all()) dev_w.push_back(upload(*t, c.dtype));
+  MoeWeights views{.gate_weight = dev_w[0].view, .w1 = dev_w[4].view, .w2 = dev_w[6].view};
+  DeviceTensor x = upload(make_inputs(c, T, test_seed()).x, c.dtype);
+  DeviceTensor y0 = poisoned_device(c.dtype, {T, H}), y = poisoned_device(c.dtype, {T, H});
+  DeviceMemory bad(sizeof(unsigned long long));
+  cudaMemset(bad.ptr, 0, sizeof(unsigned long long));
+  cudaStream_t stream;
+  CHECK_CUDA(cudaStreamCreate(&stream));
+  MoeLayer layer(c, views, Backend::kFused);
+  ForwardArgs fa{.x = x.view, .stream = stream};
+  layer.forward(fa, ForwardOutputs{.y = y0.view});
+  auto* counter = static_cast<unsigned long long*>(bad.ptr);
+  const auto* a = static_cast<const unsigned short*>(y0.view.data);
+  const auto* b = static_cast<const unsigned short*>(y.view.data);
+  for (int i = 0; i < 10000; ++i) {
+    layer.forward(fa, ForwardOutputs{.y = y.view});
+    count_mismatches<<<32, 256, 0, stream>>>(a, b, T * H, counter);
+  }
+  CHECK_CUDA(cudaStreamSynchronize(stream));
+  unsigned long long mismatches = 1;
+  cudaMemcpy(&mismatches, bad.ptr, sizeof(mismatches), cudaMemcpyDeviceToHost);
+  EXPECT_EQ(mismatches, 0ull) << "back-to-back launches differ";
+
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  layer.forward(fa, ForwardOutputs{.y = y.view});
+  count_mismatches<<<32, 256, 0, stream>>>(a, b, T * H, counter);
+  CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
+  CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  for (int i = 0; i < 1000; ++i) CHECK_CUDA(cudaGraphLaunch(exec, stream));
+  CHECK_CUDA(cudaStreamSynchronize(stream));
+  cudaMemcpy(&mismatches, bad.ptr, sizeof(mismatches), cudaMemcpyDeviceToHost);
+  EXPECT_EQ(mismatches, 0ull) << "graph replays differ";
+  // Eager again after the replays: the device epoch kept advancing.
+  FusedOptionsScope sync({.sync_check = true});
+  layer.forward(fa, ForwardOutputs{.y = y.view});
+  count_mismatches<<<32, 256, 0, stream>>>(a, b, T * H, counter);
+  CHECK_CUDA(cudaStreamSynchronize(stream));
+  cudaMemcpy(&mismatches, bad.ptr, sizeof(mismatches), cudaMemcpyDeviceToHost);
+  EXPECT_EQ(mismatches, 0ull) << "eager launch after the replays differs";
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
 }
 
 }  // namespace

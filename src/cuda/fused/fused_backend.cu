@@ -1,0 +1,374 @@
+// src/cuda/fused/fused_backend.cu — Backend::kFused: the forward of the whole layer as ONE
+// cooperative launch of the persistent kernel (fused_kernel.cuh), for W ranks emulated on one
+// GPU (W slices of the grid over W symmetric heaps of one allocation). Backward (W = 1) runs the
+// modular CUDA backend, which recomputes the same routing.
+//
+// State kept across calls (per backend object): the heaps (flags carry the epoch, so they are
+// never cleared), the per-rank control words and task queues, the epoch word, the error record.
+// The epoch advances on the device, so back-to-back launches and CUDA-graph replays need no
+// reset. After a protocol error everything is cleared and the error is raised.
+#include <algorithm>
+#include <cstdlib>
+#include <mutex>
+#include <sstream>
+
+#include "core/backend.hpp"
+#include "cuda/common.cuh"
+#include "cuda/fused/fused_kernel.cuh"
+#include "cuda/fused/fused_options.hpp"
+#include "fusedmoe/planner.hpp"
+
+namespace fusedmoe {
+namespace cuda::fused {
+
+namespace {
+std::mutex g_options_mutex;
+FusedOptions g_options;
+}  // namespace
+
+void set_fused_options(const FusedOptions& options) {
+  std::lock_guard<std::mutex> lock(g_options_mutex);
+  g_options = options;
+}
+FusedOptions fused_options() {
+  std::lock_guard<std::mutex> lock(g_options_mutex);
+  return g_options;
+}
+
+namespace {
+
+template <class T>
+const T* cptr(const TensorView& v) { return v.defined() ? static_cast<const T*>(v.data) : nullptr; }
+
+bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+bool resolved_renormalize(const MoeConfig& c) {
+  if (c.gate == GateKind::kSwitchTop1) return false;
+  if (c.gate == GateKind::kGShardTop2) return true;
+  return c.renormalize;
+}
+
+const char* what_name(uint32_t what) {
+  switch (what) {
+    case kDispatchFlag: return "dispatch flag";
+    case kReturnFlag: return "return flag";
+    case kRankBarrier: return "rank barrier";
+    case kQueueSlot: return "task queue slot";
+  }
+  return "?";
+}
+
+std::string describe(const ErrorRecord& e) {
+  std::ostringstream os;
+  os << "rank " << e.rank << " (block " << e.block << ") ";
+  if (e.code == kCountMismatch) {
+    os << "expected " << e.expected << " rows back from expert " << e.a << ", its return flag says "
+       << flag_count(e.seen);
+    return os.str();
+  }
+  os << "timed out after " << static_cast<double>(e.waited_ns) / 1e6 << " ms waiting for the " << what_name(e.what);
+  if (e.what == kDispatchFlag) os << " (source " << e.a << ", local expert " << e.b << ")";
+  if (e.what == kReturnFlag) os << " of expert " << e.a;
+  if (e.what == kQueueSlot) os << " " << e.a;
+  if (e.what == kRankBarrier) os << " of rank " << e.a;
+  if (e.what == kRankBarrier || e.what == kQueueSlot)
+    os << ": expected " << e.expected << ", seen " << e.seen;
+  else
+    os << ": expected epoch " << e.expected << ", last seen flag 0x" << std::hex << e.seen << std::dec << " (epoch "
+       << flag_epoch(e.seen) << ", count " << flag_count(e.seen) << ")";
+  return os.str();
+}
+
+// Everything that persists between launches, on one device.
+struct Workspace {
+  int device = -1;
+  size_t heap_stride = 0, heaps_bytes = 0, control_bytes = 0;
+  int64_t task_capacity = 0;
+  int world = 0, experts = 0, segments = 0;
+  unsigned char* heaps = nullptr;
+  unsigned char* control = nullptr;  // RankControl[W] | tasks | ready | counters | words | record
+  ErrorRecord* host_record = nullptr;  // pinned
+  cudaEvent_t record_copied = nullptr;
+  bool record_pending = false;
+
+  RankControl* rank_control() const { return reinterpret_cast<RankControl*>(control); }
+  size_t off_tasks() const { return WorkspaceLayout::align_up(sizeof(RankControl) * world, 256); }
+  size_t off_ready() const { return off_tasks() + WorkspaceLayout::align_up(sizeof(Task) * world * task_capacity, 256); }
+  size_t off_dispatch() const { return off_ready() + WorkspaceLayout::align_up(4 * world * task_capacity, 256); }
+  size_t off_seg_done() const { return off_dispatch() + WorkspaceLayout::align_up(4 * world * experts, 256); }
+  size_t off_words() const { return off_seg_done() + WorkspaceLayout::align_up(4 * world * segments, 256); }
+  size_t off_record() const { return off_words() + 256; }
+  size_t total() const { return off_record() + WorkspaceLayout::align_up(sizeof(ErrorRecord), 256); }
+  uint32_t* word(int i) const { return reinterpret_cast<uint32_t*>(control + off_words()) + i; }
+
+  void release() {
+    if (heaps) cudaFree(heaps);
+    if (control) cudaFree(control);
+    heaps = control = nullptr;
+  }
+  ~Workspace() {
+    release();
+    if (host_record) cudaFreeHost(host_record);
+    if (record_copied) cudaEventDestroy(record_copied);
+  }
+
+  void clear(cudaStream_t stream) {
+    FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(heaps, 0, heaps_bytes, stream));
+    FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(control, 0, control_bytes, stream));
+  }
+
+  // (Re)allocates when the sizes grow or the shape of the problem changes.
+  void ensure(int dev, size_t stride, int64_t tasks, int W, int E, int segs, cudaStream_t stream) {
+    if (!host_record) {
+      FUSEDMOE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_record), sizeof(ErrorRecord), cudaHostAllocDefault));
+      *host_record = ErrorRecord{};
+      FUSEDMOE_CUDA_CHECK(cudaEventCreateWithFlags(&record_copied, cudaEventDisableTiming));
+    }
+    if (heaps && dev == device && stride <= heap_stride && tasks <= task_capacity && W == world && E == experts &&
+        segs == segments)
+      return;
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    FUSEDMOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    FUSEDMOE_CHECK(capture == cudaStreamCaptureStatusNone,
+                   "fused backend: the workspace must grow during CUDA-graph capture; run one eager forward of "
+                   "the largest shape before capturing");
+    FUSEDMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    release();
+    device = dev;
+    heap_stride = std::max(stride, heap_stride);
+    task_capacity = std::max(tasks, task_capacity);
+    world = W;
+    experts = E;
+    segments = segs;
+    heaps_bytes = heap_stride * W;
+    control_bytes = total();
+    FUSEDMOE_CUDA_CHECK(cudaMalloc(&heaps, heaps_bytes));
+    FUSEDMOE_CUDA_CHECK(cudaMalloc(&control, control_bytes));
+    clear(stream);
+  }
+};
+
+template <class T>
+class FusedBackend {
+ public:
+  void forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& args,
+               const std::vector<int64_t>& tokens_per_rank, const ForwardOutputs& out) {
+    cudaStream_t stream = static_cast<cudaStream_t>(args.stream);
+    const FusedOptions options = fused_options();
+    check_pending_error(stream);
+
+    const int W = c.world_size;
+    const int64_t Tn = args.x.shape[0], H = c.hidden_size, E = c.num_experts, k = c.top_k;
+    const int64_t max_tokens = *std::max_element(tokens_per_rank.begin(), tokens_per_rank.end());
+    TilePlan plan = make_plan(c, max_tokens, DeviceInfo{});
+    plan.layout.block_m = kTileM;
+    const WorkspaceLayout layout = WorkspaceLayout::make(plan.layout);
+    const int64_t max_local = c.max_local_experts();
+    FUSEDMOE_CHECK(W * max_local <= kMaxSegments, "fused backend: world_size x local experts = " << W * max_local
+                   << " exceeds " << kMaxSegments);
+    const int64_t n0 = c.ffn_in_width() != c.ffn_size ? ceil_div(c.ffn_size, 64) : ceil_div(c.ffn_size, kTileN);
+    const int64_t n1 = ceil_div(H, kTileN);
+    const int64_t task_capacity =
+        W * (ceil_div(W * layout.rows_per_source, kTileM) + W * max_local) * (n0 + n1) + 1;
+    int device = 0;
+    FUSEDMOE_CUDA_CHECK(cudaGetDevice(&device));
+    ws_.ensure(device, static_cast<size_t>(WorkspaceLayout::align_up(layout.total_bytes, 256)), task_capacity, W,
+               static_cast<int>(E), static_cast<int>(W * max_local), stream);
+
+    Params<T> p{};
+    p.world = W;
+    p.num_experts = static_cast<int>(E);
+    p.max_local = static_cast<int>(max_local);
+    p.top_k = static_cast<int>(k);
+    p.hidden = H;
+    p.ffn = c.ffn_size;
+    p.ffn_in = c.ffn_in_width();
+    p.ffn_kind = c.ffn;
+    p.gated = c.ffn_in_width() != c.ffn_size;
+    p.router = RouterParams{.num_tokens = Tn, .num_experts = E, .top_k = k, .gate = c.gate,
+                            .renormalize = resolved_renormalize(c), .training = args.training, .seed = args.seed,
+                            .token_offset = args.token_offset, .forced_topk_idx = args.forced_topk_idx};
+    int64_t running = 0, max_chunks = 1;
+    for (int q = 0; q < W; ++q) {
+      p.rank_begin[q] = running;
+      running += tokens_per_rank[static_cast<size_t>(q)];
+      p.capacity[q] = c.dropless() ? INT64_MAX / 4 : c.capacity(tokens_per_rank[static_cast<size_t>(q)]);
+      p.num_local[q] = static_cast<int32_t>(c.num_local_experts(q));
+      max_chunks = std::max<int64_t>(max_chunks, ceil_div(tokens_per_rank[static_cast<size_t>(q)], kChunk));
+      for (int64_t l = 0; l < max_local; ++l)
+        p.global_expert[q * max_local + l] =
+            static_cast<int16_t>(l < c.num_local_experts(q) ? c.global_expert(q, l) : -1);
+    }
+    p.rank_begin[W] = running;
+    for (int64_t e = 0; e < E; ++e) {
+      p.owner[e] = static_cast<int16_t>(c.expert_rank(e));
+      p.local_index[e] = static_cast<int16_t>(c.expert_local_index(e));
+    }
+    p.max_chunks = static_cast<int>(max_chunks);
+
+    p.x = cptr<T>(args.x);
+    p.y = static_cast<T*>(out.y.data);
+    p.gate_weight = cptr<T>(w.gate_weight);
+    p.gate_bias = cptr<T>(w.gate_bias);
+    const bool noisy = c.gate == GateKind::kNoisyTopK && args.training;
+    p.noise_weight = noisy ? cptr<T>(w.noise_weight) : nullptr;
+    p.selection_bias = cptr<T>(w.selection_bias);
+    p.w1 = cptr<T>(w.w1);
+    p.b1 = cptr<T>(w.b1);
+    p.w2 = cptr<T>(w.w2);
+    p.b2 = cptr<T>(w.b2);
+    p.aligned = aligned16(p.x) && aligned16(p.y) && aligned16(p.gate_weight) && aligned16(p.noise_weight) &&
+                aligned16(p.w1) && aligned16(p.w2);
+
+    Scratch s(stream);
+    RoutingBuffers& r = p.r;
+    r.logits = s.alloc<float>(Tn * E);
+    r.noise_pre = noisy ? s.alloc<float>(Tn * E) : nullptr;
+    r.probs = s.alloc<float>(Tn * E);
+    r.lse = s.alloc<float>(Tn);
+    r.prob_sum = s.alloc<float>(Tn);
+    r.renorm_sum = s.alloc<float>(Tn);
+    r.selected = s.alloc<int32_t>(Tn * k);
+    r.idx = out.topk_idx ? out.topk_idx : s.alloc<int32_t>(Tn * k);
+    r.weight = s.alloc<float>(Tn * k);
+    r.kept = out.kept ? out.kept : s.alloc<uint8_t>(Tn * k);
+    p.chunk_counts = s.alloc<int32_t>(W * k * max_chunks * E);
+    p.kept_rank = s.alloc<int64_t>(W * E);
+    auto* counts = s.zeros<unsigned long long>(2 * E);
+    p.routed = counts;
+    p.kept_total = counts + E;
+    r.routed = reinterpret_cast<int64_t*>(p.routed);
+    r.kept_count = reinterpret_cast<int64_t*>(p.kept_total);
+
+    p.heap_base = ws_.heaps;
+    p.heap_stride = static_cast<int64_t>(ws_.heap_stride);
+    p.layout = layout;
+    p.control = ws_.rank_control();
+    p.task_capacity = ws_.task_capacity;
+    p.tasks = reinterpret_cast<Task*>(ws_.control + ws_.off_tasks());
+    p.task_ready = reinterpret_cast<uint32_t*>(ws_.control + ws_.off_ready());
+    p.dispatch_written = reinterpret_cast<uint32_t*>(ws_.control + ws_.off_dispatch());
+    p.seg_done = reinterpret_cast<uint32_t*>(ws_.control + ws_.off_seg_done());
+    p.epoch_word = ws_.word(0);
+    p.blocks_done = ws_.word(1);
+    p.abort_word = ws_.word(2);
+    p.error = reinterpret_cast<ErrorRecord*>(ws_.control + ws_.off_record());
+    double timeout_ms = options.timeout_ms;
+    if (timeout_ms <= 0) {
+      const char* env = std::getenv("FUSEDMOE_FUSED_TIMEOUT_MS");
+      timeout_ms = env ? std::atof(env) : 5000.0;
+    }
+    p.timeout_ns = static_cast<uint64_t>(timeout_ms * 1e6);
+    p.silent_rank = options.silent_rank;
+    p.flag_before_data = options.flag_before_data;
+
+    launch(p, stream);
+
+    if (out.topk_weight.defined()) convert<T>(r.weight, static_cast<T*>(out.topk_weight.data), Tn * k, stream);
+    if (out.expert_counts)
+      FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(out.expert_counts, p.routed, sizeof(int64_t) * E, cudaMemcpyDeviceToDevice, stream));
+    if (out.kept_counts)
+      FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(out.kept_counts, p.kept_total, sizeof(int64_t) * E, cudaMemcpyDeviceToDevice, stream));
+    if (out.aux_loss || out.z_loss) balance_losses(p.router, r, out.aux_loss, out.z_loss, stream);
+
+    // The error record comes back to pinned memory after the kernel; checked now (sync_check)
+    // or at the next forward.
+    FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(ws_.host_record, p.error, sizeof(ErrorRecord), cudaMemcpyDeviceToHost, stream));
+    FUSEDMOE_CUDA_CHECK(cudaEventRecord(ws_.record_copied, stream));
+    ws_.record_pending = true;
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    FUSEDMOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (options.sync_check && capture == cudaStreamCaptureStatusNone) {
+      FUSEDMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+      check_pending_error(stream);
+    }
+  }
+
+ private:
+  void launch(const Params<T>& p, cudaStream_t stream) {
+    static_assert(sizeof(Params<T>) <= 32000, "kernel parameters too large");
+    const size_t smem = sizeof(SharedUnion<T>) + sizeof(TaskSmem);
+    auto kernel = fused_moe_kernel<T>;
+    FUSEDMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    int device = 0, sms = 0, per_sm = 0;
+    FUSEDMOE_CUDA_CHECK(cudaGetDevice(&device));
+    FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    FUSEDMOE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    const int resident = sms * per_sm;
+    const int per_rank = resident / p.world;
+    FUSEDMOE_CHECK(per_rank >= 1, "fused backend: " << p.world << " emulated ranks need at least one resident block "
+                                   "each; this GPU holds " << resident);
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(per_rank * p.world));
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeCooperative;  // all blocks resident, or the launch fails
+    attribute.val.cooperative = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    FUSEDMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+  }
+
+  void check_pending_error(cudaStream_t stream) {
+    if (!ws_.record_pending) return;
+    if (cudaEventQuery(ws_.record_copied) != cudaSuccess) return;  // not finished yet: next time
+    ws_.record_pending = false;
+    const ErrorRecord e = *ws_.host_record;
+    if (e.code == kNoError) return;
+    *ws_.host_record = ErrorRecord{};
+    ws_.clear(stream);  // flags, counters and queues restart from epoch 0
+    FUSEDMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    FUSEDMOE_CHECK(false, "fused backend: " << describe(e));
+  }
+
+  Workspace ws_;
+};
+
+class FusedBackendDispatch final : public BackendImpl {
+ public:
+  void forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& a, const std::vector<int64_t>& tpr,
+               const ForwardOutputs& o) override {
+    check(c, a);
+    switch (c.dtype) {
+      case DType::kFloat32: f32_.forward(c, w, a, tpr, o); break;
+      case DType::kBFloat16: bf16_.forward(c, w, a, tpr, o); break;
+      case DType::kFloat16: f16_.forward(c, w, a, tpr, o); break;
+      default: break;
+    }
+  }
+  void backward(const MoeConfig& c, const MoeWeights& w, const BackwardArgs& a, const std::vector<int64_t>& tpr,
+                const MoeGrads& g) override {
+    FUSEDMOE_CHECK(c.world_size == 1, "fused backend: backward with world_size = " << c.world_size
+                   << " emulated ranks is not supported; the forward runs fused, backward needs world_size = 1");
+    if (!modular_) modular_ = make_cuda_backend();
+    modular_->backward(c, w, a, tpr, g);
+  }
+
+ private:
+  static void check(const MoeConfig& c, const ForwardArgs& a) {
+    FUSEDMOE_CHECK(c.dtype != DType::kFloat64, "fused backend: dtype fp64 is not supported (fp32, bf16, fp16)");
+    FUSEDMOE_CHECK(c.dtype != DType::kFloat32 || c.fp32_math == Fp32Math::kTf32,
+                   "fused backend: fp32 runs its GEMMs as TF32; exact fp32 (fp32_math = exact) needs backend cuda");
+    FUSEDMOE_CHECK(c.world_size <= kMaxWorld, "fused backend: world_size " << c.world_size << " > " << kMaxWorld);
+    FUSEDMOE_CHECK(c.num_experts <= kMaxExperts, "fused backend: num_experts " << c.num_experts << " > " << kMaxExperts);
+    FUSEDMOE_CHECK(c.top_k <= kMaxTopK, "fused backend: top_k " << c.top_k << " > " << kMaxTopK);
+    FUSEDMOE_CHECK(c.num_shared_experts == 0, "fused backend: shared experts are not fused yet (num_shared_experts = "
+                   << c.num_shared_experts << "); use backend cuda");
+    FUSEDMOE_CHECK(!(c.gate == GateKind::kSwitchTop1 && a.training && c.jitter_eps > 0),
+                   "fused backend: the Switch gate's router jitter (training, jitter_eps > 0) is not fused yet; "
+                   "use backend cuda");
+  }
+  FusedBackend<float> f32_;
+  FusedBackend<__nv_bfloat16> bf16_;
+  FusedBackend<__half> f16_;
+  std::unique_ptr<BackendImpl> modular_;
+};
+
+}  // namespace
+}  // namespace cuda::fused
+
+std::unique_ptr<BackendImpl> make_fused_backend() { return std::make_unique<cuda::fused::FusedBackendDispatch>(); }
+
+}  // namespace fusedmoe

@@ -1,0 +1,982 @@
+// src/cuda/fused/fused_kernel.cuh — the single persistent kernel of the fused MoE forward.
+//
+// One cooperative launch per GPU runs router -> dispatch -> expert GEMM0 (+ activation) ->
+// GEMM1 -> return -> combine for W ranks. With emulated ranks, W ranks are W slices of the grid
+// over one allocation of W symmetric heaps (heap q at base + q * heap_stride); a real transport
+// gives the same peer pointers for peer GPUs. Every buffer of a heap is addressed through
+// WorkspaceLayout (fusedmoe/layout.hpp), flags are {epoch:32 | count:32} words.
+//
+// Rank r's blocks (B = gridDim.x / W of them), in order:
+//   P1 router   token chunks of 128: logits on tensor cores (fp32), gate + top-k per warp
+//               (router_device.cuh), per-chunk expert counts per choice j. Then the ONE barrier
+//               of the kernel (rank r's blocks only): slots need all of the rank's counts.
+//   P2 dispatch per chunk: choice-major capacity slots, every kept row copied (16-B vectors)
+//               into the owner's recv_rows with its token.k + j in recv_meta. The block whose
+//               rows complete (source r, expert e) — a per-(r, e) arrival counter — raises the
+//               owner's recv_flags[r][e_local] = {epoch, count} with a system-scope release;
+//               experts with no rows get {epoch, 0} from chunk 0. P2 never waits.
+//   P3 experts  segments (source s, local expert) are claimed one by one; the claimer waits for
+//               the segment's flag (and, dropless, the flags before it, for the row offset),
+//               then pushes one GEMM0 task per (128-row tile, column tile) into rank r's task
+//               queue. A GEMM0 tile runs the up projection with the activation fused (gated:
+//               gate and up columns interleaved per 16 in one tile) into `hidden`; the last
+//               column tile of a row tile (counter) pushes that row tile's GEMM1 tasks. GEMM1
+//               tiles store their rows straight into the source's ret_rows[token.k + j]; the
+//               last tile of a segment raises the source's ret_flags[e] = {epoch, count}.
+//   P4 combine  warp per token: wait for the return flag of each kept choice (count checked),
+//               y = sum_j w_j * row_j in fixed j order, fp32 accumulation.
+//
+// Why no cycle of waits can form (all blocks are resident: cooperative launch):
+//   - the barrier after P1 waits only for P1 of the same rank, which never waits;
+//   - P2 never waits; every dispatch flag of every rank is raised once all ranks passed P1;
+//   - a segment claimer waits only for dispatch flags (P2);
+//   - a queue slot is filled either by a claimer (waits only on P2) or by the completion of a
+//     GEMM0 task with a smaller slot, and a task, once taken, runs without waiting; a block
+//     leaves P3 only when every segment is claimed and every task index is taken, so what it
+//     leaves behind is running;
+//   - P4 waits for return flags, raised by P3 tasks that are running or queued (above).
+// Every wait is bounded (globaltimer) and polls a shared abort word; the first failure records
+// {code, rank, block, what, a, b, expected, seen} for the host, which raises it.
+//
+// Epochs: the epoch of a launch is (device epoch word) + 1, read by every block at entry; the
+// last block to finish resets the per-rank control words and bumps the epoch word, so
+// back-to-back launches and CUDA-graph replays need no reset kernel and no host argument.
+//
+// Tiles: 128 x 128 x 32 on mma.sync tensor cores (nvcuda::wmma; fp32 data as TF32), 8 warps of
+// 64 x 32 outputs, operands staged in shared memory with 16-B loads. This engine runs on every
+// GPU of compute capability >= 8.0; the Hopper wgmma/TMA engine (src/cuda/gemm) is not yet used
+// inside this kernel.
+#pragma once
+
+#include <mma.h>
+
+#include <cstdint>
+
+#include "cuda/router_device.cuh"
+#include "cuda/wmma_gemm.cuh"
+#include "fusedmoe/layout.hpp"
+
+namespace fusedmoe::cuda::fused {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileM = 128, kTileN = 128, kTileK = 32;
+constexpr int kChunk = 128;       // tokens per router / dispatch chunk
+constexpr int kMaxTopK = 8;
+constexpr int kMaxExperts = 256;
+constexpr int kMaxWorld = 64;
+constexpr int kMaxSegments = 1024;  // W * max_local_experts
+
+// ---------------------------------------------------------------------------- error record --
+enum ErrorCode : uint32_t { kNoError = 0, kTimeout = 1, kCountMismatch = 2 };
+enum WaitWhat : uint32_t { kDispatchFlag = 1, kReturnFlag = 2, kRankBarrier = 3, kQueueSlot = 4 };
+
+struct ErrorRecord {
+  uint32_t code;
+  uint32_t what;
+  int32_t rank;
+  int32_t block;
+  int64_t a, b;           // dispatch flag: source, local expert; return flag: expert; slot: index
+  uint32_t expected;      // epoch (timeout) or count (mismatch)
+  uint32_t pad;
+  uint64_t seen;          // last value seen
+  uint64_t waited_ns;
+};
+
+// Per-rank control words (rank-local memory, reset by the last block of each launch).
+struct RankControl {
+  uint32_t barrier;       // P1 arrivals
+  uint32_t seg_next;      // next segment to claim
+  uint32_t segs_done;     // segments whose tasks are counted and pushed
+  uint32_t total_tasks;   // tasks of all pushed segments (GEMM0 + GEMM1)
+  uint32_t q_head;        // next task index to take
+  uint32_t q_tail;        // next task index to reserve
+  uint32_t dispatched;    // blocks of the rank past P2 (combine reads the rank's kept flags)
+  uint32_t pad;
+};
+
+struct Task {
+  int32_t row_begin;  // first row of the tile in the rank's recv_rows / hidden
+  int32_t row_end;    // end of the segment's rows
+  int32_t seg;        // segment (source * E_local + local expert); bit 30 set: GEMM1
+  int32_t tile;       // m_tile << 16 | n_tile
+};
+constexpr int32_t kGemm1Bit = 1 << 30;
+
+// ------------------------------------------------------------------------------- params --
+template <class T>
+struct Params {
+  // Problem
+  int world, num_experts, max_local, top_k;
+  int64_t hidden, ffn, ffn_in;   // H, I, N1
+  FfnKind ffn_kind;
+  bool gated;
+  RouterParams router;           // num_tokens = all ranks' tokens
+  // Placement tables travel in the parameters (no host-to-device copies: capturable).
+  int64_t rank_begin[kMaxWorld + 1];     // token range of each rank
+  int64_t capacity[kMaxWorld];           // rows per (source rank, expert)
+  int16_t owner[kMaxExperts];            // owning rank of each expert
+  int16_t local_index[kMaxExperts];      // index among the owner's experts
+  int16_t global_expert[kMaxSegments];   // [W][max_local] (-1 past a rank's experts)
+  int32_t num_local[kMaxWorld];
+  int max_chunks;                // chunks of the largest rank (>= 1)
+  bool aligned;                  // x, y, weights and the heaps are 16-B aligned (vector access)
+  // Tensors
+  const T* x;                    // [T, H]
+  T* y;                          // [T, H]
+  const T* gate_weight;          // [E, H]
+  const T* gate_bias;            // [E] or null
+  const T* noise_weight;         // [E, H] (noisy gate in training) or null
+  const T* selection_bias;       // [E] or null
+  const T* w1;                   // [E, H, N1]
+  const T* b1;                   // [E, N1] or null
+  const T* w2;                   // [E, I, H]
+  const T* b2;                   // [E, H] or null
+  RoutingBuffers r;              // logits/probs/lse/prob_sum/renorm_sum/selected/idx/weight/kept [T...]
+  int32_t* chunk_counts;         // [W][k][max_chunks][E]
+  int64_t* kept_rank;            // [W][E] kept rows of (source rank, expert)
+  uint32_t* dispatch_written;    // [W][E] arrival counters (reset by their completer)
+  uint32_t* seg_done;            // [W][W * max_local] GEMM1 tiles done per segment of each rank
+  unsigned long long* routed;    // [E] (zeroed by the host) routed counts, all ranks
+  unsigned long long* kept_total;// [E] (zeroed by the host)
+  // Heaps
+  unsigned char* heap_base;
+  int64_t heap_stride;
+  WorkspaceLayout layout;
+  // Control
+  RankControl* control;          // [W]
+  Task* tasks;                   // [W][task_capacity]
+  uint32_t* task_ready;          // [W][task_capacity] epoch of the launch that published it
+  int64_t task_capacity;
+  uint32_t* epoch_word;
+  uint32_t* blocks_done;
+  uint32_t* abort_word;
+  ErrorRecord* error;
+  uint64_t timeout_ns;
+  // Faults (tests)
+  int silent_rank;
+  bool flag_before_data;
+};
+
+// ------------------------------------------------------------------------- memory order --
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release_gpu(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// ------------------------------------------------------------------------------- context --
+template <class T>
+struct Ctx {
+  const Params<T>& p;
+  uint32_t epoch;
+  int rank, blocks_per_rank, local_block;
+
+  __device__ unsigned char* heap(int q) const { return p.heap_base + q * p.heap_stride; }
+  __device__ uint64_t* recv_flag(int owner, int source, int local) const {
+    return reinterpret_cast<uint64_t*>(heap(owner) + p.layout.recv_flags.offset) +
+           p.layout.recv_flag_index(source, local);
+  }
+  __device__ uint64_t* ret_flag(int source, int expert) const {
+    return reinterpret_cast<uint64_t*>(heap(source) + p.layout.ret_flags.offset) + p.layout.ret_flag_index(expert, 0);
+  }
+  __device__ bool aborted() const { return *reinterpret_cast<volatile uint32_t*>(p.abort_word) != 0; }
+
+  __device__ void fail(uint32_t code, uint32_t what, int64_t a, int64_t b, uint32_t expected, uint64_t seen,
+                       uint64_t waited) const {
+    if (atomicCAS(p.abort_word, 0u, 1u) == 0u) {
+      ErrorRecord e{code, what, rank, static_cast<int32_t>(blockIdx.x), a, b, expected, 0u, seen, waited};
+      *p.error = e;
+      __threadfence_system();
+    }
+  }
+
+  // Acquire-waits until the flag's epoch reaches this launch's; false on timeout or abort.
+  __device__ bool wait_flag(const uint64_t* flag, uint64_t* value, uint32_t what, int64_t a, int64_t b) const {
+    const uint64_t start = global_ns();
+    for (uint32_t spins = 0;; ++spins) {
+      const uint64_t v = ld_acquire_sys(flag);
+      if (epoch_reached(flag_epoch(v), epoch)) {
+        *value = v;
+        return true;
+      }
+      if ((spins & 31u) == 31u) {
+        if (aborted()) return false;
+        const uint64_t waited = global_ns() - start;
+        if (waited > p.timeout_ns) {
+          fail(kTimeout, what, a, b, epoch, v, waited);
+          return false;
+        }
+        __nanosleep(64);
+      }
+    }
+  }
+  // Acquire-waits until *word >= target (wrap-safe); false on timeout or abort.
+  __device__ bool wait_count(const uint32_t* word, uint32_t target, uint32_t what, int64_t a) const {
+    const uint64_t start = global_ns();
+    for (uint32_t spins = 0;; ++spins) {
+      const uint32_t v = ld_acquire_gpu(word);
+      if (static_cast<int32_t>(v - target) >= 0) return true;
+      if ((spins & 31u) == 31u) {
+        if (aborted()) return false;
+        const uint64_t waited = global_ns() - start;
+        if (waited > p.timeout_ns) {
+          fail(kTimeout, what, a, 0, target, v, waited);
+          return false;
+        }
+        __nanosleep(64);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------- shared memory --
+template <class T>
+struct GemmSmem {
+  cuda::detail::SmemTile<T, kTileM, kTileK> a;         // [128][32 + pad]
+  union {
+    cuda::detail::SmemTile<T, kTileK, kTileN> b;       // [32][128 + pad]: B with N contiguous
+    cuda::detail::SmemTile<T, kTileN, kTileK> bk;      // [128][32 + pad]: B with K contiguous
+  };
+  float stage[kWarps][16][16 + 4];
+};
+struct RouterSmem {
+  float score[kWarps][kMaxExperts];
+  int32_t counts[kMaxTopK][kMaxExperts];
+};
+struct DispatchSmem {
+  int32_t base[kMaxTopK][kMaxExperts];   // choice-major prefix of this chunk, per (j, e)
+  int32_t kept[kMaxExperts];             // kept rows of (rank, e)
+  int32_t psum[kMaxExperts];             // rows before e among its owner's experts (dropless)
+  int32_t written[kMaxExperts];          // rows this block wrote per expert
+  int32_t running[kWarps][kMaxExperts];  // per-warp ranks within the chunk
+  int32_t list_dst[kChunk * kMaxTopK];   // destination row (owner's recv_rows) or -1
+  int32_t list_owner[kChunk * kMaxTopK];
+};
+template <class T>
+union SharedUnion {
+  GemmSmem<T> gemm;
+  RouterSmem router;
+  DispatchSmem dispatch;
+};
+struct TaskSmem {
+  Task task;
+  int32_t state;  // 0: run task, 1: exit loop, 2: segment handled (loop again)
+};
+
+// -------------------------------------------------------------------- tile main loop --
+// acc (per warp 4 x 2 fragments of 16 x 16) = A[rows of the tile, 0:K] · B[0:K, columns],
+// A row-major with row stride lda (rows >= row_count read as zero), B[k][col] = b_col(k, c)
+// given by `load_b` (fills the shared tile). Must be called by all 256 threads.
+template <class T>
+using Frag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, std::is_same_v<T, float> ? 8 : 16, float>;
+
+template <class T, bool kBNContig, class LoadB>
+__device__ __forceinline__ void mma_tile(GemmSmem<T>& s, const T* a, int64_t lda, int64_t row_count, int64_t K,
+                                         bool vector_a, LoadB load_b, Frag<T> (&acc)[4][2]) {
+  using namespace nvcuda;
+  constexpr bool kTf32 = std::is_same_v<T, float>;
+  constexpr int kStepK = kTf32 ? 8 : 16;
+  using FragElement = std::conditional_t<kTf32, wmma::precision::tf32, T>;
+  using BLayout = std::conditional_t<kBNContig, wmma::row_major, wmma::col_major>;
+  const int warp = threadIdx.x / 32, warp_m = warp / 4, warp_n = warp % 4;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+    cuda::detail::load_tile(s.a, a, lda, 0, row_count, k0, K, vector_a);
+    load_b(k0);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTileK; kk += kStepK) {
+      wmma::fragment<wmma::matrix_a, 16, 16, kStepK, FragElement, wmma::row_major> fa[4];
+      wmma::fragment<wmma::matrix_b, 16, 16, kStepK, FragElement, BLayout> fb[2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], &s.a.data[warp_m * 64 + i * 16][kk], kTileK + cuda::detail::kWmmaPad);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int nn = warp_n * 32 + j * 16;
+        if constexpr (kBNContig) {
+          wmma::load_matrix_sync(fb[j], &s.b.data[kk][nn], kTileN + cuda::detail::kWmmaPad);
+        } else {
+          wmma::load_matrix_sync(fb[j], &s.bk.data[nn][kk], kTileK + cuda::detail::kWmmaPad);
+        }
+      }
+      if constexpr (kTf32) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int e = 0; e < fa[i].num_elements; ++e) fa[i].x[e] = wmma::__float_to_tf32(fa[i].x[e]);
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e = 0; e < fb[j].num_elements; ++e) fb[j].x[e] = wmma::__float_to_tf32(fb[j].x[e]);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+}
+
+// B tile from a row-major [K][ldb] matrix, tile column c <- source column col_of(c) (-1: zero),
+// in runs of 8 consecutive columns (16-B loads when `vector`).
+template <class T, class ColOf>
+__device__ __forceinline__ void load_b_rows(GemmSmem<T>& s, const T* b, int64_t ldb, int64_t k0, int64_t K, ColOf col_of,
+                                            bool vector) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  constexpr int kRuns = kTileK * kTileN / kVec;
+  for (int i = threadIdx.x; i < kRuns; i += kThreads) {
+    const int kk = i / (kTileN / kVec), c = (i % (kTileN / kVec)) * kVec;
+    const int64_t gk = k0 + kk;
+    T* dst = &s.b.data[kk][c];
+    const int64_t col = col_of(c);  // first column of the run; runs never straddle a boundary
+    if (vector && gk < K && col >= 0 && col_of(c + kVec - 1) == col + kVec - 1) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(b + gk * ldb + col);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const int64_t ce = col_of(c + e);
+        dst[e] = (gk < K && ce >= 0) ? b[gk * ldb + ce] : from_f32<T>(0.f);
+      }
+    }
+  }
+}
+
+// B tile from a [N][ldb] matrix with K contiguous (the router weight [E, H]): stored [N][K].
+template <class T>
+__device__ __forceinline__ void load_b_kmajor(GemmSmem<T>& s, const T* b, int64_t ldb, int64_t n0, int64_t N,
+                                              int64_t k0, int64_t K, bool vector) {
+  cuda::detail::load_tile(s.bk, b, ldb, n0, N, k0, K, vector);
+}
+
+// Each warp's 16 x 16 output blocks through its staging tile: visit(row, col, value) for the
+// fragment (i, j) with tile-relative coordinates.
+template <class T, class Visit>
+__device__ __forceinline__ void store_frag(GemmSmem<T>& s, const Frag<T>& f, int row0, int col0, Visit visit) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  nvcuda::wmma::store_matrix_sync(&s.stage[warp][0][0], f, 16 + 4, nvcuda::wmma::mem_row_major);
+  __syncwarp();
+  for (int e = lane; e < 256; e += 32) visit(row0 + e / 16, col0 + e % 16, s.stage[warp][e / 16][e % 16]);
+  __syncwarp();
+}
+
+__device__ __forceinline__ float act_of(FfnKind kind, float x) {
+  switch (kind) {
+    case FfnKind::kReluMlp: return x > 0.f ? x : 0.f;
+    case FfnKind::kSwiGlu: return x / (1.f + expf(-x));
+    default: return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+  }
+}
+
+// ------------------------------------------------------------------------------- phases --
+template <class T>
+__device__ void router_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
+  const Params<T>& p = ctx.p;
+  const int64_t begin = p.rank_begin[ctx.rank], tokens = p.rank_begin[ctx.rank + 1] - begin;
+  const int64_t chunks = tokens > 0 ? (tokens + kChunk - 1) / kChunk : 1;
+  const int E = p.num_experts, k = p.top_k;
+  const int64_t H = p.hidden;
+  const int warp = threadIdx.x / 32, warp_m = warp / 4, warp_n = warp % 4, lane = threadIdx.x % 32;
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  const bool vec = p.aligned && (H % kVec) == 0;
+  for (int64_t c = ctx.local_block; c < chunks; c += ctx.blocks_per_rank) {
+    const int64_t t0 = begin + c * kChunk;
+    const int64_t rows = tokens > 0 ? (tokens - c * kChunk < kChunk ? tokens - c * kChunk : int64_t(kChunk)) : int64_t(0);
+    if (rows > 0) {
+      // Logits (and the noisy gate's x·Wnᵀ), fp32 on tensor cores.
+      const bool noisy = p.noise_weight != nullptr;
+      for (int pass = 0; pass < (noisy ? 2 : 1); ++pass) {
+        const T* wg = pass == 0 ? p.gate_weight : p.noise_weight;
+        float* out = pass == 0 ? p.r.logits : p.r.noise_pre;
+        for (int n0 = 0; n0 < E; n0 += kTileN) {
+          Frag<T> acc[4][2];
+          mma_tile<T, false>(sm.gemm, p.x + t0 * H, H, rows, H, vec,
+                             [&](int64_t k0) { load_b_kmajor(sm.gemm, wg, H, n0, E, k0, H, vec); }, acc);
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+              store_frag(sm.gemm, acc[i][j], warp_m * 64 + i * 16, warp_n * 32 + j * 16, [&](int row, int col, float v) {
+                const int e = n0 + col;
+                if (row < rows && e < E) {
+                  if (pass == 0 && p.gate_bias) v += to_f32(p.gate_bias[e]);
+                  out[(t0 + row) * E + e] = v;
+                }
+              });
+        }
+      }
+      __syncthreads();
+      if (noisy) {  // logits += eps * softplus(x·Wnᵀ)
+        for (int64_t i = threadIdx.x; i < rows * E; i += kThreads) {
+          const int64_t t = t0 + i / E, e = i % E;
+          const double eps = noise::normal(p.router.seed, noise::kNoisyGate,
+                                           static_cast<uint64_t>(p.router.token_offset + t), static_cast<uint64_t>(e));
+          const float pre = p.r.noise_pre[t * E + e];
+          const float softplus = pre > 30.f ? pre : log1pf(expf(pre));
+          p.r.logits[t * E + e] += static_cast<float>(eps) * softplus;
+        }
+        __syncthreads();
+      }
+      for (int64_t i = warp; i < rows; i += kWarps)
+        gate_topk_token<T>(p.router, p.selection_bias, p.r, t0 + i, sm.router.score[warp]);
+      __syncthreads();
+    }
+    // Per-chunk counts per choice (choice-major slots need them for every chunk of the rank).
+    for (int i = threadIdx.x; i < k * E; i += kThreads) sm.router.counts[i / E][i % E] = 0;
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < rows * k; i += kThreads) {
+      const int32_t e = p.r.idx[(t0 + i / k) * k + i % k];
+      if (e >= 0) atomicAdd(&sm.router.counts[i % k][e], 1);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < k * E; i += kThreads) {
+      const int j = i / E, e = i % E;
+      p.chunk_counts[((static_cast<int64_t>(ctx.rank) * k + j) * p.max_chunks + c) * E + e] = sm.router.counts[j][e];
+    }
+    __syncthreads();
+  }
+  (void)lane;
+}
+
+template <class T>
+__device__ void signal_dispatch(const Ctx<T>& ctx, int e, int64_t count) {
+  const int owner = ctx.p.owner[e], local = ctx.p.local_index[e];
+  st_release_sys(ctx.recv_flag(owner, ctx.rank, local), make_flag(ctx.epoch, static_cast<uint32_t>(count)));
+}
+
+template <class T>
+__device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
+  const Params<T>& p = ctx.p;
+  DispatchSmem& s = sm.dispatch;
+  const int r = ctx.rank;
+  const int64_t begin = p.rank_begin[r], tokens = p.rank_begin[r + 1] - begin;
+  const int64_t chunks = tokens > 0 ? (tokens + kChunk - 1) / kChunk : 1;
+  const int E = p.num_experts, k = p.top_k;
+  const int64_t H = p.hidden, cap = p.capacity[r];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int32_t* counts = p.chunk_counts + static_cast<int64_t>(r) * k * p.max_chunks * E;
+  const int64_t row_bytes = H * static_cast<int64_t>(sizeof(T));
+  for (int64_t c = ctx.local_block; c < chunks; c += ctx.blocks_per_rank) {
+    // Choice-major prefix of this chunk and the rank's kept counts.
+    for (int e = threadIdx.x; e < E; e += kThreads) {
+      int64_t running = 0;
+      for (int j = 0; j < k; ++j) {
+        for (int64_t c2 = 0; c2 < chunks; ++c2) {
+          if (c2 == c) s.base[j][e] = static_cast<int32_t>(running);
+          running += counts[(static_cast<int64_t>(j) * p.max_chunks + c2) * E + e];
+        }
+      }
+      s.kept[e] = static_cast<int32_t>(running < cap ? running : cap);
+      s.written[e] = 0;
+      if (c == 0) {
+        p.kept_rank[static_cast<int64_t>(r) * E + e] = s.kept[e];
+        atomicAdd(p.routed + e, static_cast<unsigned long long>(running));
+        atomicAdd(p.kept_total + e, static_cast<unsigned long long>(s.kept[e]));
+      }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += kThreads) {
+      int64_t before = 0;
+      const int owner = p.owner[e], local = p.local_index[e];
+      for (int e2 = 0; e2 < E; ++e2)
+        if (p.owner[e2] == owner && p.local_index[e2] < local) before += s.kept[e2];
+      s.psum[e] = static_cast<int32_t>(before);
+    }
+    __syncthreads();
+    const bool planted = p.flag_before_data;
+    if (c == 0) {
+      // Experts this rank sends nothing to still get their {epoch, 0} flag (from chunk 0); with
+      // the planted fault every flag is raised here, before any row is written.
+      for (int e = threadIdx.x; e < E; e += kThreads)
+        if (s.kept[e] == 0 || planted) signal_dispatch(ctx, e, s.kept[e]);
+      if (planted) {
+        const uint64_t start = global_ns();
+        while (global_ns() - start < 2000000ull) __nanosleep(1000);
+      }
+    }
+    // Slots: warp j ranks choice j over the chunk's tokens in token order.
+    const int64_t t0 = begin + c * kChunk;
+    const int64_t rows = tokens > 0 ? (tokens - c * kChunk < kChunk ? tokens - c * kChunk : int64_t(kChunk)) : int64_t(0);
+    for (int j = warp; j < k; j += kWarps) {
+      for (int e = lane; e < E; e += 32) s.running[warp][e] = 0;
+      __syncwarp();
+      for (int g = 0; g < kChunk / 32; ++g) {
+        const int64_t i_local = g * 32 + lane;
+        const int64_t t = t0 + i_local;
+        const int32_t e = i_local < rows ? p.r.idx[t * k + j] : -1;
+        const unsigned peers = __match_any_sync(0xffffffffu, e);
+        const int rank_in = __popc(peers & ((1u << lane) - 1u));
+        const int32_t base = e >= 0 ? s.running[warp][e] : 0;
+        __syncwarp();
+        if (e >= 0 && rank_in == 0) s.running[warp][e] = base + __popc(peers);
+        __syncwarp();
+        if (i_local >= rows) continue;
+        const int slot = i_local * k + j;
+        if (e < 0) {
+          p.r.kept[t * k + j] = 0;
+          s.list_dst[slot] = -1;
+          continue;
+        }
+        const int64_t pos = static_cast<int64_t>(s.base[j][e]) + base + rank_in;
+        const bool kept = pos < cap;
+        p.r.kept[t * k + j] = kept ? 1 : 0;
+        if (kept) {
+          s.list_dst[slot] = static_cast<int32_t>(p.layout.recv_row(r, p.local_index[e], s.psum[e], pos));
+          s.list_owner[slot] = p.owner[e];
+          atomicAdd(&s.written[e], 1);
+        } else {
+          s.list_dst[slot] = -1;
+        }
+      }
+    }
+    __syncthreads();
+    // Rows (16-B vectors when aligned) and their token·k + j, one warp per row.
+    constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+    for (int64_t i = warp; i < rows * k; i += kWarps) {
+      const int32_t dst = s.list_dst[i];
+      if (dst < 0) continue;
+      const int64_t t = t0 + i / k;
+      unsigned char* h = ctx.heap(s.list_owner[i]);
+      T* out = reinterpret_cast<T*>(h + p.layout.recv_rows.offset + dst * row_bytes);
+      const T* in = p.x + t * H;
+      if (p.aligned && H % kVec == 0) {
+        for (int64_t col = lane * kVec; col < H; col += 32 * kVec)
+          *reinterpret_cast<uint4*>(out + col) = *reinterpret_cast<const uint4*>(in + col);
+      } else {
+        for (int64_t col = lane; col < H; col += 32) out[col] = in[col];
+      }
+      if (lane == 0)
+        reinterpret_cast<int32_t*>(h + p.layout.recv_meta.offset)[dst] = static_cast<int32_t>((t - begin) * k + i % k);
+    }
+    __threadfence_system();
+    __syncthreads();
+    if (!planted) {
+      for (int e = threadIdx.x; e < E; e += kThreads) {
+        const int32_t n = s.written[e];
+        if (n == 0) continue;
+        uint32_t* counter = p.dispatch_written + static_cast<int64_t>(r) * E + e;
+        const uint32_t before = atomicAdd(counter, static_cast<uint32_t>(n));
+        if (static_cast<int64_t>(before) + n == s.kept[e]) {  // this block completed (r, e)
+          *counter = 0;  // nobody adds to it again in this launch
+          __threadfence_system();
+          signal_dispatch(ctx, e, s.kept[e]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// --------------------------------------------------------------------------- expert tasks --
+template <class T>
+struct SegmentInfo {
+  int source, local, expert;
+};
+
+template <class T>
+__device__ __forceinline__ int n_tiles0(const Params<T>& p) {
+  return static_cast<int>(p.gated ? (p.ffn + 63) / 64 : (p.ffn + kTileN - 1) / kTileN);
+}
+template <class T>
+__device__ __forceinline__ int n_tiles1(const Params<T>& p) {
+  return static_cast<int>((p.hidden + kTileN - 1) / kTileN);
+}
+
+// Reserves `count` queue slots and publishes tasks produced by make(i).
+template <class T, class Make>
+__device__ void push_tasks(const Ctx<T>& ctx, int count, Make make) {
+  const Params<T>& p = ctx.p;
+  RankControl& ctl = p.control[ctx.rank];
+  const uint32_t first = atomicAdd(&ctl.q_tail, static_cast<uint32_t>(count));
+  Task* tasks = p.tasks + static_cast<int64_t>(ctx.rank) * p.task_capacity;
+  uint32_t* ready = p.task_ready + static_cast<int64_t>(ctx.rank) * p.task_capacity;
+  for (int i = 0; i < count; ++i) tasks[first + i] = make(i);
+  __threadfence();
+  for (int i = 0; i < count; ++i) st_release_gpu(ready + first + i, ctx.epoch);
+}
+
+// Thread 0 of the block: claims and handles one segment. Returns false when none is left.
+template <class T>
+__device__ bool claim_segment(const Ctx<T>& ctx) {
+  const Params<T>& p = ctx.p;
+  RankControl& ctl = p.control[ctx.rank];
+  const int W = p.world;
+  const int nl = p.num_local[ctx.rank];
+  const uint32_t segments = static_cast<uint32_t>(W * nl);
+  if (ld_acquire_gpu(&ctl.seg_next) >= segments) return false;
+  const uint32_t claimed = atomicAdd(&ctl.seg_next, 1u);
+  if (claimed >= segments) return false;
+  // Order: our own rows first, then the other sources.
+  const int source = (ctx.rank + static_cast<int>(claimed) / nl) % W;
+  const int local = static_cast<int>(claimed) % nl;
+  uint64_t flag = 0;
+  int64_t psum = 0;
+  const bool dropless = p.layout.p.capacity == 0;
+  bool ok = true;
+  for (int l = dropless ? 0 : local; l <= local && ok; ++l) {
+    ok = ctx.wait_flag(ctx.recv_flag(ctx.rank, source, l), &flag, kDispatchFlag, source, l);
+    if (ok && l < local) psum += flag_count(flag);
+  }
+  uint32_t total = 0;
+  if (ok) {
+    const int64_t count = flag_count(flag);
+    const int64_t first = p.layout.recv_row(source, local, psum, 0);
+    const int m_tiles = static_cast<int>((count + kTileM - 1) / kTileM);
+    const int n0 = n_tiles0(p);
+    total = static_cast<uint32_t>(m_tiles) * static_cast<uint32_t>(n0 + n_tiles1(p));
+    const int seg = source * p.max_local + local;
+    if (total > 0) {
+      atomicAdd(&ctl.total_tasks, total);
+      push_tasks(ctx, m_tiles * n0, [&](int i) {
+        const int m = i % m_tiles, n = i / m_tiles;
+        return Task{static_cast<int32_t>(first + int64_t(m) * kTileM), static_cast<int32_t>(first + count), seg,
+                    (m << 16) | n};
+      });
+    }
+  }
+  __threadfence();
+  atomicAdd(&ctl.segs_done, 1u);
+  return true;
+}
+
+template <class T>
+__device__ void run_gemm0(const Ctx<T>& ctx, SharedUnion<T>& sm, const Task& task) {
+  const Params<T>& p = ctx.p;
+  const int source = task.seg / p.max_local, local = task.seg % p.max_local;
+  const int e = p.global_expert[ctx.rank * p.max_local + local];
+  const int m_tile = task.tile >> 16, n_tile = task.tile & 0xffff;
+  const int64_t H = p.hidden, I = p.ffn, N1 = p.ffn_in;
+  unsigned char* h = ctx.heap(ctx.rank);
+  const T* a = reinterpret_cast<const T*>(h + p.layout.recv_rows.offset) + task.row_begin * H;
+  T* hidden = reinterpret_cast<T*>(h + p.layout.hidden.offset);
+  const int64_t rows = ((kTileM) < (task.row_end - task.row_begin) ? static_cast<int64_t>(kTileM) : static_cast<int64_t>(task.row_end - task.row_begin));
+  const T* w1 = p.w1 + static_cast<int64_t>(e) * H * N1;
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  const bool vec_a = p.aligned && H % kVec == 0, vec_b = p.aligned && N1 % kVec == 0 && I % kVec == 0;
+  Frag<T> acc[4][2];
+  const int warp = threadIdx.x / 32, warp_m = warp / 4, warp_n = warp % 4;
+  if (p.gated) {
+    // 64 output columns: tile column c -> block c / 16; even blocks gate, odd blocks up.
+    const int64_t i0 = static_cast<int64_t>(n_tile) * 64;
+    auto col_of = [&](int c) -> int64_t {
+      const int64_t col = i0 + (c / 32) * 16 + c % 16;
+      if (col >= I) return -1;
+      return ((c / 16) % 2 == 0) ? col : I + col;
+    };
+    mma_tile<T, true>(sm.gemm, a, H, rows, H, vec_a, [&](int64_t k0) { load_b_rows(sm.gemm, w1, N1, k0, H, col_of, vec_b); },
+                      acc);
+    const T* b1 = p.b1 ? p.b1 + static_cast<int64_t>(e) * N1 : nullptr;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      // acc[i][0] holds gate columns i0 + warp_n*16 + [0,16), acc[i][1] the same up columns.
+      const int64_t col_base = i0 + warp_n * 16;
+      Frag<T> out = acc[i][0];
+      // Element e of both fragments is the same (row, column): the gate/up pair.
+      // The bias needs the column, which the fragment hides; biases are added in the visit
+      // below instead, so here only the activation without bias is computed when b1 is null.
+      if (b1 == nullptr) {
+#pragma unroll
+        for (int q = 0; q < out.num_elements; ++q) out.x[q] = act_of(p.ffn_kind, acc[i][0].x[q]) * acc[i][1].x[q];
+        store_frag(sm.gemm, out, warp_m * 64 + i * 16, 0, [&](int row, int col, float v) {
+          const int64_t gc = col_base + col;
+          if (row < rows && gc < I) hidden[(task.row_begin + row) * I + gc] = from_f32<T>(v);
+        });
+      } else {
+        // With b1: stage the up half, then combine per element with the biases.
+        store_frag(sm.gemm, acc[i][1], warp_m * 64 + i * 16, 0, [&](int row, int col, float v) {
+          const int64_t gc = col_base + col;
+          if (row < rows && gc < I) hidden[(task.row_begin + row) * I + gc] = from_f32<T>(v + to_f32(b1[I + gc]));
+        });
+        __syncwarp();
+        store_frag(sm.gemm, acc[i][0], warp_m * 64 + i * 16, 0, [&](int row, int col, float v) {
+          const int64_t gc = col_base + col;
+          if (row < rows && gc < I) {
+            T* dst = hidden + (task.row_begin + row) * I + gc;
+            *dst = from_f32<T>(act_of(p.ffn_kind, v + to_f32(b1[gc])) * to_f32(*dst));
+          }
+        });
+      }
+    }
+  } else {
+    const int64_t n0 = static_cast<int64_t>(n_tile) * kTileN;
+    auto col_of = [&](int c) -> int64_t { return n0 + c < I ? n0 + c : -1; };
+    mma_tile<T, true>(sm.gemm, a, H, rows, H, vec_a, [&](int64_t k0) { load_b_rows(sm.gemm, w1, N1, k0, H, col_of, vec_b); },
+                      acc);
+    const T* b1 = p.b1 ? p.b1 + static_cast<int64_t>(e) * N1 : nullptr;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        store_frag(sm.gemm, acc[i][j], warp_m * 64 + i * 16, warp_n * 32 + j * 16, [&](int row, int col, float v) {
+          const int64_t gc = n0 + col;
+          if (row < rows && gc < I) {
+            if (b1) v += to_f32(b1[gc]);
+            hidden[(task.row_begin + row) * I + gc] = from_f32<T>(act_of(p.ffn_kind, v));
+          }
+        });
+  }
+  (void)source;
+  (void)m_tile;
+}
+
+template <class T>
+__device__ void run_gemm1(const Ctx<T>& ctx, SharedUnion<T>& sm, const Task& task) {
+  const Params<T>& p = ctx.p;
+  const int source = task.seg / p.max_local, local = task.seg % p.max_local;
+  const int e = p.global_expert[ctx.rank * p.max_local + local];
+  const int n_tile = task.tile & 0xffff;
+  const int64_t H = p.hidden, I = p.ffn;
+  unsigned char* h = ctx.heap(ctx.rank);
+  const T* a = reinterpret_cast<const T*>(h + p.layout.hidden.offset) + task.row_begin * I;
+  const int32_t* meta = reinterpret_cast<const int32_t*>(h + p.layout.recv_meta.offset);
+  T* ret = reinterpret_cast<T*>(ctx.heap(source) + p.layout.ret_rows.offset);
+  const int64_t rows = ((kTileM) < (task.row_end - task.row_begin) ? static_cast<int64_t>(kTileM) : static_cast<int64_t>(task.row_end - task.row_begin));
+  const T* w2 = p.w2 + static_cast<int64_t>(e) * I * H;
+  const T* b2 = p.b2 ? p.b2 + static_cast<int64_t>(e) * H : nullptr;
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  const int64_t n0 = static_cast<int64_t>(n_tile) * kTileN;
+  auto col_of = [&](int c) -> int64_t { return n0 + c < H ? n0 + c : -1; };
+  Frag<T> acc[4][2];
+  mma_tile<T, true>(sm.gemm, a, I, rows, I, p.aligned && I % kVec == 0,
+                    [&](int64_t k0) { load_b_rows(sm.gemm, w2, H, k0, I, col_of, p.aligned && H % kVec == 0); }, acc);
+  const int warp = threadIdx.x / 32, warp_m = warp / 4, warp_n = warp % 4;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      store_frag(sm.gemm, acc[i][j], warp_m * 64 + i * 16, warp_n * 32 + j * 16, [&](int row, int col, float v) {
+        const int64_t gc = n0 + col;
+        if (row < rows && gc < H) {
+          if (b2) v += to_f32(b2[gc]);
+          ret[static_cast<int64_t>(meta[task.row_begin + row]) * H + gc] = from_f32<T>(v);
+        }
+      });
+}
+
+// After a task: dependency counters, GEMM1 pushes and return flags (thread 0).
+template <class T>
+__device__ void finish_task(const Ctx<T>& ctx, const Task& task) {
+  const Params<T>& p = ctx.p;
+  const int source = task.seg / p.max_local, local = task.seg % p.max_local;
+  const int m_tile = task.tile >> 16;
+  if (!(task.seg & kGemm1Bit)) {
+    uint32_t* counters = reinterpret_cast<uint32_t*>(ctx.heap(ctx.rank) + p.layout.counters.offset);
+    uint32_t* counter = counters + p.layout.counter_index(source, local, m_tile);
+    __threadfence();
+    const uint32_t done = atomicAdd(counter, 1u) + 1u;
+    if (done == static_cast<uint32_t>(n_tiles0(p))) {
+      *counter = 0;
+      __threadfence();
+      const int n1 = n_tiles1(p);
+      push_tasks(ctx, n1, [&](int n) {
+        return Task{task.row_begin, task.row_end, task.seg | kGemm1Bit, (m_tile << 16) | n};
+      });
+    }
+  } else {
+    const int seg = task.seg & ~kGemm1Bit;
+    const int src = seg / p.max_local, loc = seg % p.max_local;
+    uint32_t* counter = p.seg_done + static_cast<int64_t>(ctx.rank) * p.world * p.max_local + seg;
+    // Rows of the segment: the row tile's end is the segment's end; its start is recovered from
+    // the tile: row_begin - m_tile * 128 is the segment's first row.
+    const int64_t seg_begin = task.row_begin - static_cast<int64_t>(m_tile) * kTileM;
+    const int64_t count = task.row_end - seg_begin;
+    const uint32_t m_tiles = static_cast<uint32_t>((count + kTileM - 1) / kTileM);
+    __threadfence_system();
+    const uint32_t done = atomicAdd(counter, 1u) + 1u;
+    if (done == m_tiles * static_cast<uint32_t>(n_tiles1(p))) {
+      *counter = 0;
+      __threadfence_system();
+      const int e = p.global_expert[ctx.rank * p.max_local + loc];
+      st_release_sys(ctx.ret_flag(src, e), make_flag(ctx.epoch, static_cast<uint32_t>(count)));
+    }
+  }
+}
+
+template <class T>
+__device__ void expert_phase(const Ctx<T>& ctx, SharedUnion<T>& sm, TaskSmem& ts) {
+  const Params<T>& p = ctx.p;
+  RankControl& ctl = p.control[ctx.rank];
+  const uint32_t segments = static_cast<uint32_t>(p.world * p.num_local[ctx.rank]);
+  Task* tasks = p.tasks + static_cast<int64_t>(ctx.rank) * p.task_capacity;
+  const uint32_t* ready = p.task_ready + static_cast<int64_t>(ctx.rank) * p.task_capacity;
+  for (;;) {
+    if (threadIdx.x == 0) {
+      int32_t state = 1;
+      if (!ctx.aborted()) {
+        if (claim_segment(ctx)) {
+          state = 2;
+        } else {
+          const uint32_t index = atomicAdd(&ctl.q_head, 1u);
+          const uint64_t start = global_ns();
+          for (uint32_t spins = 0;; ++spins) {
+            if (ld_acquire_gpu(ready + index) == ctx.epoch) {
+              ts.task = tasks[index];
+              state = 0;
+              break;
+            }
+            if (ld_acquire_gpu(&ctl.segs_done) == segments && index >= ld_acquire_gpu(&ctl.total_tasks)) break;
+            if ((spins & 31u) == 31u) {
+              if (ctx.aborted()) break;
+              const uint64_t waited = global_ns() - start;
+              if (waited > p.timeout_ns) {
+                ctx.fail(kTimeout, kQueueSlot, index, 0, ctx.epoch, ready[index], waited);
+                break;
+              }
+              __nanosleep(32);
+            }
+          }
+        }
+      }
+      ts.state = state;
+    }
+    __syncthreads();
+    const int32_t state = ts.state;
+    const Task task = ts.task;
+    __syncthreads();
+    if (state == 1) break;
+    if (state == 2) continue;
+    if (task.seg & kGemm1Bit) {
+      Task plain = task;
+      plain.seg &= ~kGemm1Bit;
+      run_gemm1(ctx, sm, plain);
+    } else {
+      run_gemm0(ctx, sm, task);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) finish_task(ctx, task);
+  }
+}
+
+template <class T>
+__device__ void combine_phase(const Ctx<T>& ctx) {
+  const Params<T>& p = ctx.p;
+  const int r = ctx.rank, k = p.top_k, E = p.num_experts;
+  const int64_t begin = p.rank_begin[r], tokens = p.rank_begin[r + 1] - begin, H = p.hidden;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* ret = reinterpret_cast<const T*>(ctx.heap(r) + p.layout.ret_rows.offset);
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  // The kept flags of the rank's tokens are written by every block of the rank in P2.
+  if (threadIdx.x == 0)
+    ctx.wait_count(&p.control[r].dispatched, static_cast<uint32_t>(ctx.blocks_per_rank), kRankBarrier, r);
+  __syncthreads();
+  if (ctx.aborted()) return;
+  for (int64_t t = static_cast<int64_t>(ctx.local_block) * kWarps + warp; t < tokens;
+       t += static_cast<int64_t>(ctx.blocks_per_rank) * kWarps) {
+    const int64_t g = begin + t;
+    bool ok = true;
+    if (lane < k) {
+      const int32_t e = p.r.idx[g * k + lane];
+      if (e >= 0 && p.r.kept[g * k + lane]) {
+        uint64_t flag = 0;
+        ok = ctx.wait_flag(ctx.ret_flag(r, e), &flag, kReturnFlag, e, 0);
+        const int64_t expected = p.kept_rank[static_cast<int64_t>(r) * E + e];
+        if (ok && flag_count(flag) != static_cast<uint32_t>(expected)) {
+          ctx.fail(kCountMismatch, kReturnFlag, e, 0, static_cast<uint32_t>(expected), flag, 0);
+          ok = false;
+        }
+      }
+    }
+    if (__any_sync(0xffffffffu, !ok)) return;
+    float w[kMaxTopK];
+    bool use[kMaxTopK];
+#pragma unroll
+    for (int j = 0; j < kMaxTopK; ++j) {
+      use[j] = j < k && p.r.idx[g * k + j] >= 0 && p.r.kept[g * k + j];
+      w[j] = use[j] ? p.r.weight[g * k + j] : 0.f;
+    }
+    if (p.aligned && H % kVec == 0) {
+      for (int64_t col = lane * kVec; col < H; col += 32 * kVec) {
+        float acc[kVec];
+#pragma unroll
+        for (int q = 0; q < kVec; ++q) acc[q] = 0.f;
+#pragma unroll
+        for (int j = 0; j < kMaxTopK; ++j) {
+          if (!use[j]) continue;
+          const uint4 v = *reinterpret_cast<const uint4*>(ret + (t * k + j) * H + col);
+          const T* x = reinterpret_cast<const T*>(&v);
+#pragma unroll
+          for (int q = 0; q < kVec; ++q) acc[q] = fmaf(w[j], to_f32(x[q]), acc[q]);
+        }
+        uint4 out;
+        T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+        for (int q = 0; q < kVec; ++q) o[q] = from_f32<T>(acc[q]);
+        *reinterpret_cast<uint4*>(p.y + g * H + col) = out;
+      }
+    } else {
+      for (int64_t col = lane; col < H; col += 32) {
+        float acc = 0.f;
+#pragma unroll
+        for (int j = 0; j < kMaxTopK; ++j)
+          if (use[j]) acc = fmaf(w[j], to_f32(ret[(t * k + j) * H + col]), acc);
+        p.y[g * H + col] = from_f32<T>(acc);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------- kernel --
+template <class T>
+__global__ void __launch_bounds__(kThreads) fused_moe_kernel(const __grid_constant__ Params<T> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto& sm = *reinterpret_cast<SharedUnion<T>*>(smem_raw);
+  auto& ts = *reinterpret_cast<TaskSmem*>(smem_raw + sizeof(SharedUnion<T>));
+  const int blocks_per_rank = static_cast<int>(gridDim.x) / p.world;
+  uint32_t epoch = *reinterpret_cast<volatile uint32_t*>(p.epoch_word) + 1u;
+  if (epoch == 0) epoch = 1;
+  const Ctx<T> ctx{p, epoch, static_cast<int>(blockIdx.x) / blocks_per_rank, blocks_per_rank,
+                   static_cast<int>(blockIdx.x) % blocks_per_rank};
+  RankControl& ctl = p.control[ctx.rank];
+
+  router_phase(ctx, sm);
+  // The one barrier: rank r's P1 (counts of every chunk) before its slots.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicAdd(&ctl.barrier, 1u);
+    ctx.wait_count(&ctl.barrier, static_cast<uint32_t>(blocks_per_rank), kRankBarrier, ctx.rank);
+  }
+  __syncthreads();
+  if (!ctx.aborted() && ctx.rank != p.silent_rank) dispatch_phase(ctx, sm);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(&ctl.dispatched, 1u);
+  expert_phase(ctx, sm, ts);
+  __syncthreads();
+  if (!ctx.aborted()) combine_phase(ctx);
+
+  // The last block of the launch resets the control words and publishes the next epoch.
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const uint32_t finished = atomicAdd(p.blocks_done, 1u) + 1u;
+    if (finished == gridDim.x) {
+      for (int q = 0; q < p.world; ++q) p.control[q] = RankControl{};
+      *p.blocks_done = 0;
+      __threadfence();
+      *reinterpret_cast<volatile uint32_t*>(p.epoch_word) = epoch;
+    }
+  }
+}
+
+}  // namespace fusedmoe::cuda::fused

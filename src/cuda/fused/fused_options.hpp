@@ -1,0 +1,23 @@
+// src/cuda/fused/fused_options.hpp — options of the fused persistent-kernel backend
+// (Backend::kFused): the bounded-wait timeout, when launch errors are checked, and two planted
+// faults for tests. Process-wide; read at the start of every forward.
+#pragma once
+
+namespace fusedmoe::cuda::fused {
+
+struct FusedOptions {
+  double timeout_ms = 0;          // every bounded wait inside the kernel; 0: the environment's
+                                  // FUSEDMOE_FUSED_TIMEOUT_MS, else 5000
+  // true: forward synchronises its stream after the launch and raises a protocol error at once.
+  // false (default): the error record is copied back asynchronously and checked (raised) at the
+  // next forward, so forward never blocks the host. Under CUDA-graph capture it is never
+  // synchronous.
+  bool sync_check = false;
+  int silent_rank = -1;           // fault: this rank never dispatches (its peers must time out)
+  bool flag_before_data = false;  // fault: raise every dispatch flag before writing the rows
+};
+
+void set_fused_options(const FusedOptions& options);
+FusedOptions fused_options();
+
+}  // namespace fusedmoe::cuda::fused

@@ -1,0 +1,90 @@
+// src/cuda/router_device.cuh — the per-token router body shared by the modular gate kernel
+// (stages.cu) and the fused persistent kernel (fused/): from one token's logits row, the
+// probabilities (softmax, or sigmoid for the sigmoid gate), the top-k choice (forced when
+// forced_topk_idx is given; selection bias added to the scores of the sigmoid gate; ties to the
+// lower expert index), the renormalised weights and GShard's random second-choice drop in
+// training. Run by one full warp per token; `score` is E floats of that warp's shared memory.
+#pragma once
+
+#include <cfloat>
+#include <climits>
+
+#include "cuda/stages.cuh"
+#include "fusedmoe/noise.hpp"
+
+namespace fusedmoe::cuda {
+
+__device__ __forceinline__ float router_sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+
+template <class T>
+__device__ inline void gate_topk_token(const RouterParams& p, const T* selection_bias, const RoutingBuffers& r,
+                                       int64_t t, float* score) {
+  const int lane = threadIdx.x % 32;
+  const int64_t E = p.num_experts, k = p.top_k;
+  const float* l = r.logits + t * E;
+  const bool sigmoid_gate = p.gate == GateKind::kSigmoidTopK;
+  float m = -FLT_MAX;
+  for (int64_t e = lane; e < E; e += 32) m = fmaxf(m, l[e]);
+  m = warp_max(m);
+  float s = 0.f;
+  for (int64_t e = lane; e < E; e += 32) s += expf(l[e] - m);
+  s = warp_sum(s);
+  const float lse = m + logf(s);
+  float psum = 0.f;
+  for (int64_t e = lane; e < E; e += 32) {
+    const float prob = sigmoid_gate ? router_sigmoid(l[e]) : expf(l[e] - lse);
+    r.probs[t * E + e] = prob;
+    psum += prob;
+    score[e] = prob + (sigmoid_gate && selection_bias ? to_f32(selection_bias[e]) : 0.f);
+  }
+  psum = warp_sum(psum);
+  __syncwarp();
+  int32_t chosen[32];
+#pragma unroll 1
+  for (int64_t j = 0; j < k; ++j) {
+    int32_t pick;
+    if (p.forced_topk_idx) {
+      pick = p.forced_topk_idx[t * k + j];
+    } else {
+      float best = -FLT_MAX;
+      int32_t best_idx = INT_MAX;
+      for (int64_t e = lane; e < E; e += 32) {
+        const float v = score[e];
+        if (v > best || (v == best && e < best_idx)) { best = v; best_idx = static_cast<int32_t>(e); }
+      }
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best, offset);
+        const int32_t oi = __shfl_xor_sync(0xffffffffu, best_idx, offset);
+        if (ov > best || (ov == best && oi < best_idx)) { best = ov; best_idx = oi; }
+      }
+      pick = best_idx;
+      __syncwarp();
+      if (lane == 0) score[pick] = -INFINITY;
+      __syncwarp();
+    }
+    chosen[j] = pick;
+  }
+  if (lane != 0) return;
+  float denom = 0.f;
+  for (int64_t j = 0; j < k; ++j) if (chosen[j] >= 0) denom += r.probs[t * E + chosen[j]];
+  const float norm = (p.renormalize && denom > 0.f) ? denom : 1.f;
+  r.renorm_sum[t] = norm;
+  r.lse[t] = lse;
+  r.prob_sum[t] = psum;
+  for (int64_t j = 0; j < k; ++j) {
+    const int32_t e = chosen[j];
+    r.selected[t * k + j] = e;
+    r.idx[t * k + j] = e;
+    r.weight[t * k + j] = e >= 0 ? r.probs[t * E + e] / norm : 0.f;
+  }
+  if (p.gate == GateKind::kGShardTop2 && p.training && !p.forced_topk_idx) {
+    const double u = noise::uniform(p.seed, noise::kGShardSecond, static_cast<uint64_t>(p.token_offset + t), 0);
+    if (2.0 * static_cast<double>(r.weight[t * k + 1]) < u) {
+      r.idx[t * k + 1] = -1;
+      r.weight[t * k + 1] = 0.f;
+    }
+  }
+}
+
+
+}  // namespace fusedmoe::cuda
