@@ -69,6 +69,7 @@ from .gates import (  # noqa: E402
     SoftmaxTopKGate,
     SwitchGate,
     make_gate,
+    node_limited_topk,
 )
 from .losses import balance_loss, moe_modules, update_selection_biases  # noqa: E402
 from .moe import MoE  # noqa: E402
@@ -83,6 +84,7 @@ __all__ = [
     "SwitchGate",
     "GShardGate",
     "make_gate",
+    "node_limited_topk",
     "balance_loss",
     "moe_modules",
     "update_selection_biases",

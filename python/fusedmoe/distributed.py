@@ -7,15 +7,18 @@
 #   3. runs its local experts on the rows it received with the fused op (each row through its
 #      expert: the op with k = 1 and the row's local expert forced, so the weight is exactly 1);
 #   4. returns the rows (all_to_all) and combines them with the gate weights.
+# Option of step 1: a topology-aware gate (gates.py: ranks_per_node, max_remote_choices) routes
+# through forced expert indices computed here.
 # Replicated parameters (gate, shared experts) need their gradients summed over the group —
 # allreduce_replicated_grads(model, group), or DDP over the data-parallel group. Expert
 # parameters are local: reduce them only over replicas of the same experts.
 # This is the modular path with torch's collectives; the fused single-kernel path with
 # GPU-initiated transfers replaces steps 2–4 when it exists.
-# Test: tests/python/test_expert_parallel.py (2 gloo processes equal one process).
+# Test: tests/python/test_expert_parallel.py (2 gloo processes equal one process),
+# test_topology_gate.py.
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -39,54 +42,88 @@ def _exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
     return recv
 
 
-def expert_parallel_forward(moe, tokens: torch.Tensor, seed: int) -> tuple:
-    """The expert-parallel forward of fusedmoe.MoE `moe` on this rank's tokens [T, H].
+def _local_expert_rows(moe, rows: torch.Tensor, expert: torch.Tensor, w1, b1, w2, b2,
+                       config) -> torch.Tensor:
+    """Each row through its expert (of the given stacked weights) with the fused op: k = 1 and
+    the row's expert forced, so the gate weight is exactly 1.
 
-    Returns (y [T, H], routing) where routing is reference.Routing (for the losses and counts).
+    Args: rows [n, H]; expert [n] int32 in [0, len(w1)); w1 [m, H, N1]; b1 [m, N1] or None;
+    w2 [m, I, H]; b2 [m, H] or None; config: the layer's MoeConfig. Returns [n, H].
+    """
+    m, H = w1.shape[0], rows.shape[1]
+    inner = config.replace(num_experts=m, top_k=1, gate="softmax", renormalize=True,
+                           capacity_factor=0.0, num_shared_experts=0, shared_ffn_size=0, gate_bias=False)
+    gate_zero = torch.zeros(m, H, dtype=rows.dtype, device=rows.device)
+    out = torch.ops.fusedmoe.moe_forward(
+        rows, gate_zero, None, None, None, w1, b1, w2, b2, None, None, None, None,
+        expert.reshape(-1, 1), inner.to_string(), [], False, 0, 0, moe.backend)
+    return out[0]
+
+
+def expert_parallel_forward(moe, tokens: torch.Tensor, seed: int,
+                            forced_topk_idx: Optional[torch.Tensor] = None) -> tuple:
+    """The expert-parallel forward of fusedmoe.MoE `moe` on this rank's tokens.
+
+    Collective over moe.group: every rank calls it once per layer call.
+
+    Args:
+        moe: a fusedmoe.MoE with an expert-parallel group of W > 1 ranks.
+        tokens: [T, H] this rank's tokens (T may differ between ranks).
+        seed: noise key of stochastic gates (training).
+        forced_topk_idx: [T, k] integer routing to use instead of the gate's top-k, or None.
+    Returns:
+        (y [T, H], routing) where routing is reference.Routing (for the losses and counts).
     """
     group = moe.group
     world = group_size(group)
+    rank = dist.get_rank(group)
     config = moe.config_for(tokens.dtype)
     E, k, H = moe.num_experts, moe.top_k, moe.d_model
     per_rank = E // world
     g = moe.gate
-    routing = reference.route(tokens, g.weight, g.bias, g.noise_weight, g.selection_bias, config,
-                              training=moe.training, seed=seed, router_dtype=tokens.dtype)
+    route_args = (tokens, g.weight, g.bias, g.noise_weight, g.selection_bias, config)
+    route_kwargs = {"training": moe.training, "seed": seed, "router_dtype": tokens.dtype}
+    routing = reference.route(*route_args, **route_kwargs, forced_topk_idx=forced_topk_idx)
+    if forced_topk_idx is None and g.node_limited:
+        # Topology-aware gate: select from the same scores under the per-token limit of experts
+        # on other nodes, then route with that selection forced (weights, losses, counts follow).
+        forced = g.node_limited_topk(g.selection_scores(routing.probs), world, rank)
+        routing = reference.route(*route_args, **route_kwargs, forced_topk_idx=forced)
     routing = reference.apply_capacity(routing, config, [tokens.shape[0]])
 
-    # Rows to send, grouped by destination rank, in (expert, token, j) order.
+    # Kept (token, j) rows in (expert, token, j) order.
     flat_idx = routing.topk_idx.reshape(-1)
     flat_kept = routing.kept.reshape(-1)
     pairs = torch.nonzero(flat_kept & (flat_idx >= 0), as_tuple=False).reshape(-1)
     experts = flat_idx[pairs]
     order = torch.argsort(experts, stable=True)
     pairs, experts = pairs[order], experts[order]
-    dest = experts // per_rank
+
+    t_pairs, t_experts = pairs, experts
+
+    # Rows to send, grouped by destination rank (ascending experts = ascending ranks).
+    dest = t_experts // per_rank
     send_counts = torch.bincount(dest, minlength=world).to(torch.int64)
     recv_counts = _exchange_counts(send_counts, group)
-    send_rows = tokens.index_select(0, pairs // k)
+    send_rows = tokens.index_select(0, t_pairs // k)
     in_splits, out_splits = send_counts.tolist(), recv_counts.tolist()
     recv_rows = all_to_all_single(torch.empty(sum(out_splits), H, dtype=tokens.dtype, device=tokens.device),
                                   send_rows, out_splits, in_splits, group=group)
-    local_expert = (experts - dest * per_rank).to(torch.int32)
+    local_expert = (t_experts - dest * per_rank).to(torch.int32)
     recv_expert = torch.empty(sum(out_splits), dtype=torch.int32, device=tokens.device)
     dist.all_to_all_single(recv_expert, local_expert, out_splits, in_splits, group=group)
 
-    # Local experts: the fused op, each row through its expert (k = 1, forced, weight 1).
     ex = moe.experts
-    inner = config.replace(num_experts=per_rank, top_k=1, gate="softmax", renormalize=True,
-                           capacity_factor=0.0, num_shared_experts=0, shared_ffn_size=0, gate_bias=False)
-    gate_zero = torch.zeros(per_rank, H, dtype=tokens.dtype, device=tokens.device)
-    out = torch.ops.fusedmoe.moe_forward(
-        recv_rows, gate_zero, None, None, None, ex.w1, ex.b1, ex.w2, ex.b2, None, None, None, None,
-        recv_expert.reshape(-1, 1), inner.to_string(), [], False, 0, 0, moe.backend)
-    expert_rows = out[0]
+    expert_rows = _local_expert_rows(moe, recv_rows, recv_expert, ex.w1, ex.b1, ex.w2, ex.b2, config)
 
-    # Back to the source ranks, then the weighted sum over each token's k results.
+    # Back to the source ranks.
     returned = all_to_all_single(torch.empty(sum(in_splits), H, dtype=tokens.dtype, device=tokens.device),
                                  expert_rows, in_splits, out_splits, group=group)
+    rows = returned
+
+    # The weighted sum over each token's k results.
     weights = routing.topk_weight.reshape(-1)[pairs].to(tokens.dtype)
-    y = torch.zeros_like(tokens).index_add(0, pairs // k, returned * weights.unsqueeze(1))
+    y = torch.zeros_like(tokens).index_add(0, pairs // k, rows * weights.unsqueeze(1))
     if moe.shared_experts is not None:
         sh = moe.shared_experts
         for s in range(moe.num_shared_experts):
@@ -95,20 +132,43 @@ def expert_parallel_forward(moe, tokens: torch.Tensor, seed: int) -> tuple:
     return y, routing
 
 
-def allreduce_replicated_grads(model: torch.nn.Module, group=None) -> List[str]:
-    """Sums, over `group`, the gradients of every parameter that the expert-parallel MoE layers
-    of `model` replicate (gate and shared experts). Expert parameters are left alone.
-
-    Returns the names of the reduced parameters.
-    """
+def _expert_parameter_ids(model: torch.nn.Module) -> set:
     from .moe import MoE
-    local = set()
+    ids = set()
     for module in model.modules():
         if isinstance(module, MoE) and group_size(module.group) > 1:
-            local.update(id(p) for p in module.experts.parameters())
-    reduced = []
-    for name, p in model.named_parameters():
-        if p.grad is not None and id(p) not in local:
-            dist.all_reduce(p.grad, group=group)
-            reduced.append(name)
-    return reduced
+            ids.update(id(p) for p in module.experts.parameters())
+    return ids
+
+
+def _allreduce_coalesced(grads: List[torch.Tensor], group, scale: float) -> None:
+    """Sums the tensors over `group` in place, one collective per (dtype, device), then scales."""
+    buckets: Dict[tuple, List[torch.Tensor]] = {}
+    for g in grads:
+        buckets.setdefault((g.dtype, g.device), []).append(g)
+    for bucket in buckets.values():
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat, group=group)
+        if scale != 1.0:
+            flat.mul_(scale)
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def allreduce_replicated_grads(model: torch.nn.Module, group=None, *, scale: float = 1.0) -> List[str]:
+    """Sums, over `group`, the gradients of every parameter of `model` except the expert
+    parameters of its expert-parallel fusedmoe.MoE layers (those are local to each rank).
+
+    Args:
+        model: any nn.Module.
+        group: the ranks over which these parameters are replicated (None = the default group).
+        scale: multiplies the sums (e.g. 1 / W when every rank's loss is a mean over its tokens).
+    Returns:
+        the names of the reduced parameters.
+    """
+    local = _expert_parameter_ids(model)
+    named = [(name, p) for name, p in model.named_parameters() if p.grad is not None and id(p) not in local]
+    _allreduce_coalesced([p.grad for _, p in named], group, float(scale))
+    return [name for name, _ in named]

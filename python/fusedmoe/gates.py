@@ -10,7 +10,14 @@
 #   NoisyTopKGate    Shazeer et al.: logits + ε ⊙ softplus(x·Wnᵀ) in training
 #   SwitchGate       top-1, multiplicative jitter U(1-ε, 1+ε) on the router input in training
 #   GShardGate       top-2, renormalised; the second expert is randomly dropped in training
-# Test: tests/python/test_modules.py.
+#
+# Topology-aware routing (every kind but GShard): with ranks_per_node and max_remote_choices set,
+# a token routed on an expert-parallel rank takes at most max_remote_choices of its k experts from
+# ranks of other nodes (inter-node links are the slow ones); the remaining choices are the
+# best-scoring experts of its own node (node_limited_topk). fusedmoe.MoE computes this selection
+# in Python and hands it to the fused op as forced expert indices, so the op's gate weights,
+# losses and counts follow the constrained routing.
+# Test: tests/python/test_modules.py, tests/python/test_topology_gate.py.
 from __future__ import annotations
 
 import math
@@ -30,6 +37,7 @@ __all__ = [
     "SwitchGate",
     "GShardGate",
     "make_gate",
+    "node_limited_topk",
 ]
 
 
@@ -37,6 +45,50 @@ def _check_positive(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} = {value!r}: must be a positive integer")
     return value
+
+
+def node_limited_topk(scores: torch.Tensor, top_k: int, expert_node: torch.Tensor,
+                      token_node: torch.Tensor, max_remote: int) -> torch.Tensor:
+    """Top-k selection with at most `max_remote` of a token's k experts on other nodes.
+
+    Walks each token's experts in descending score (ties: lower expert index first, as the
+    unconstrained top-k); an expert on the token's node is always taken, one on another node only
+    while fewer than `max_remote` such experts were taken; the first k taken are the result, in
+    that order. Without a binding limit this is exactly the plain top-k.
+
+    Args:
+        scores: [T, E] selection scores (higher is better).
+        top_k: k (1 <= k <= E).
+        expert_node: [E] integer node of each expert.
+        token_node: [T] integer node of each token (or a 0-dim tensor: all tokens on one node).
+        max_remote: 0 <= max_remote <= k.
+    Returns:
+        [T, k] int64 expert indices.
+    Raises:
+        ValueError when some token's node holds fewer than k − max_remote experts.
+    """
+    T, E = scores.shape
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k = {top_k}: must be in [1, {E}]")
+    if not 0 <= max_remote <= top_k:
+        raise ValueError(f"max_remote = {max_remote}: must be in [0, top_k = {top_k}]")
+    if expert_node.shape != (E,):
+        raise ValueError(f"expert_node: shape {tuple(expert_node.shape)}, expected [E = {E}]")
+    device = scores.device
+    expert_node = expert_node.to(device=device, dtype=torch.int64)
+    token_node = token_node.to(device=device, dtype=torch.int64).expand(T)
+    if T == 0:
+        return torch.empty(0, top_k, dtype=torch.int64, device=device)
+    local_experts = (expert_node.unsqueeze(0) == token_node.unsqueeze(1)).sum(dim=1)
+    if int(local_experts.min()) < top_k - max_remote:
+        raise ValueError(f"a node holds {int(local_experts.min())} experts, fewer than top_k − "
+                         f"max_remote = {top_k - max_remote}: the limit cannot be met")
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices       # [T, E]
+    remote = expert_node[order] != token_node.unsqueeze(1)                          # [T, E]
+    allowed = ~remote | (torch.cumsum(remote.to(torch.int64), dim=1) <= max_remote)
+    take = allowed & (torch.cumsum(allowed.to(torch.int64), dim=1) <= top_k)
+    # Every row takes exactly k (the check above); boolean indexing keeps each row's order.
+    return order[take].reshape(T, top_k)
 
 
 class BaseGate(nn.Module):
@@ -50,6 +102,15 @@ class BaseGate(nn.Module):
         renormalize: divide the k weights by their sum.
         dtype: parameter dtype (default: torch.get_default_dtype()).
         device: parameter device.
+        ranks_per_node: topology-aware routing: ranks of the expert-parallel group per node
+            (ranks r with equal r // ranks_per_node share a node); None = off. Needs
+            max_remote_choices.
+        max_remote_choices: topology-aware routing: at most this many of a token's k experts
+            (0 <= m <= k) may live on other nodes than the token's rank; the others are the
+            best-scoring experts of its own node. None = off. Applies when a fusedmoe.MoE with
+            an expert-parallel group (W ranks, experts in contiguous blocks of E / W) uses the
+            gate, or when forward() is given world_size and token_rank; one process holding every
+            expert is one node, where the limit never binds.
     Parameters:
         weight: [E, H].  bias: [E] or None.
     Attributes (None unless the kind has them):
@@ -60,13 +121,28 @@ class BaseGate(nn.Module):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, bias: bool = False,
                  renormalize: bool = True, dtype: Optional[torch.dtype] = None,
-                 device: Optional[Union[str, torch.device]] = None):
+                 device: Optional[Union[str, torch.device]] = None,
+                 ranks_per_node: Optional[int] = None, max_remote_choices: Optional[int] = None):
         super().__init__()
         self.d_model = _check_positive(d_model, "d_model")
         self.num_experts = _check_positive(num_experts, "num_experts")
         self.top_k = _check_positive(top_k, "top_k")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k = {top_k}: must be in [1, num_experts = {num_experts}]")
+        if (ranks_per_node is None) != (max_remote_choices is None):
+            raise ValueError("ranks_per_node, max_remote_choices: set both (topology-aware routing) or neither")
+        if ranks_per_node is not None:
+            _check_positive(ranks_per_node, "ranks_per_node")
+            if isinstance(max_remote_choices, bool) or not isinstance(max_remote_choices, int) \
+                    or not 0 <= max_remote_choices <= self.top_k:
+                raise ValueError(f"max_remote_choices = {max_remote_choices!r}: must be an integer in "
+                                 f"[0, top_k = {self.top_k}]")
+            if self.kind == "gshard":
+                # GShard's random second-expert drop is part of its top-2 selection, which a
+                # forced routing replaces; the two cannot be combined.
+                raise ValueError("ranks_per_node: gate 'gshard' has no topology-aware routing")
+        self.ranks_per_node = ranks_per_node
+        self.max_remote_choices = max_remote_choices
         self.renormalize = bool(renormalize)
         self.jitter_eps = 0.0
         factory = {"dtype": dtype, "device": device}
@@ -95,13 +171,56 @@ class BaseGate(nn.Module):
         """Whether training-mode routing draws random numbers (noise, jitter, random drop)."""
         return False
 
-    def forward(self, x: torch.Tensor, *, seed: int = 0, token_offset: int = 0):
+    @property
+    def node_limited(self) -> bool:
+        """Whether topology-aware routing is on and can bind (max_remote_choices < top_k)."""
+        return self.max_remote_choices is not None and self.max_remote_choices < self.top_k
+
+    def selection_scores(self, probs: torch.Tensor) -> torch.Tensor:
+        """What the top-k selection ranks: the probabilities, plus selection_bias when present.
+
+        Args:
+            probs: [T, E] gate probabilities (reference.Routing.probs).
+        Returns:
+            [T, E], detached.
+        """
+        score = probs.detach()
+        if self.selection_bias is not None:
+            score = score + self.selection_bias.detach().to(score.dtype)
+        return score
+
+    def node_limited_topk(self, scores: torch.Tensor, world_size: int,
+                          token_rank: Union[int, torch.Tensor]) -> torch.Tensor:
+        """The topology-aware selection (node_limited_topk) for a layer over `world_size` ranks.
+
+        Experts lie in contiguous blocks of E / W per rank; rank r is on node r // ranks_per_node.
+
+        Args:
+            scores: [T, E] selection scores (selection_scores()).
+            world_size: W ranks of the expert-parallel group (E % W == 0).
+            token_rank: the rank holding the tokens (int), or [T] integer ranks, one per token.
+        Returns:
+            [T, k] int64 expert indices (the plain top-k when the option is off).
+        """
+        E = self.num_experts
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1 or E % world_size:
+            raise ValueError(f"world_size = {world_size!r}: must be a positive divisor of num_experts = {E}")
+        rpn = self.ranks_per_node or world_size
+        m = self.top_k if self.max_remote_choices is None else self.max_remote_choices
+        expert_node = torch.arange(E, device=scores.device) // (E // world_size) // rpn
+        token_node = torch.as_tensor(token_rank, device=scores.device, dtype=torch.int64) // rpn
+        return node_limited_topk(scores, self.top_k, expert_node, token_node, m)
+
+    def forward(self, x: torch.Tensor, *, seed: int = 0, token_offset: int = 0,
+                world_size: int = 1, token_rank: Union[int, torch.Tensor] = 0):
         """Routes tokens with the plain-PyTorch reference (training mode follows self.training).
 
         Args:
             x: [T, H] tokens.
             seed: noise key (training mode of stochastic gates).
             token_offset: global index of x's first token.
+            world_size: W ranks the experts are spread over (topology-aware routing only).
+            token_rank: the rank holding x (int) or [T] ranks per token (topology-aware routing).
         Returns:
             (topk_idx int64 [T, k] (-1 = none), topk_weight [T, k] in x's dtype, differentiable).
         """
@@ -109,13 +228,20 @@ class BaseGate(nn.Module):
             raise ValueError(f"x: shape {tuple(x.shape)}, expected [T, d_model = {self.d_model}]")
         config = MoeConfig(hidden_size=self.d_model, ffn_size=1, num_experts=self.num_experts,
                            **self.config_fields())
-        r = reference.route(x, self.weight, self.bias, self.noise_weight, self.selection_bias, config,
-                            training=self.training, seed=seed, token_offset=token_offset)
+        args = (x, self.weight, self.bias, self.noise_weight, self.selection_bias, config)
+        kwargs = {"training": self.training, "seed": seed, "token_offset": token_offset}
+        r = reference.route(*args, **kwargs)
+        if self.node_limited and world_size > 1:
+            forced = self.node_limited_topk(self.selection_scores(r.probs), world_size, token_rank)
+            r = reference.route(*args, **kwargs, forced_topk_idx=forced)
         return r.topk_idx, r.topk_weight.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"kind={self.kind}, d_model={self.d_model}, num_experts={self.num_experts}, "
+        text = (f"kind={self.kind}, d_model={self.d_model}, num_experts={self.num_experts}, "
                 f"top_k={self.top_k}, bias={self.bias is not None}, renormalize={self.renormalize}")
+        if self.ranks_per_node is not None:
+            text += f", ranks_per_node={self.ranks_per_node}, max_remote_choices={self.max_remote_choices}"
+        return text
 
 
 class SoftmaxTopKGate(BaseGate):
@@ -137,9 +263,11 @@ class SigmoidTopKGate(BaseGate):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, bias: bool = False,
                  renormalize: bool = True, dtype: Optional[torch.dtype] = None,
-                 device: Optional[Union[str, torch.device]] = None):
+                 device: Optional[Union[str, torch.device]] = None,
+                 ranks_per_node: Optional[int] = None, max_remote_choices: Optional[int] = None):
         super().__init__(d_model, num_experts, top_k, bias=bias, renormalize=renormalize,
-                         dtype=dtype, device=device)
+                         dtype=dtype, device=device, ranks_per_node=ranks_per_node,
+                         max_remote_choices=max_remote_choices)
         self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=self.weight.dtype,
                                                            device=self.weight.device))
 
@@ -170,9 +298,11 @@ class NoisyTopKGate(BaseGate):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, *, bias: bool = False,
                  renormalize: bool = True, dtype: Optional[torch.dtype] = None,
-                 device: Optional[Union[str, torch.device]] = None):
+                 device: Optional[Union[str, torch.device]] = None,
+                 ranks_per_node: Optional[int] = None, max_remote_choices: Optional[int] = None):
         super().__init__(d_model, num_experts, top_k, bias=bias, renormalize=renormalize,
-                         dtype=dtype, device=device)
+                         dtype=dtype, device=device, ranks_per_node=ranks_per_node,
+                         max_remote_choices=max_remote_choices)
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model, dtype=self.weight.dtype,
                                                      device=self.weight.device))
 
@@ -185,7 +315,7 @@ class SwitchGate(BaseGate):
     """Switch Transformer gate: top-1, weight = p (never renormalised), jitter in training.
 
     Args:
-        d_model, num_experts, bias, dtype, device: as BaseGate.
+        d_model, num_experts, bias, dtype, device, ranks_per_node, max_remote_choices: as BaseGate.
         jitter_eps: the router sees x ⊙ U(1 − eps, 1 + eps) in training (0 = off).
     """
 
@@ -193,9 +323,11 @@ class SwitchGate(BaseGate):
 
     def __init__(self, d_model: int, num_experts: int, *, bias: bool = False,
                  jitter_eps: float = 1e-2, dtype: Optional[torch.dtype] = None,
-                 device: Optional[Union[str, torch.device]] = None):
+                 device: Optional[Union[str, torch.device]] = None,
+                 ranks_per_node: Optional[int] = None, max_remote_choices: Optional[int] = None):
         super().__init__(d_model, num_experts, 1, bias=bias, renormalize=False, dtype=dtype,
-                         device=device)
+                         device=device, ranks_per_node=ranks_per_node,
+                         max_remote_choices=max_remote_choices)
         if not 0.0 <= float(jitter_eps) < 1.0:
             raise ValueError(f"jitter_eps = {jitter_eps}: must be in [0, 1)")
         self.jitter_eps = float(jitter_eps)
@@ -230,7 +362,9 @@ class GShardGate(BaseGate):
 def make_gate(name: str, d_model: int, num_experts: int, top_k: Optional[int] = None, *,
               bias: bool = False, renormalize: bool = True, jitter_eps: float = 1e-2,
               dtype: Optional[torch.dtype] = None,
-              device: Optional[Union[str, torch.device]] = None) -> BaseGate:
+              device: Optional[Union[str, torch.device]] = None,
+              ranks_per_node: Optional[int] = None,
+              max_remote_choices: Optional[int] = None) -> BaseGate:
     """A gate module from its name.
 
     Args:
@@ -242,11 +376,16 @@ def make_gate(name: str, d_model: int, num_experts: int, top_k: Optional[int] = 
         renormalize: divide the k weights by their sum (softmax, sigmoid, noisy).
         jitter_eps: Switch jitter half-width.
         dtype, device: parameter dtype and device.
+        ranks_per_node, max_remote_choices: topology-aware routing (BaseGate); not for "gshard".
     Raises:
         ValueError naming `gate` for an unknown name, `top_k` for a k the gate cannot use.
     """
     kind = normalize_gate_kind(name, "gate")
     common = {"bias": bias, "dtype": dtype, "device": device}
+    if ranks_per_node is not None or max_remote_choices is not None:
+        if kind == "gshard":
+            raise ValueError("ranks_per_node: gate 'gshard' has no topology-aware routing")
+        common.update(ranks_per_node=ranks_per_node, max_remote_choices=max_remote_choices)
     if kind == "switch":
         if top_k not in (None, 1):
             raise ValueError(f"top_k = {top_k}: gate 'switch' routes to exactly 1 expert (top_k = 1)")

@@ -172,7 +172,8 @@ class MoE(nn.Module):
         Args:
             x: [..., H] tokens (any leading shape), of the parameters' dtype and device.
             forced_topk_idx: optional [T, k] integer routing (T = number of tokens, -1 = none)
-                used instead of the gate's top-k (the gate weights still come from the gate).
+                used instead of the gate's top-k (the gate weights still come from the gate);
+                with a group: this rank's tokens, global expert indices.
         Returns:
             y: [..., H], same shape and dtype as x.
         """
@@ -190,7 +191,7 @@ class MoE(nn.Module):
         config = self.config_for(x.dtype)
         seed = self._draw_seed() if self.training and self.gate.stochastic else 0
         if self.world_size > 1:
-            return self._forward_expert_parallel(tokens, config, seed).reshape(shape)
+            return self._forward_expert_parallel(tokens, config, seed, forced_topk_idx).reshape(shape)
         g, ex, sh = self.gate, self.experts, self.shared_experts
         args = (tokens, g.weight, g.bias, g.noise_weight, g.selection_bias, ex.w1, ex.b1, ex.w2, ex.b2,
                 None if sh is None else sh.w1, None if sh is None else sh.b1,
@@ -213,9 +214,10 @@ class MoE(nn.Module):
             self._calls_total += 1
         return y.reshape(shape)
 
-    def _forward_expert_parallel(self, tokens: torch.Tensor, config: MoeConfig, seed: int) -> torch.Tensor:
+    def _forward_expert_parallel(self, tokens: torch.Tensor, config: MoeConfig, seed: int,
+                                 forced_topk_idx: Optional[torch.Tensor]) -> torch.Tensor:
         from . import distributed
-        y, routing = distributed.expert_parallel_forward(self, tokens, seed)
+        y, routing = distributed.expert_parallel_forward(self, tokens, seed, forced_topk_idx)
         self.aux_loss, self.z_loss = (v.to(tokens.dtype) for v in reference.balance_losses(routing, config))
         self.last_topk_idx = routing.topk_idx.to(torch.int32)
         self.last_expert_counts = routing.expert_counts
