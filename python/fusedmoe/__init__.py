@@ -1,5 +1,6 @@
 # python/fusedmoe/__init__.py — the fusedmoe PyTorch package: MoE layers (fusedmoe.MoE), gates,
-# experts, balance losses, and a plain-PyTorch reference of the same layer.
+# experts, balance losses, a plain-PyTorch reference of the same layer, and expert / data
+# parallelism (fusedmoe.distributed, fusedmoe.shadowing).
 #
 # On import it loads the op library _fusedmoe_ops.so (bindings/torch) with torch.ops.load_library:
 # from $FUSEDMOE_OPS_LIBRARY when set (tests point it at a build tree), else from this package's
@@ -73,6 +74,7 @@ from .gates import (  # noqa: E402
 )
 from .losses import balance_loss, moe_modules, update_selection_biases  # noqa: E402
 from .moe import MoE  # noqa: E402
+from . import distributed, shadowing  # noqa: E402
 
 __all__ = [
     "MoE",
@@ -90,6 +92,8 @@ __all__ = [
     "update_selection_biases",
     "MoeConfig",
     "reference",
+    "distributed",
+    "shadowing",
     "ops_library_path",
     "__version__",
 ]

@@ -7,15 +7,17 @@
 #   3. runs its local experts on the rows it received with the fused op (each row through its
 #      expert: the op with k = 1 and the row's local expert forced, so the weight is exactly 1);
 #   4. returns the rows (all_to_all) and combines them with the gate weights.
-# Option of step 1: a topology-aware gate (gates.py: ranks_per_node, max_remote_choices) routes
-# through forced expert indices computed here.
+# Options of step 1 and 2: a topology-aware gate (gates.py: ranks_per_node, max_remote_choices)
+# routes through forced expert indices computed here; hot-expert shadowing (shadowing.py,
+# MoE(shadowing=policy)) computes the rows of the experts its policy picks on their source ranks
+# with broadcast copies of their weights instead of sending the rows.
 # Replicated parameters (gate, shared experts) need their gradients summed over the group —
 # allreduce_replicated_grads(model, group), or DDP over the data-parallel group. Expert
 # parameters are local: reduce them only over replicas of the same experts.
 # This is the modular path with torch's collectives; the fused single-kernel path with
 # GPU-initiated transfers replaces steps 2–4 when it exists.
 # Test: tests/python/test_expert_parallel.py (2 gloo processes equal one process),
-# test_topology_gate.py.
+# test_shadowing.py, test_topology_gate.py.
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -24,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.nn.functional import all_to_all_single
 
-from . import reference
+from . import reference, shadowing
 
 
 def group_size(group) -> int:
@@ -40,6 +42,13 @@ def _exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
     recv = torch.empty_like(send_counts)
     dist.all_to_all_single(recv, send_counts, group=group)
     return recv
+
+
+def _gather_counts(counts: torch.Tensor, group, world: int) -> torch.Tensor:
+    """[W, E]: every rank's [E] counts, row q from rank q of the group."""
+    parts = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(parts, counts.contiguous(), group=group)
+    return torch.stack(parts)
 
 
 def _local_expert_rows(moe, rows: torch.Tensor, expert: torch.Tensor, w1, b1, w2, b2,
@@ -73,6 +82,7 @@ def expert_parallel_forward(moe, tokens: torch.Tensor, seed: int,
         forced_topk_idx: [T, k] integer routing to use instead of the gate's top-k, or None.
     Returns:
         (y [T, H], routing) where routing is reference.Routing (for the losses and counts).
+        Sets moe.last_shadowed (the experts shadowed in this call, ascending; [] without).
     """
     group = moe.group
     world = group_size(group)
@@ -99,7 +109,22 @@ def expert_parallel_forward(moe, tokens: torch.Tensor, seed: int,
     order = torch.argsort(experts, stable=True)
     pairs, experts = pairs[order], experts[order]
 
-    t_pairs, t_experts = pairs, experts
+    # Shadowing: the same decision on every rank, from the step's [W, E] kept counts.
+    shadowed: List[int] = []
+    if moe.shadowing is not None:
+        counts = _gather_counts(routing.kept_counts, group, world)
+        choice = moe.shadowing.choose(counts, shadowing.expert_costs(moe, tokens.dtype))
+        shadowed = shadowing.check_choice(choice, E)
+    moe.last_shadowed = shadowed
+    if shadowed:
+        is_shadowed = torch.zeros(E, dtype=torch.bool, device=tokens.device)
+        is_shadowed[shadowed] = True
+        here = is_shadowed[experts]
+        travel_pos = torch.nonzero(~here, as_tuple=False).reshape(-1)
+        local_pos = torch.nonzero(here, as_tuple=False).reshape(-1)
+        t_pairs, t_experts = pairs[travel_pos], experts[travel_pos]
+    else:
+        t_pairs, t_experts = pairs, experts
 
     # Rows to send, grouped by destination rank (ascending experts = ascending ranks).
     dest = t_experts // per_rank
@@ -119,7 +144,19 @@ def expert_parallel_forward(moe, tokens: torch.Tensor, seed: int,
     # Back to the source ranks.
     returned = all_to_all_single(torch.empty(sum(in_splits), H, dtype=tokens.dtype, device=tokens.device),
                                  expert_rows, in_splits, out_splits, group=group)
-    rows = returned
+    if shadowed:
+        # The shadowed experts' rows never left this rank: run them on the broadcast copies and
+        # put every row back at its place in `pairs`, so the combine below sums in the same order.
+        sw1, sb1, sw2, sb2 = shadowing.broadcast_shadow_weights(moe, shadowed, rank)
+        slot = torch.full((E,), -1, dtype=torch.int32, device=tokens.device)
+        slot[shadowed] = torch.arange(len(shadowed), dtype=torch.int32, device=tokens.device)
+        l_pairs = pairs[local_pos]
+        local_rows = _local_expert_rows(moe, tokens.index_select(0, l_pairs // k), slot[experts[local_pos]],
+                                        sw1, sb1, sw2, sb2, config)
+        rows = tokens.new_zeros(pairs.shape[0], H).index_copy(0, travel_pos, returned) \
+                                                  .index_copy(0, local_pos, local_rows)
+    else:
+        rows = returned
 
     # The weighted sum over each token's k results.
     weights = routing.topk_weight.reshape(-1)[pairs].to(tokens.dtype)

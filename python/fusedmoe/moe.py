@@ -19,6 +19,7 @@ from .distributed import group_size
 from .config import MoeConfig, dtype_name, normalize_ffn_kind
 from .experts import Experts
 from .gates import BaseGate, make_gate
+from .shadowing import ShadowingPolicy
 
 __all__ = ["MoE"]
 
@@ -49,6 +50,11 @@ class MoE(nn.Module):
             here. With W ranks this rank holds experts [rank·E/W, (rank+1)·E/W) (E % W == 0), the
             gate is replicated, and tokens travel to their experts' ranks (fusedmoe.distributed;
             sum replicated gradients with fusedmoe.distributed.allreduce_replicated_grads).
+        shadowing: hot-expert shadowing policy (fusedmoe.shadowing.ShadowingPolicy, e.g.
+            CostModelPolicy()) or None (default: off). With a group of W > 1 ranks, each call
+            replicates the experts the policy picks from the call's load on every rank for that
+            call (fusedmoe.shadowing); outputs and gradients are unchanged. No effect without a
+            group.
         dtype: parameter dtype (default: torch.get_default_dtype()); inputs must match it.
         device: parameter device.
         backend: "auto" | "cpu" | "naive" (the fused op's backends) | "reference" (plain PyTorch).
@@ -59,6 +65,7 @@ class MoE(nn.Module):
         aux_loss, z_loss: 0-dim differentiable tensors of the last call.
         last_expert_counts, last_kept_counts: [E] int64 assignments before / after capacity.
         last_topk_idx: [T, k] int32 routing of the last call (-1 = none).
+        last_shadowed: experts shadowed in the last call (ascending ints; [] without shadowing).
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ffn: int, top_k: Optional[int] = None,
@@ -66,7 +73,7 @@ class MoE(nn.Module):
                  capacity_factor: float = 0.0, num_shared_experts: int = 0,
                  shared_ffn_size: int = 0, renormalize: bool = True, expert_bias: bool = False,
                  gate_bias: bool = False, jitter_eps: float = 1e-2, group=None,
-                 dtype: Optional[torch.dtype] = None,
+                 shadowing: Optional[ShadowingPolicy] = None, dtype: Optional[torch.dtype] = None,
                  device: Optional[Union[str, torch.device]] = None, backend: str = "auto",
                  fp32_math: str = "tf32"):
         super().__init__()
@@ -94,8 +101,12 @@ class MoE(nn.Module):
                              "needs a multiple of the group size")
         if world > 1 and backend == "reference":
             raise ValueError("backend = 'reference': expert parallelism runs the fused op")
+        if shadowing is not None and not isinstance(shadowing, ShadowingPolicy):
+            raise TypeError(f"shadowing: expected None or a fusedmoe.shadowing.ShadowingPolicy, "
+                            f"got {type(shadowing).__name__}")
         self.group = group
         self.world_size = world
+        self.shadowing = shadowing
         ffn = normalize_ffn_kind(ffn, "ffn")
 
         if isinstance(gate, BaseGate):
@@ -141,6 +152,7 @@ class MoE(nn.Module):
         self.last_expert_counts: Optional[torch.Tensor] = None
         self.last_kept_counts: Optional[torch.Tensor] = None
         self.last_topk_idx: Optional[torch.Tensor] = None
+        self.last_shadowed: list = []
         device = self.experts.w1.device
         self.register_buffer("_routed_total", torch.zeros(num_experts, dtype=torch.int64, device=device),
                              persistent=False)
