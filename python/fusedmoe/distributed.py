@@ -13,14 +13,16 @@
 # with broadcast copies of their weights instead of sending the rows.
 # Replicated parameters (gate, shared experts) need their gradients summed over the group —
 # allreduce_replicated_grads(model, group), or DDP over the data-parallel group. Expert
-# parameters are local: reduce them only over replicas of the same experts.
+# parameters are local: reduce them only over replicas of the same experts. With expert and
+# data parallelism together (W = ep · dp ranks), expert_data_parallel_groups() makes the groups
+# and allreduce_grads() reduces each parameter over the ranks that hold a copy of it.
 # This is the modular path with torch's collectives; the fused single-kernel path with
 # GPU-initiated transfers replaces steps 2–4 when it exists.
 # Test: tests/python/test_expert_parallel.py (2 gloo processes equal one process),
-# test_shadowing.py, test_topology_gate.py.
+# test_shadowing.py, test_topology_gate.py, test_data_parallel.py.
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -178,6 +180,21 @@ def _expert_parameter_ids(model: torch.nn.Module) -> set:
     return ids
 
 
+def expert_parameter_names(model: torch.nn.Module) -> List[str]:
+    """Names (as in model.named_parameters()) of the expert parameters of every expert-parallel
+    fusedmoe.MoE in `model`: the ones each rank holds a different slice of.
+
+    For DDP over the whole data-parallel world, exclude them from DDP (e.g. with
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model) and
+    reduce them with allreduce_expert_grads over their expert data-parallel group.
+
+    Args:
+        model: any nn.Module.
+    """
+    ids = _expert_parameter_ids(model)
+    return [name for name, p in model.named_parameters() if id(p) in ids]
+
+
 def _allreduce_coalesced(grads: List[torch.Tensor], group, scale: float) -> None:
     """Sums the tensors over `group` in place, one collective per (dtype, device), then scales."""
     buckets: Dict[tuple, List[torch.Tensor]] = {}
@@ -209,3 +226,77 @@ def allreduce_replicated_grads(model: torch.nn.Module, group=None, *, scale: flo
     named = [(name, p) for name, p in model.named_parameters() if p.grad is not None and id(p) not in local]
     _allreduce_coalesced([p.grad for _, p in named], group, float(scale))
     return [name for name, _ in named]
+
+
+def allreduce_expert_grads(model: torch.nn.Module, expert_group, *, scale: float = 1.0) -> List[str]:
+    """Sums the expert gradients of every expert-parallel fusedmoe.MoE in `model` over
+    `expert_group`, the ranks that hold the same experts (expert_data_parallel_groups()).
+
+    Args:
+        model: any nn.Module.
+        expert_group: the expert data-parallel group of this rank.
+        scale: multiplies the sums.
+    Returns:
+        the names of the reduced parameters.
+    """
+    local = _expert_parameter_ids(model)
+    named = [(name, p) for name, p in model.named_parameters() if p.grad is not None and id(p) in local]
+    _allreduce_coalesced([p.grad for _, p in named], expert_group, float(scale))
+    return [name for name, _ in named]
+
+
+def allreduce_grads(model: torch.nn.Module, group=None, expert_group=None, *,
+                    scale: float = 1.0) -> Dict[str, List[str]]:
+    """The gradient reduction of expert + data parallelism: every parameter summed over the
+    ranks that hold a copy of it.
+
+    Expert parameters of expert-parallel fusedmoe.MoE layers go over `expert_group` (the ranks
+    with the same experts; None = no other copy, nothing to do); every other parameter (gates,
+    shared experts, attention, embeddings, MoE layers without a group) over `group`. With the
+    loss of every rank summed over its own tokens, the result is the gradient of the sum over the
+    tokens of all ranks, as one process would compute it; pass scale = 1 / W for the mean when
+    each rank's loss is the mean over its tokens (equal token counts).
+
+    Args:
+        model: any nn.Module.
+        group: the group of every rank (None = the default group).
+        expert_group: this rank's expert data-parallel group, or None.
+        scale: multiplies every sum.
+    Returns:
+        {"replicated": names reduced over group, "experts": names reduced over expert_group}.
+    """
+    replicated = allreduce_replicated_grads(model, group, scale=scale)
+    experts = allreduce_expert_grads(model, expert_group, scale=scale) if expert_group is not None else []
+    return {"replicated": replicated, "experts": experts}
+
+
+def expert_data_parallel_groups(expert_parallel_size: int) -> Tuple[object, object]:
+    """The process groups of expert parallelism × data parallelism over the default group.
+
+    The W ranks form W / ep expert-parallel groups of ep consecutive ranks ([0, ep), [ep, 2·ep),
+    ...): each such group holds every expert once and is the `group` of fusedmoe.MoE. The ranks
+    at the same position in these groups (r, r + ep, r + 2·ep, ...) hold the same experts and
+    form the expert data-parallel groups, over which expert gradients are summed
+    (allreduce_grads / allreduce_expert_grads). Collective: every rank calls it, in the same
+    order relative to other new_group calls.
+
+    Args:
+        expert_parallel_size: ep, a divisor of the world size.
+    Returns:
+        (expert_parallel_group, expert_data_parallel_group) of this rank.
+    """
+    world = dist.get_world_size()
+    rank = dist.get_rank()
+    ep = expert_parallel_size
+    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1 or world % ep != 0:
+        raise ValueError(f"expert_parallel_size = {ep!r}: must be a positive divisor of the world size {world}")
+    mine_ep = mine_dp = None
+    for start in range(0, world, ep):  # every rank creates every group, in the same order
+        g = dist.new_group(list(range(start, start + ep)))
+        if start <= rank < start + ep:
+            mine_ep = g
+    for offset in range(ep):
+        g = dist.new_group(list(range(offset, world, ep)))
+        if rank % ep == offset:
+            mine_dp = g
+    return mine_ep, mine_dp
