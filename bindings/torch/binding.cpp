@@ -126,12 +126,13 @@ Call make_call(std::string_view config_text, std::string_view backend_text, cons
     TORCH_CHECK_VALUE(false, "fusedmoe: ", e.what());
   }
   if (call.on_cuda()) {
-    TORCH_CHECK_VALUE(call.backend == fusedmoe::Backend::kAuto || call.backend == fusedmoe::Backend::kCuda,
-                      "fusedmoe: backend '", backend_text, "' cannot run on CUDA tensors (use 'auto' or 'cuda')");
-    call.backend = fusedmoe::Backend::kCuda;
+    TORCH_CHECK_VALUE(call.backend == fusedmoe::Backend::kAuto || call.backend == fusedmoe::Backend::kCuda ||
+                          call.backend == fusedmoe::Backend::kFused,
+                      "fusedmoe: backend '", backend_text, "' cannot run on CUDA tensors (use 'auto', 'cuda' or 'fused')");
+    if (call.backend == fusedmoe::Backend::kAuto) call.backend = fusedmoe::Backend::kCuda;
   } else {
-    TORCH_CHECK_VALUE(call.backend != fusedmoe::Backend::kCuda,
-                      "fusedmoe: backend 'cuda' cannot run the CPU kernel of the op (the tensors are on CPU)");
+    TORCH_CHECK_VALUE(call.backend != fusedmoe::Backend::kCuda && call.backend != fusedmoe::Backend::kFused,
+                      "fusedmoe: backend '", backend_text, "' cannot run the CPU kernel of the op (the tensors are on CPU)");
     // NOTE: "auto" must not resolve to the CUDA backend (which MoeLayer would pick in a CUDA
     // build with a device present) while the tensors live in host memory.
     if (call.backend == fusedmoe::Backend::kAuto) call.backend = fusedmoe::Backend::kCpu;

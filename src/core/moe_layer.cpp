@@ -49,6 +49,9 @@ Backend parse_backend(const std::string& text) {
 
 namespace {
 
+// Backends whose tensors (and every pointer of the call) live in GPU memory.
+bool on_device(Backend b) { return b == Backend::kCuda || b == Backend::kFused; }
+
 std::string shape_str(const std::vector<int64_t>& shape) {
   return TensorView{.data = nullptr, .dtype = DType::kFloat32, .shape = shape}.shape_string();
 }
@@ -173,7 +176,7 @@ void MoeLayer::check_forward(const ForwardArgs& args, const char* what) const {
   FUSEDMOE_CHECK(args.x.dtype == config_.dtype, "x: dtype " << to_string(args.x.dtype) << ", expected "
                                                             << to_string(config_.dtype) << " (config dtype)");
   FUSEDMOE_CHECK(args.token_offset >= 0, "token_offset = " << args.token_offset << ": must be >= 0");
-  if (args.forced_topk_idx && backend_ != Backend::kCuda) {  // device memory otherwise
+  if (args.forced_topk_idx && !on_device(backend_)) {  // device memory otherwise
     const int64_t n = args.x.shape[0] * config_.top_k;
     for (int64_t i = 0; i < n; ++i) {
       const int32_t e = args.forced_topk_idx[i];
@@ -193,7 +196,7 @@ void MoeLayer::forward(const ForwardArgs& args, const ForwardOutputs& out) {
   const auto tokens_per_rank = resolve_tokens_per_rank(config_, T, args.tokens_per_rank);
   check_view(out.y, "y", true, config_.dtype, {T, config_.hidden_size});
   check_optional(out.topk_weight, "topk_weight", true, config_.dtype, {T, config_.top_k});
-  if (backend_ == Backend::kCuda) {
+  if (on_device(backend_)) {
     // Counts stay on the device (reading them would synchronise): per-expert statistics come
     // from the expert_counts / kept_counts outputs.
     impl_->forward(config_, weights_, args, tokens_per_rank, out);

@@ -424,7 +424,9 @@ TEST(FusedKernel, AdversarialShapes) {
   for (int64_t tokens : {1, 2, 31, 127, 129, 257, 1031}) {
     MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kGeGlu, DType::kBFloat16);
     c.world_size = tokens >= 8 ? 2 : 1;
-    check_case(fused_case(c, tokens), test_seed() + static_cast<uint64_t>(tokens));
+    std::vector<int64_t> split;
+    if (c.world_size == 2) split = {tokens / 3, tokens - tokens / 3};
+    check_case(fused_case(c, tokens, split), test_seed() + static_cast<uint64_t>(tokens));
   }
   // All tokens to one expert (forced), with and without capacity overflow, W = 4.
   MoeConfig one = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kFloat16);
@@ -448,7 +450,7 @@ TEST(FusedKernel, AdversarialShapes) {
   odd.hidden_size = 90;
   odd.ffn_size = 45;
   odd.world_size = 2;
-  check_case(fused_case(odd, 133), test_seed());
+  check_case(fused_case(odd, 133, {70, 63}), test_seed());
   MoeConfig zero = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
   zero.world_size = 2;
   check_case(fused_case(zero, 0, {0, 0}), test_seed());
@@ -577,11 +579,13 @@ TEST(FusedKernel, BackToBackLaunchesAndGraphReplaysAreIdentical) {
   c.world_size = 4;
   c.num_experts = 16;
   const int64_t T = 512, H = c.hidden_size;
-  HostWeights w = HostWeights::random(c, test_seed(), 2.0);
+  MoeConfig c64 = c;
+  c64.dtype = DType::kFloat64;
+  HostWeights w = HostWeights::random(c64, test_seed(), 2.0);
   std::vector<DeviceTensor> dev_w;
   for (const HostTensor* t : w.all()) dev_w.push_back(upload(*t, c.dtype));
   MoeWeights views{.gate_weight = dev_w[0].view, .w1 = dev_w[4].view, .w2 = dev_w[6].view};
-  DeviceTensor x = upload(make_inputs(c, T, test_seed()).x, c.dtype);
+  DeviceTensor x = upload(make_inputs(c64, T, test_seed()).x, c.dtype);
   DeviceTensor y0 = poisoned_device(c.dtype, {T, H}), y = poisoned_device(c.dtype, {T, H});
   DeviceMemory bad(sizeof(unsigned long long));
   cudaMemset(bad.ptr, 0, sizeof(unsigned long long));

@@ -155,7 +155,12 @@ class FusedBackend {
                const std::vector<int64_t>& tokens_per_rank, const ForwardOutputs& out) {
     cudaStream_t stream = static_cast<cudaStream_t>(args.stream);
     const FusedOptions options = fused_options();
-    check_pending_error(stream);
+    // Under capture no event may be queried or stream synchronised (it would invalidate the
+    // capture): the record is still copied back by the graph, and checked by the next eager call.
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    FUSEDMOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    const bool capturing = capture != cudaStreamCaptureStatusNone;
+    if (!capturing) check_pending_error(stream);
 
     const int W = c.world_size;
     const int64_t Tn = args.x.shape[0], H = c.hidden_size, E = c.num_experts, k = c.top_k;
@@ -274,11 +279,10 @@ class FusedBackend {
     // The error record comes back to pinned memory after the kernel; checked now (sync_check)
     // or at the next forward.
     FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(ws_.host_record, p.error, sizeof(ErrorRecord), cudaMemcpyDeviceToHost, stream));
+    if (capturing) return;
     FUSEDMOE_CUDA_CHECK(cudaEventRecord(ws_.record_copied, stream));
     ws_.record_pending = true;
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    FUSEDMOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    if (options.sync_check && capture == cudaStreamCaptureStatusNone) {
+    if (options.sync_check) {
       FUSEDMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
       check_pending_error(stream);
     }

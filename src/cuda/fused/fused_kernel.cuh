@@ -826,20 +826,27 @@ __device__ void expert_phase(const Ctx<T>& ctx, SharedUnion<T>& sm, TaskSmem& ts
         if (claim_segment(ctx)) {
           state = 2;
         } else {
+          // Indices past the queue's capacity (more blocks than tasks) can never hold a task:
+          // those blocks only wait for the final task count.
           const uint32_t index = atomicAdd(&ctl.q_head, 1u);
-          const uint64_t start = global_ns();
+          const bool in_queue = index < static_cast<uint64_t>(p.task_capacity);
+          uint64_t start = global_ns();
           for (uint32_t spins = 0;; ++spins) {
-            if (ld_acquire_gpu(ready + index) == ctx.epoch) {
+            if (in_queue && ld_acquire_gpu(ready + index) == ctx.epoch) {
               ts.task = tasks[index];
               state = 0;
               break;
             }
-            if (ld_acquire_gpu(&ctl.segs_done) == segments && index >= ld_acquire_gpu(&ctl.total_tasks)) break;
+            const bool counted = ld_acquire_gpu(&ctl.segs_done) == segments;
+            if (counted && index >= ld_acquire_gpu(&ctl.total_tasks)) break;
             if ((spins & 31u) == 31u) {
               if (ctx.aborted()) break;
+              // While segments are still being claimed, the claimers' own bounded waits report
+              // a missing flag; the slot's clock starts once every task is counted.
+              if (!counted) start = global_ns();
               const uint64_t waited = global_ns() - start;
               if (waited > p.timeout_ns) {
-                ctx.fail(kTimeout, kQueueSlot, index, 0, ctx.epoch, ready[index], waited);
+                ctx.fail(kTimeout, kQueueSlot, index, 0, ctx.epoch, in_queue ? ready[index] : 0, waited);
                 break;
               }
               __nanosleep(32);
