@@ -93,7 +93,7 @@ constexpr std::array kRunFlags = {
     FlagSpec{"--seed", FlagTarget::kSeed, "", ValueKind::kRequired, "N",
              "seed of weights, inputs and gate noise"},
     FlagSpec{"--backend", FlagTarget::kBackend, "", ValueKind::kRequired, "NAME",
-             "auto (cuda if a device is found, except fp64), cpu, naive, cuda, threads (the fused protocol on one CPU thread per rank)"},
+             "auto (cuda if a device is found, except fp64), cpu, naive, cuda, threads (the fused protocol on one CPU thread per rank), fused (the persistent kernel; W ranks emulated on one GPU; forward)"},
     FlagSpec{"--training", FlagTarget::kTraining, "", ValueKind::kSwitch, "",
              "training mode: gate noise, jitter, random routing"},
     FlagSpec{"--gate-scale", FlagTarget::kGateScale, "", ValueKind::kRequired, "X",
@@ -209,7 +209,7 @@ void apply_flag(const FlagSpec& spec, std::string_view value, RunOptions& option
         options.backend = parse_backend(std::string(value));
       } catch (const Error&) {
         throw UsageError(std::string(spec.name) + ": unknown backend '" + std::string(value) +
-                         "' (allowed: auto, cpu, naive, cuda, threads)");
+                         "' (allowed: auto, cpu, naive, cuda, threads, fused)");
       }
       break;
     case FlagTarget::kTraining:
@@ -307,7 +307,7 @@ void append_flag_lines(std::ostringstream& text, const FlagSpec* begin, const Fl
 
 double tolerance_for(const MoeConfig& config, Backend backend) {
   if (config.dtype == DType::kFloat64) return 1e-6;
-  if (backend == Backend::kCuda && config.fp32_math == Fp32Math::kTf32) return 5e-3;
+  if ((backend == Backend::kCuda || backend == Backend::kFused) && config.fp32_math == Fp32Math::kTf32) return 5e-3;
   return 1e-4;
 }
 
@@ -323,6 +323,8 @@ std::string backend_name(Backend backend) {
       return "cuda";
     case Backend::kThreads:
       return "threads";
+    case Backend::kFused:
+      return "fused";
   }
   return "?";
 }

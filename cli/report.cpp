@@ -126,7 +126,7 @@ void print_report(const RunReport& report, std::FILE* out) {
 
   if (options.check) {
     std::string precision = to_string(config.dtype);
-    if (config.dtype == DType::kFloat32 && report.backend == Backend::kCuda)
+    if (config.dtype == DType::kFloat32 && (report.backend == Backend::kCuda || report.backend == Backend::kFused))
       precision += ", " + to_string(config.fp32_math);
     std::fprintf(out, "\ncheck against the naive reference, tolerance %g on relative error (%s)\n",
                  report.tolerance, precision.c_str());

@@ -68,6 +68,10 @@ ChosenBackend choose_backend(Backend requested, DType dtype) {
       return {Backend::kNaive, "requested with --backend naive"};
     case Backend::kThreads:
       return {Backend::kThreads, "requested with --backend threads (one CPU thread per rank)"};
+    case Backend::kFused:
+      if (!MoeLayer::cuda_available())
+        throw UsageError("--backend fused: no CUDA device found (or fusedmoe was built without CUDA)");
+      return {Backend::kFused, "requested with --backend fused (the persistent kernel, W ranks emulated)"};
   }
   return {Backend::kCpu, "?"};
 }
@@ -77,6 +81,7 @@ double flops_per_second(Backend backend) {
     case Backend::kNaive:
       return kNaiveFlopsPerSecond;
     case Backend::kCuda:
+    case Backend::kFused:
       return kCudaFlopsPerSecond;
     case Backend::kAuto:
     case Backend::kCpu:
@@ -243,7 +248,7 @@ LayerRun run_layer(const RunInputs& inputs, Backend backend, int iterations,
   run.kept_counts.resize(static_cast<size_t>(config.num_experts));
 
   // NOTE: space outlives layer, which keeps views of the weights.
-  BufferSpace space(backend == Backend::kCuda);
+  BufferSpace space(backend == Backend::kCuda || backend == Backend::kFused);
   MoeLayer layer(config, space.stage(inputs.weights), backend);
   ForwardArgs forward_args = inputs.forward_args();
   forward_args.x = space.stage(inputs.x);
