@@ -28,13 +28,15 @@ struct SmemTile {
 // Loads a kOuter x kInner tile (inner dimension contiguous in global memory with unit stride,
 // outer stride `outer_stride`) starting at (outer0, inner0) into smem; zero outside
 // [0, outer_count) x [0, inner_count). vector: 16-B loads allowed (alignment checked by the host).
-template <class T, int kOuter, int kInner>
+// kTeam: the threads 0 .. kTeam-1 of the block share the work (0: the whole block).
+template <int kTeam = 0, class T, int kOuter, int kInner>
 __device__ __forceinline__ void load_tile(SmemTile<T, kOuter, kInner>& tile, const T* base, int64_t outer_stride,
                                           int64_t outer0, int64_t outer_count, int64_t inner0, int64_t inner_count,
                                           bool vector) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-B chunk
   constexpr int kChunks = kOuter * kInner / kVec;
-  for (int c = threadIdx.x; c < kChunks; c += blockDim.x) {
+  const int stride = kTeam > 0 ? kTeam : static_cast<int>(blockDim.x);
+  for (int c = threadIdx.x; c < kChunks; c += stride) {
     const int o = c / (kInner / kVec), i = (c % (kInner / kVec)) * kVec;
     const int64_t go = outer0 + o, gi = inner0 + i;
     T* dst = &tile.data[o][i];

@@ -372,19 +372,24 @@ struct FusedOptionsScope {
 
 class FusedKinds : public ::testing::TestWithParam<KindCase> {};
 
+// bf16/fp16 run on both engines where the GPU has the Hopper one (the portable engine is the
+// only one for fp32 and elsewhere).
 TEST_P(FusedKinds, MatchesOracleAtW1AndW4) {
   REQUIRE_GPU();
-  FusedOptionsScope sync({.sync_check = true});
-  for (int W : {1, 4}) {
-    for (bool training : {false, true}) {
-      if (training && GetParam().gate == GateKind::kSwitchTop1) continue;  // jitter is not fused
-      MoeConfig c = small(GetParam().gate, GetParam().ffn, GetParam().dtype);
-      c.world_size = W;
-      c.gate_bias = true;
-      c.expert_bias = true;
-      GpuCase gc = fused_case(c, 77 * W);
-      gc.training = training;
-      check_case(gc, test_seed() + static_cast<uint64_t>(W) + training);
+  for (bool portable : {false, true}) {
+    if (portable && GetParam().dtype == DType::kFloat32) continue;
+    FusedOptionsScope sync({.sync_check = true, .portable_engine = portable});
+    for (int W : {1, 4}) {
+      for (bool training : {false, true}) {
+        if (training && GetParam().gate == GateKind::kSwitchTop1) continue;  // jitter is not fused
+        MoeConfig c = small(GetParam().gate, GetParam().ffn, GetParam().dtype);
+        c.world_size = W;
+        c.gate_bias = true;
+        c.expert_bias = true;
+        GpuCase gc = fused_case(c, 77 * W);
+        gc.training = training;
+        check_case(gc, test_seed() + static_cast<uint64_t>(W) + training);
+      }
     }
   }
 }
@@ -454,6 +459,15 @@ TEST(FusedKernel, AdversarialShapes) {
   MoeConfig zero = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
   zero.world_size = 2;
   check_case(fused_case(zero, 0, {0, 0}), test_seed());
+  // Several column tiles in both GEMMs and K tails (Hopper tiles: 128 x 256 x 64), biases.
+  for (FfnKind ffn : {FfnKind::kSwiGlu, FfnKind::kReluMlp}) {
+    MoeConfig wide_tiles = small(GateKind::kSoftmaxTopK, ffn, DType::kBFloat16);
+    wide_tiles.hidden_size = 520;
+    wide_tiles.ffn_size = ffn == FfnKind::kSwiGlu ? 272 : 600;
+    wide_tiles.expert_bias = true;
+    wide_tiles.world_size = 2;
+    check_case(fused_case(wide_tiles, 701, {400, 301}), test_seed() + 7);
+  }
 }
 
 // Randomized differential harness: FUSEDMOE_FUSED_CASES cases (default 2000), each a fresh
@@ -500,8 +514,9 @@ TEST(FusedKernel, DifferentialHarness) {
     GpuCase gc = fused_case(c, total, split);
     gc.training = training;
     gc.gate_scale = pick(2) ? 2.0 : 8.0;
-    const int before = ::testing::UnitTest::GetInstance()->failed_test_count();
-    (void)before;
+    // Both engines: widths that are not multiples of 8 and fp32 take the portable one anyway.
+    const bool portable = pick(4) == 0;
+    FusedOptionsScope engine({.sync_check = true, .portable_engine = portable});
     GpuRun run = run_gpu(gc, case_seed);
     Result ref;
     if (!oracle_for(gc, run, &ref)) { ++skipped; continue; }
@@ -512,7 +527,8 @@ TEST(FusedKernel, DifferentialHarness) {
     if (!ok) {
       ++failures;
       ADD_FAILURE() << "case " << i << " (seed " << case_seed << "): " << c.summary() << " T=" << total
-                    << " training=" << training << " y error " << relative_error(run.gpu.y, ref.y);
+                    << " training=" << training << " portable engine=" << portable << " y error "
+                    << relative_error(run.gpu.y, ref.y);
     }
   }
   std::printf("fused differential harness: %d cases, %d mismatches, %d skipped (GShard near ties)\n", cases, failures,

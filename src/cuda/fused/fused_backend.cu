@@ -3,6 +3,10 @@
 // GPU (W slices of the grid over W symmetric heaps of one allocation). Backward (W = 1) runs the
 // modular CUDA backend, which recomputes the same routing.
 //
+// Engines: on an sm_90 GPU, bf16/fp16 with H and I multiples of 8 and 16-B aligned tensors run
+// the Hopper kernel (fused_sm90.cuh: wgmma + TMA tiles, 384 threads, one block per SM); every
+// other case (fp32 as TF32, other GPUs, odd widths) runs the portable kernel (mma.sync tiles).
+//
 // State kept across calls (per backend object): the heaps (flags carry the epoch, so they are
 // never cleared), the per-rank control words and task queues, the epoch word, the error record.
 // The epoch advances on the device, so back-to-back launches and CUDA-graph replays need no
@@ -15,6 +19,7 @@
 #include "core/backend.hpp"
 #include "cuda/common.cuh"
 #include "cuda/fused/fused_kernel.cuh"
+#include "cuda/fused/fused_sm90.cuh"
 #include "cuda/fused/fused_options.hpp"
 #include "fusedmoe/planner.hpp"
 
@@ -171,12 +176,17 @@ class FusedBackend {
     const int64_t max_local = c.max_local_experts();
     FUSEDMOE_CHECK(W * max_local <= kMaxSegments, "fused backend: world_size x local experts = " << W * max_local
                    << " exceeds " << kMaxSegments);
-    const int64_t n0 = c.ffn_in_width() != c.ffn_size ? ceil_div(c.ffn_size, 64) : ceil_div(c.ffn_size, kTileN);
-    const int64_t n1 = ceil_div(H, kTileN);
-    const int64_t task_capacity =
-        W * (ceil_div(W * layout.rows_per_source, kTileM) + W * max_local) * (n0 + n1) + 1;
     int device = 0;
     FUSEDMOE_CUDA_CHECK(cudaGetDevice(&device));
+    const bool gated = c.ffn_in_width() != c.ffn_size;
+    const bool hopper = use_hopper(c, args, w, out, options, device);
+    // Output columns of one GEMM0 / GEMM1 tile of the engine.
+    const int tile_n0 = hopper ? (gated ? 128 : 256) : (gated ? 64 : kTileN);
+    const int tile_n1 = hopper ? 256 : kTileN;
+    const int64_t n0 = ceil_div(c.ffn_size, tile_n0);
+    const int64_t n1 = ceil_div(H, tile_n1);
+    const int64_t task_capacity =
+        W * (ceil_div(W * layout.rows_per_source, kTileM) + W * max_local) * (n0 + n1) + 1;
     ws_.ensure(device, static_cast<size_t>(WorkspaceLayout::align_up(layout.total_bytes, 256)), task_capacity, W,
                static_cast<int>(E), static_cast<int>(W * max_local), stream);
 
@@ -189,7 +199,9 @@ class FusedBackend {
     p.ffn = c.ffn_size;
     p.ffn_in = c.ffn_in_width();
     p.ffn_kind = c.ffn;
-    p.gated = c.ffn_in_width() != c.ffn_size;
+    p.gated = gated;
+    p.tile_n0 = tile_n0;
+    p.tile_n1 = tile_n1;
     p.router = RouterParams{.num_tokens = Tn, .num_experts = E, .top_k = k, .gate = c.gate,
                             .renormalize = resolved_renormalize(c), .training = args.training, .seed = args.seed,
                             .token_offset = args.token_offset, .forced_topk_idx = args.forced_topk_idx};
@@ -267,7 +279,15 @@ class FusedBackend {
     p.silent_rank = options.silent_rank;
     p.flag_before_data = options.flag_before_data;
 
-    launch(p, stream);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (hopper) {
+        launch_hopper(p, c, layout, stream);
+      } else {
+        launch(p, stream);
+      }
+    } else {
+      launch(p, stream);
+    }
 
     if (out.topk_weight.defined()) convert<T>(r.weight, static_cast<T*>(out.topk_weight.data), Tn * k, stream);
     if (out.expert_counts)
@@ -289,30 +309,86 @@ class FusedBackend {
   }
 
  private:
-  void launch(const Params<T>& p, cudaStream_t stream) {
-    static_assert(sizeof(Params<T>) <= 32000, "kernel parameters too large");
-    const size_t smem = sizeof(SharedUnion<T>) + sizeof(TaskSmem);
-    auto kernel = fused_moe_kernel<T>;
+  // The Hopper engine runs where its TMA and epilogue constraints hold (see the file comment).
+  bool use_hopper(const MoeConfig& c, const ForwardArgs& args, const MoeWeights& w, const ForwardOutputs& out,
+                  const FusedOptions& options, int device) {
+    if constexpr (std::is_same_v<T, float>) {
+      return false;
+    } else {
+      if (options.portable_engine) return false;
+      const char* env = std::getenv("FUSEDMOE_FUSED_PORTABLE");
+      if (env && env[0] == '1') return false;
+      int major = 0, minor = 0;
+      FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+      FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+      if (major != 9 || minor != 0) return false;
+      return c.hidden_size % 8 == 0 && c.ffn_size % 8 == 0 && aligned16(args.x.data) && aligned16(out.y.data) &&
+             aligned16(w.w1.data) && aligned16(w.w2.data) && aligned16(w.gate_weight.data) &&
+             aligned16(w.noise_weight.defined() ? w.noise_weight.data : nullptr);
+    }
+  }
+
+  // One cooperative launch: every block resident (the launch fails otherwise), the grid a
+  // multiple of the world size.
+  template <class Kernel, class... Args>
+  void cooperative_launch(Kernel kernel, int threads, size_t smem, int world, cudaStream_t stream, const Args&... args) {
     FUSEDMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     int device = 0, sms = 0, per_sm = 0;
     FUSEDMOE_CUDA_CHECK(cudaGetDevice(&device));
     FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    FUSEDMOE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    FUSEDMOE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
     const int resident = sms * per_sm;
-    const int per_rank = resident / p.world;
-    FUSEDMOE_CHECK(per_rank >= 1, "fused backend: " << p.world << " emulated ranks need at least one resident block "
+    const int per_rank = resident / world;
+    FUSEDMOE_CHECK(per_rank >= 1, "fused backend: " << world << " emulated ranks need at least one resident block "
                                    "each; this GPU holds " << resident);
     cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(per_rank * p.world));
-    config.blockDim = dim3(kThreads);
+    config.gridDim = dim3(static_cast<unsigned>(per_rank * world));
+    config.blockDim = dim3(static_cast<unsigned>(threads));
     config.dynamicSmemBytes = smem;
     config.stream = stream;
     cudaLaunchAttribute attribute{};
-    attribute.id = cudaLaunchAttributeCooperative;  // all blocks resident, or the launch fails
+    attribute.id = cudaLaunchAttributeCooperative;
     attribute.val.cooperative = 1;
     config.attrs = &attribute;
     config.numAttrs = 1;
-    FUSEDMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+    FUSEDMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+  }
+
+  void launch(const Params<T>& p, cudaStream_t stream) {
+    static_assert(sizeof(Params<T>) <= 32000, "kernel parameters too large");
+    cooperative_launch(fused_moe_kernel<T>, kThreads, PortableEngine<T>::smem_bytes(), p.world, stream, p);
+  }
+
+  void launch_hopper(const Params<T>& p, const MoeConfig& c, const WorkspaceLayout& layout, cudaStream_t stream) {
+    using Tiles = Sm90Tiles<T>;
+    using Element = typename Tiles::Element;
+    static_assert(sizeof(Params<T>) + sizeof(Sm90Tma<T>) <= 32000, "kernel parameters too large");
+    const int W = p.world, H = static_cast<int>(p.hidden), I = static_cast<int>(p.ffn), N1 = static_cast<int>(p.ffn_in);
+    const int E = p.num_experts;
+    const int rows_cap = static_cast<int>(std::max<int64_t>(1, W * layout.rows_per_source));
+    FUSEDMOE_CHECK(p.heap_stride % 16 == 0 && layout.recv_rows.offset % 16 == 0 && layout.hidden.offset % 16 == 0,
+                   "fused backend: heap sections must be 16-B aligned for TMA");
+    const int64_t heap_elements = p.heap_stride / static_cast<int64_t>(sizeof(T));
+    auto at = [&](int64_t offset) { return reinterpret_cast<const Element*>(p.heap_base + offset); };
+    Sm90Tma<T> tma{
+        .a0 = Tiles::make_a(at(layout.recv_rows.offset), rows_cap, H, W, heap_elements),
+        .a1 = Tiles::make_a(at(layout.hidden.offset), rows_cap, I, W, heap_elements),
+        .b0 = Tiles::Plain::make_tma_b(reinterpret_cast<const Element*>(p.w1), N1, H, E),
+        .b1 = Tiles::Plain::make_tma_b(reinterpret_cast<const Element*>(p.w2), H, I, E),
+        .rows_cap = rows_cap,
+        .act = activation_of(c.ffn),
+    };
+    cooperative_launch(fused_moe_kernel_sm90<T>, Tiles::kThreads, Sm90Engine<T>::smem_bytes(), W, stream, p, tma);
+  }
+
+  static Epilogue activation_of(FfnKind kind) {
+    switch (kind) {
+      case FfnKind::kReluMlp: return Epilogue::kRelu;
+      case FfnKind::kGeluMlp: return Epilogue::kGelu;
+      case FfnKind::kSwiGlu: return Epilogue::kSwiGlu;
+      case FfnKind::kGeGlu: return Epilogue::kGeGlu;
+    }
+    return Epilogue::kIdentity;
   }
 
   void check_pending_error(cudaStream_t stream) {

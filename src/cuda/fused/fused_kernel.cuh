@@ -120,6 +120,7 @@ struct Params {
   int16_t global_expert[kMaxSegments];   // [W][max_local] (-1 past a rank's experts)
   int32_t num_local[kMaxWorld];
   int max_chunks;                // chunks of the largest rank (>= 1)
+  int tile_n0, tile_n1;          // output columns of one GEMM0 / GEMM1 tile (engine's tile widths)
   bool aligned;                  // x, y, weights and the heaps are 16-B aligned (vector access)
   // Tensors
   const T* x;                    // [T, H]
@@ -175,6 +176,12 @@ __device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
 __device__ __forceinline__ void st_release_gpu(uint32_t* p, uint32_t v) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
+// The router, dispatch and combine phases run on threads 0 .. kThreads-1 (the whole block of the
+// portable kernel; the two consumer warpgroups of the Hopper kernel, whose third warpgroup only
+// takes part in the expert phase): their barrier is named barrier 1 over kThreads threads.
+__device__ __forceinline__ void team_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); }
+// Orders this thread's generic-proxy global writes before later async-proxy (TMA) accesses.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async;" ::: "memory"); }
 __device__ __forceinline__ uint64_t global_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -301,9 +308,9 @@ __device__ __forceinline__ void mma_tile(GemmSmem<T>& s, const T* a, int64_t lda
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
   for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
-    cuda::detail::load_tile(s.a, a, lda, 0, row_count, k0, K, vector_a);
+    cuda::detail::load_tile<kThreads>(s.a, a, lda, 0, row_count, k0, K, vector_a);
     load_b(k0);
-    __syncthreads();
+    team_sync();
 #pragma unroll
     for (int kk = 0; kk < kTileK; kk += kStepK) {
       wmma::fragment<wmma::matrix_a, 16, 16, kStepK, FragElement, wmma::row_major> fa[4];
@@ -334,7 +341,7 @@ __device__ __forceinline__ void mma_tile(GemmSmem<T>& s, const T* a, int64_t lda
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
     }
-    __syncthreads();
+    team_sync();
   }
 }
 
@@ -366,7 +373,7 @@ __device__ __forceinline__ void load_b_rows(GemmSmem<T>& s, const T* b, int64_t 
 template <class T>
 __device__ __forceinline__ void load_b_kmajor(GemmSmem<T>& s, const T* b, int64_t ldb, int64_t n0, int64_t N,
                                               int64_t k0, int64_t K, bool vector) {
-  cuda::detail::load_tile(s.bk, b, ldb, n0, N, k0, K, vector);
+  cuda::detail::load_tile<kThreads>(s.bk, b, ldb, n0, N, k0, K, vector);
 }
 
 // Each warp's 16 x 16 output blocks through its staging tile: visit(row, col, value) for the
@@ -396,7 +403,7 @@ __device__ void router_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
   const int64_t chunks = tokens > 0 ? (tokens + kChunk - 1) / kChunk : 1;
   const int E = p.num_experts, k = p.top_k;
   const int64_t H = p.hidden;
-  const int warp = threadIdx.x / 32, warp_m = warp / 4, warp_n = warp % 4, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, warp_m = warp / 4, warp_n = warp % 4;
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const bool vec = p.aligned && (H % kVec) == 0;
   for (int64_t c = ctx.local_block; c < chunks; c += ctx.blocks_per_rank) {
@@ -425,7 +432,7 @@ __device__ void router_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
               });
         }
       }
-      __syncthreads();
+      team_sync();
       if (noisy) {  // logits += eps * softplus(x·Wnᵀ)
         for (int64_t i = threadIdx.x; i < rows * E; i += kThreads) {
           const int64_t t = t0 + i / E, e = i % E;
@@ -435,27 +442,26 @@ __device__ void router_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
           const float softplus = pre > 30.f ? pre : log1pf(expf(pre));
           p.r.logits[t * E + e] += static_cast<float>(eps) * softplus;
         }
-        __syncthreads();
+        team_sync();
       }
       for (int64_t i = warp; i < rows; i += kWarps)
         gate_topk_token<T>(p.router, p.selection_bias, p.r, t0 + i, sm.router.score[warp]);
-      __syncthreads();
+      team_sync();
     }
     // Per-chunk counts per choice (choice-major slots need them for every chunk of the rank).
     for (int i = threadIdx.x; i < k * E; i += kThreads) sm.router.counts[i / E][i % E] = 0;
-    __syncthreads();
+    team_sync();
     for (int64_t i = threadIdx.x; i < rows * k; i += kThreads) {
       const int32_t e = p.r.idx[(t0 + i / k) * k + i % k];
       if (e >= 0) atomicAdd(&sm.router.counts[i % k][e], 1);
     }
-    __syncthreads();
+    team_sync();
     for (int i = threadIdx.x; i < k * E; i += kThreads) {
       const int j = i / E, e = i % E;
       p.chunk_counts[((static_cast<int64_t>(ctx.rank) * k + j) * p.max_chunks + c) * E + e] = sm.router.counts[j][e];
     }
-    __syncthreads();
+    team_sync();
   }
-  (void)lane;
 }
 
 template <class T>
@@ -494,7 +500,7 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
         atomicAdd(p.kept_total + e, static_cast<unsigned long long>(s.kept[e]));
       }
     }
-    __syncthreads();
+    team_sync();
     for (int e = threadIdx.x; e < E; e += kThreads) {
       int64_t before = 0;
       const int owner = p.owner[e], local = p.local_index[e];
@@ -502,7 +508,7 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
         if (p.owner[e2] == owner && p.local_index[e2] < local) before += s.kept[e2];
       s.psum[e] = static_cast<int32_t>(before);
     }
-    __syncthreads();
+    team_sync();
     const bool planted = p.flag_before_data;
     if (c == 0) {
       // Experts this rank sends nothing to still get their {epoch, 0} flag (from chunk 0); with
@@ -549,7 +555,7 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
         }
       }
     }
-    __syncthreads();
+    team_sync();
     // Rows (16-B vectors when aligned) and their token·k + j, one warp per row.
     constexpr int kVec = 16 / static_cast<int>(sizeof(T));
     for (int64_t i = warp; i < rows * k; i += kWarps) {
@@ -568,8 +574,9 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
       if (lane == 0)
         reinterpret_cast<int32_t*>(h + p.layout.recv_meta.offset)[dst] = static_cast<int32_t>((t - begin) * k + i % k);
     }
+    fence_proxy_async();  // the owner's GEMM may read the rows with TMA
     __threadfence_system();
-    __syncthreads();
+    team_sync();
     if (!planted) {
       for (int e = threadIdx.x; e < E; e += kThreads) {
         const int32_t n = s.written[e];
@@ -583,23 +590,20 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
         }
       }
     }
-    __syncthreads();
+    team_sync();
   }
 }
 
 // --------------------------------------------------------------------------- expert tasks --
-template <class T>
-struct SegmentInfo {
-  int source, local, expert;
-};
-
+// Column tiles of GEMM0 (over the I outputs) and GEMM1 (over H); the widths depend on the
+// engine (Params::tile_n0 / tile_n1).
 template <class T>
 __device__ __forceinline__ int n_tiles0(const Params<T>& p) {
-  return static_cast<int>(p.gated ? (p.ffn + 63) / 64 : (p.ffn + kTileN - 1) / kTileN);
+  return static_cast<int>((p.ffn + p.tile_n0 - 1) / p.tile_n0);
 }
 template <class T>
 __device__ __forceinline__ int n_tiles1(const Params<T>& p) {
-  return static_cast<int>((p.hidden + kTileN - 1) / kTileN);
+  return static_cast<int>((p.hidden + p.tile_n1 - 1) / p.tile_n1);
 }
 
 // Reserves `count` queue slots and publishes tasks produced by make(i).
@@ -659,17 +663,37 @@ __device__ bool claim_segment(const Ctx<T>& ctx) {
   return true;
 }
 
+// A task's coordinates: the segment's source rank and local expert, the global expert, the tile.
+struct TaskView {
+  int source, local, expert, m_tile, n_tile;
+  bool gemm1;
+  int64_t rows;  // rows of the tile (<= kTileM)
+};
+template <class T>
+__device__ __forceinline__ TaskView view_of(const Ctx<T>& ctx, const Task& task) {
+  const Params<T>& p = ctx.p;
+  const int seg = task.seg & ~kGemm1Bit;
+  TaskView v;
+  v.source = seg / p.max_local;
+  v.local = seg % p.max_local;
+  v.expert = p.global_expert[ctx.rank * p.max_local + v.local];
+  v.m_tile = task.tile >> 16;
+  v.n_tile = task.tile & 0xffff;
+  v.gemm1 = (task.seg & kGemm1Bit) != 0;
+  const int64_t left = static_cast<int64_t>(task.row_end) - task.row_begin;
+  v.rows = left < kTileM ? left : static_cast<int64_t>(kTileM);
+  return v;
+}
+
 template <class T>
 __device__ void run_gemm0(const Ctx<T>& ctx, SharedUnion<T>& sm, const Task& task) {
   const Params<T>& p = ctx.p;
-  const int source = task.seg / p.max_local, local = task.seg % p.max_local;
-  const int e = p.global_expert[ctx.rank * p.max_local + local];
-  const int m_tile = task.tile >> 16, n_tile = task.tile & 0xffff;
-  const int64_t H = p.hidden, I = p.ffn, N1 = p.ffn_in;
+  const TaskView v = view_of(ctx, task);
+  const int e = v.expert, n_tile = v.n_tile;
+  const int64_t H = p.hidden, I = p.ffn, N1 = p.ffn_in, rows = v.rows;
   unsigned char* h = ctx.heap(ctx.rank);
   const T* a = reinterpret_cast<const T*>(h + p.layout.recv_rows.offset) + task.row_begin * H;
   T* hidden = reinterpret_cast<T*>(h + p.layout.hidden.offset);
-  const int64_t rows = ((kTileM) < (task.row_end - task.row_begin) ? static_cast<int64_t>(kTileM) : static_cast<int64_t>(task.row_end - task.row_begin));
   const T* w1 = p.w1 + static_cast<int64_t>(e) * H * N1;
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const bool vec_a = p.aligned && H % kVec == 0, vec_b = p.aligned && N1 % kVec == 0 && I % kVec == 0;
@@ -690,10 +714,9 @@ __device__ void run_gemm0(const Ctx<T>& ctx, SharedUnion<T>& sm, const Task& tas
     for (int i = 0; i < 4; ++i) {
       // acc[i][0] holds gate columns i0 + warp_n*16 + [0,16), acc[i][1] the same up columns.
       const int64_t col_base = i0 + warp_n * 16;
+      // Element q of both fragments is the same (row, column): the gate/up pair. The fragment
+      // hides the column, so with biases both halves go through the staging tile instead.
       Frag<T> out = acc[i][0];
-      // Element e of both fragments is the same (row, column): the gate/up pair.
-      // The bias needs the column, which the fragment hides; biases are added in the visit
-      // below instead, so here only the activation without bias is computed when b1 is null.
       if (b1 == nullptr) {
 #pragma unroll
         for (int q = 0; q < out.num_elements; ++q) out.x[q] = act_of(p.ffn_kind, acc[i][0].x[q]) * acc[i][1].x[q];
@@ -735,22 +758,18 @@ __device__ void run_gemm0(const Ctx<T>& ctx, SharedUnion<T>& sm, const Task& tas
           }
         });
   }
-  (void)source;
-  (void)m_tile;
 }
 
 template <class T>
 __device__ void run_gemm1(const Ctx<T>& ctx, SharedUnion<T>& sm, const Task& task) {
   const Params<T>& p = ctx.p;
-  const int source = task.seg / p.max_local, local = task.seg % p.max_local;
-  const int e = p.global_expert[ctx.rank * p.max_local + local];
-  const int n_tile = task.tile & 0xffff;
-  const int64_t H = p.hidden, I = p.ffn;
+  const TaskView v = view_of(ctx, task);
+  const int e = v.expert, n_tile = v.n_tile;
+  const int64_t H = p.hidden, I = p.ffn, rows = v.rows;
   unsigned char* h = ctx.heap(ctx.rank);
   const T* a = reinterpret_cast<const T*>(h + p.layout.hidden.offset) + task.row_begin * I;
   const int32_t* meta = reinterpret_cast<const int32_t*>(h + p.layout.recv_meta.offset);
-  T* ret = reinterpret_cast<T*>(ctx.heap(source) + p.layout.ret_rows.offset);
-  const int64_t rows = ((kTileM) < (task.row_end - task.row_begin) ? static_cast<int64_t>(kTileM) : static_cast<int64_t>(task.row_end - task.row_begin));
+  T* ret = reinterpret_cast<T*>(ctx.heap(v.source) + p.layout.ret_rows.offset);
   const T* w2 = p.w2 + static_cast<int64_t>(e) * I * H;
   const T* b2 = p.b2 ? p.b2 + static_cast<int64_t>(e) * H : nullptr;
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
@@ -812,63 +831,61 @@ __device__ void finish_task(const Ctx<T>& ctx, const Task& task) {
   }
 }
 
+// Thread 0 of a block (portable kernel) or the scheduler thread (Hopper kernel): the block's
+// next step. kRun: *task is a task to run; kSegment: a segment was claimed and its tasks pushed
+// (ask again); kExit: every segment is claimed and every task index is taken (or the launch
+// aborted).
+enum NextStep : int32_t { kRun = 0, kExit = 1, kSegment = 2 };
+
 template <class T>
-__device__ void expert_phase(const Ctx<T>& ctx, SharedUnion<T>& sm, TaskSmem& ts) {
+__device__ int32_t next_step(const Ctx<T>& ctx, Task* task) {
   const Params<T>& p = ctx.p;
   RankControl& ctl = p.control[ctx.rank];
+  if (ctx.aborted()) return kExit;
+  if (claim_segment(ctx)) return kSegment;
   const uint32_t segments = static_cast<uint32_t>(p.world * p.num_local[ctx.rank]);
-  Task* tasks = p.tasks + static_cast<int64_t>(ctx.rank) * p.task_capacity;
+  const Task* tasks = p.tasks + static_cast<int64_t>(ctx.rank) * p.task_capacity;
   const uint32_t* ready = p.task_ready + static_cast<int64_t>(ctx.rank) * p.task_capacity;
-  for (;;) {
-    if (threadIdx.x == 0) {
-      int32_t state = 1;
-      if (!ctx.aborted()) {
-        if (claim_segment(ctx)) {
-          state = 2;
-        } else {
-          // Indices past the queue's capacity (more blocks than tasks) can never hold a task:
-          // those blocks only wait for the final task count.
-          const uint32_t index = atomicAdd(&ctl.q_head, 1u);
-          const bool in_queue = index < static_cast<uint64_t>(p.task_capacity);
-          uint64_t start = global_ns();
-          for (uint32_t spins = 0;; ++spins) {
-            if (in_queue && ld_acquire_gpu(ready + index) == ctx.epoch) {
-              ts.task = tasks[index];
-              state = 0;
-              break;
-            }
-            const bool counted = ld_acquire_gpu(&ctl.segs_done) == segments;
-            if (counted && index >= ld_acquire_gpu(&ctl.total_tasks)) break;
-            if ((spins & 31u) == 31u) {
-              if (ctx.aborted()) break;
-              // While segments are still being claimed, the claimers' own bounded waits report
-              // a missing flag; the slot's clock starts once every task is counted.
-              if (!counted) start = global_ns();
-              const uint64_t waited = global_ns() - start;
-              if (waited > p.timeout_ns) {
-                ctx.fail(kTimeout, kQueueSlot, index, 0, ctx.epoch, in_queue ? ready[index] : 0, waited);
-                break;
-              }
-              __nanosleep(32);
-            }
-          }
-        }
-      }
-      ts.state = state;
+  // Indices past the queue's capacity (more blocks than tasks) can never hold a task: those
+  // blocks only wait for the final task count.
+  const uint32_t index = atomicAdd(&ctl.q_head, 1u);
+  const bool in_queue = index < static_cast<uint64_t>(p.task_capacity);
+  uint64_t start = global_ns();
+  for (uint32_t spins = 0;; ++spins) {
+    if (in_queue && ld_acquire_gpu(ready + index) == ctx.epoch) {
+      *task = tasks[index];
+      return kRun;
     }
+    const bool counted = ld_acquire_gpu(&ctl.segs_done) == segments;
+    if (counted && index >= ld_acquire_gpu(&ctl.total_tasks)) return kExit;
+    if ((spins & 31u) == 31u) {
+      if (ctx.aborted()) return kExit;
+      // While segments are still being claimed, the claimers' own bounded waits report a
+      // missing flag; the slot's clock starts once every task is counted.
+      if (!counted) start = global_ns();
+      const uint64_t waited = global_ns() - start;
+      if (waited > p.timeout_ns) {
+        ctx.fail(kTimeout, kQueueSlot, index, 0, ctx.epoch, in_queue ? ready[index] : 0, waited);
+        return kExit;
+      }
+      __nanosleep(32);
+    }
+  }
+}
+
+// The portable engine: every task runs on the whole block (256 threads, mma.sync tiles).
+template <class T>
+__device__ void expert_phase(const Ctx<T>& ctx, SharedUnion<T>& sm, TaskSmem& ts) {
+  for (;;) {
+    if (threadIdx.x == 0) ts.state = next_step(ctx, &ts.task);
     __syncthreads();
     const int32_t state = ts.state;
     const Task task = ts.task;
     __syncthreads();
-    if (state == 1) break;
-    if (state == 2) continue;
-    if (task.seg & kGemm1Bit) {
-      Task plain = task;
-      plain.seg &= ~kGemm1Bit;
-      run_gemm1(ctx, sm, plain);
-    } else {
-      run_gemm0(ctx, sm, task);
-    }
+    if (state == kExit) break;
+    if (state == kSegment) continue;
+    if (task.seg & kGemm1Bit) run_gemm1(ctx, sm, task);
+    else run_gemm0(ctx, sm, task);
     __syncthreads();
     if (threadIdx.x == 0) finish_task(ctx, task);
   }
@@ -885,7 +902,7 @@ __device__ void combine_phase(const Ctx<T>& ctx) {
   // The kept flags of the rank's tokens are written by every block of the rank in P2.
   if (threadIdx.x == 0)
     ctx.wait_count(&p.control[r].dispatched, static_cast<uint32_t>(ctx.blocks_per_rank), kRankBarrier, r);
-  __syncthreads();
+  team_sync();
   if (ctx.aborted()) return;
   for (int64_t t = static_cast<int64_t>(ctx.local_block) * kWarps + warp; t < tokens;
        t += static_cast<int64_t>(ctx.blocks_per_rank) * kWarps) {
@@ -943,11 +960,13 @@ __device__ void combine_phase(const Ctx<T>& ctx) {
 }
 
 // ------------------------------------------------------------------------------- kernel --
-template <class T>
-__global__ void __launch_bounds__(kThreads) fused_moe_kernel(const __grid_constant__ Params<T> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+// The body shared by both kernels. Engine::expert_phase(ctx, smem_raw) runs P3 on the whole
+// block; P1, P2 and P4 run on threads 0 .. kThreads-1 (team_sync); other threads only meet
+// the block-wide barriers between the phases.
+template <class T, class Engine>
+__device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char* smem_raw, const Engine& engine) {
   auto& sm = *reinterpret_cast<SharedUnion<T>*>(smem_raw);
-  auto& ts = *reinterpret_cast<TaskSmem*>(smem_raw + sizeof(SharedUnion<T>));
+  const bool team = threadIdx.x < kThreads;
   const int blocks_per_rank = static_cast<int>(gridDim.x) / p.world;
   uint32_t epoch = *reinterpret_cast<volatile uint32_t*>(p.epoch_word) + 1u;
   if (epoch == 0) epoch = 1;
@@ -955,7 +974,7 @@ __global__ void __launch_bounds__(kThreads) fused_moe_kernel(const __grid_consta
                    static_cast<int>(blockIdx.x) % blocks_per_rank};
   RankControl& ctl = p.control[ctx.rank];
 
-  router_phase(ctx, sm);
+  if (team) router_phase(ctx, sm);
   // The one barrier: rank r's P1 (counts of every chunk) before its slots.
   __threadfence();
   __syncthreads();
@@ -964,13 +983,13 @@ __global__ void __launch_bounds__(kThreads) fused_moe_kernel(const __grid_consta
     ctx.wait_count(&ctl.barrier, static_cast<uint32_t>(blocks_per_rank), kRankBarrier, ctx.rank);
   }
   __syncthreads();
-  if (!ctx.aborted() && ctx.rank != p.silent_rank) dispatch_phase(ctx, sm);
+  if (team && !ctx.aborted() && ctx.rank != p.silent_rank) dispatch_phase(ctx, sm);
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) atomicAdd(&ctl.dispatched, 1u);
-  expert_phase(ctx, sm, ts);
+  engine.expert_phase(ctx, smem_raw);
   __syncthreads();
-  if (!ctx.aborted()) combine_phase(ctx);
+  if (team && !ctx.aborted()) combine_phase(ctx);
 
   // The last block of the launch resets the control words and publishes the next epoch.
   __syncthreads();
@@ -984,6 +1003,23 @@ __global__ void __launch_bounds__(kThreads) fused_moe_kernel(const __grid_consta
       *reinterpret_cast<volatile uint32_t*>(p.epoch_word) = epoch;
     }
   }
+}
+
+template <class T>
+struct PortableEngine {
+  __device__ void expert_phase(const Ctx<T>& ctx, unsigned char* smem_raw) const {
+    auto& sm = *reinterpret_cast<SharedUnion<T>*>(smem_raw);
+    auto& ts = *reinterpret_cast<TaskSmem*>(smem_raw + sizeof(SharedUnion<T>));
+    fusedmoe::cuda::fused::expert_phase(ctx, sm, ts);
+  }
+  static constexpr size_t smem_bytes() { return sizeof(SharedUnion<T>) + sizeof(TaskSmem); }
+};
+
+// The portable kernel (any GPU of compute capability >= 8.0; fp32 as TF32).
+template <class T>
+__global__ void __launch_bounds__(kThreads) fused_moe_kernel(const __grid_constant__ Params<T> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  fused_forward(p, smem_raw, PortableEngine<T>{});
 }
 
 }  // namespace fusedmoe::cuda::fused

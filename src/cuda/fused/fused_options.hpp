@@ -13,6 +13,9 @@ struct FusedOptions {
   // next forward, so forward never blocks the host. Under CUDA-graph capture it is never
   // synchronous.
   bool sync_check = false;
+  // true: the portable mma.sync engine even where the Hopper (wgmma/TMA) engine could run (tests
+  // of the portable engine on Hopper; also FUSEDMOE_FUSED_PORTABLE=1 in the environment).
+  bool portable_engine = false;
   int silent_rank = -1;           // fault: this rank never dispatches (its peers must time out)
   bool flag_before_data = false;  // fault: raise every dispatch flag before writing the rows
 };

@@ -290,6 +290,50 @@ __device__ __forceinline__ TileCoord decode_tile(GroupTables tables, int num_gro
 // ---------------------------------------------------------------------------------------------
 // Producer: TMA loads of one tile (one elected thread)
 // ---------------------------------------------------------------------------------------------
+// Issues the TMA loads of one tile's k tiles: A tile (128 x 64) from gA, the two 128-column
+// halves of B from gB0 / gB1 (each (128, 64, K_TILES) views of the TMA coordinate tensors).
+// desc_a: a CTA-published replacement of A's descriptor, or null to use tma_a's own.
+template <class Cfg, class TmaA, class TensorA, class TmaB, class TensorB>
+__device__ __forceinline__ void produce_k_tiles(SharedStorage<Cfg>& smem,
+                                                typename Cfg::Pipeline& pipeline,
+                                                typename Cfg::PipelineState& write_state,
+                                                TmaA const& tma_a,
+                                                cute::TmaDescriptor const* desc_a,
+                                                TensorA const& gA, TmaB const& tma_b,
+                                                TensorB const& gB0, TensorB const& gB1,
+                                                int k_tiles) {
+  using BlockK = typename Cfg::BlockK;
+  using HalfN = typename Cfg::HalfN;
+  Tensor sA = make_tensor(make_smem_ptr(smem.tensors.a.data()), typename Cfg::SmemLayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(smem.tensors.b.data()), typename Cfg::SmemLayoutB{});
+  Tensor sB_halves = flat_divide(sB, make_shape(HalfN{}, BlockK{}));  // (128,64,2,1,STAGES)
+  auto [tAgA, tAsA] =
+      tma_partition(tma_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA), group_modes<0, 2>(gA));
+  auto [tBgB0, tBsB0] =
+      tma_partition(tma_b, Int<0>{}, Layout<_1>{},
+                    group_modes<0, 2>(sB_halves(_, _, 0, 0, _)), group_modes<0, 2>(gB0));
+  auto [tBgB1, tBsB1] =
+      tma_partition(tma_b, Int<0>{}, Layout<_1>{},
+                    group_modes<0, 2>(sB_halves(_, _, 1, 0, _)), group_modes<0, 2>(gB1));
+  for (int k_tile = 0; k_tile < k_tiles; ++k_tile) {
+    pipeline.producer_acquire(write_state);
+    auto* barrier = pipeline.producer_get_barrier(write_state);
+    const int stage = write_state.index();
+    if (desc_a != nullptr) copy(tma_a.with(desc_a, *barrier), tAgA(_, k_tile), tAsA(_, stage));
+    else copy(tma_a.with(*barrier), tAgA(_, k_tile), tAsA(_, stage));
+    copy(tma_b.with(*barrier), tBgB0(_, k_tile), tBsB0(_, stage));
+    copy(tma_b.with(*barrier), tBgB1(_, k_tile), tBsB1(_, stage));
+    ++write_state;
+  }
+}
+
+// The (128, 64, K_TILES) view of B's half starting at column `col` of group g.
+template <class Cfg, class TensorB>
+__device__ __forceinline__ auto b_half_tiles(TensorB const& mB, int group, int col) {
+  return local_tile(domain_offset(make_coord(col, 0), mB(_, _, group)),
+                    make_shape(typename Cfg::HalfN{}, typename Cfg::BlockK{}), make_coord(0, _));
+}
+
 template <class Cfg>
 __device__ __forceinline__ void produce_tile(Params<Cfg> const& params,
                                              SharedStorage<Cfg>& smem,
@@ -297,46 +341,17 @@ __device__ __forceinline__ void produce_tile(Params<Cfg> const& params,
                                              typename Cfg::PipelineState& write_state,
                                              cute::TmaDescriptor const* tensormap_a,
                                              int rows_total, TileCoord const& tc) {
-  using BlockM = typename Cfg::BlockM;
-  using BlockK = typename Cfg::BlockK;
-  using HalfN = typename Cfg::HalfN;
-
-  Tensor sA = make_tensor(make_smem_ptr(smem.tensors.a.data()), typename Cfg::SmemLayoutA{});
-  Tensor sB = make_tensor(make_smem_ptr(smem.tensors.b.data()), typename Cfg::SmemLayoutB{});
-  Tensor sB_halves = flat_divide(sB, make_shape(HalfN{}, BlockK{}));  // (128,64,2,1,STAGES)
-
   // Coordinate tensors of the TMA views.
   Tensor mA = params.tma_a.get_tma_tensor(make_shape(rows_total, params.k));
   Tensor mB = params.tma_b.get_tma_tensor(make_shape(params.n, params.k, params.num_groups));
-
   Tensor gA = local_tile(domain_offset(make_coord(int(tc.row_begin), 0), mA),
-                         make_shape(BlockM{}, BlockK{}), make_coord(0, _));  // (128,64,K_TILES)
+                         make_shape(typename Cfg::BlockM{}, typename Cfg::BlockK{}),
+                         make_coord(0, _));  // (128,64,K_TILES)
   const int col_gate = tc.n_tile * Cfg::kOutBlockN;
   const int col_up = col_gate + params.up_column_offset;
-  Tensor mBg = mB(_, _, tc.group);
-  Tensor gB0 = local_tile(domain_offset(make_coord(col_gate, 0), mBg),
-                          make_shape(HalfN{}, BlockK{}), make_coord(0, _));  // (128,64,K_TILES)
-  Tensor gB1 = local_tile(domain_offset(make_coord(col_up, 0), mBg),
-                          make_shape(HalfN{}, BlockK{}), make_coord(0, _));
-
-  auto [tAgA, tAsA] = tma_partition(params.tma_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA),
-                                    group_modes<0, 2>(gA));
-  auto [tBgB0, tBsB0] =
-      tma_partition(params.tma_b, Int<0>{}, Layout<_1>{},
-                    group_modes<0, 2>(sB_halves(_, _, 0, 0, _)), group_modes<0, 2>(gB0));
-  auto [tBgB1, tBsB1] =
-      tma_partition(params.tma_b, Int<0>{}, Layout<_1>{},
-                    group_modes<0, 2>(sB_halves(_, _, 1, 0, _)), group_modes<0, 2>(gB1));
-
-  for (int k_tile = 0; k_tile < params.k_tiles; ++k_tile) {
-    pipeline.producer_acquire(write_state);
-    auto* barrier = pipeline.producer_get_barrier(write_state);
-    const int stage = write_state.index();
-    copy(params.tma_a.with(tensormap_a, *barrier), tAgA(_, k_tile), tAsA(_, stage));
-    copy(params.tma_b.with(*barrier), tBgB0(_, k_tile), tBsB0(_, stage));
-    copy(params.tma_b.with(*barrier), tBgB1(_, k_tile), tBsB1(_, stage));
-    ++write_state;
-  }
+  produce_k_tiles<Cfg>(smem, pipeline, write_state, params.tma_a, tensormap_a, gA, params.tma_b,
+                       b_half_tiles<Cfg>(mB, tc.group, col_gate),
+                       b_half_tiles<Cfg>(mB, tc.group, col_up), params.k_tiles);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -408,8 +423,27 @@ struct StagingShape {
 };
 static_assert(StagingShape<float>::kRows * StagingShape<float>::kPitch <= kStagingBytesPerWarp);
 
+// Where and how one tile is written.
+struct TileStore {
+  Epilogue epilogue;
+  ElementType c_type;
+  void* c;                   // output rows of n_out columns
+  void* pre_activation;      // [rows, n] or null (backward)
+  const float* row_scale;    // [rows] or null
+  const void* bias;          // output type, [n] or null; gated: gate bias at col, up at n_out + col
+  const int32_t* row_index;  // destination row of each row of the tile's rows, or null (same row)
+  int64_t n, n_out;
+  bool accumulate;           // f32 output only: c += result
+};
+
+template <class Cfg>
+__device__ __forceinline__ TileStore tile_store_of(Params<Cfg> const& params) {
+  return TileStore{params.epilogue, params.c_type, params.c, params.pre_activation,
+                   params.row_scale, nullptr, nullptr, params.n, params.n_out, params.accumulate};
+}
+
 template <class Cfg, class TOut, class Accumulator>
-__device__ __forceinline__ void store_tile_typed(Params<Cfg> const& params, TileCoord const& tc,
+__device__ __forceinline__ void store_tile_typed(TileStore const& params, TileCoord const& tc,
                                                  int consumer_thread, Accumulator const& accum,
                                                  char* staging) {
   using namespace epilogue_math;
@@ -426,6 +460,7 @@ __device__ __forceinline__ void store_tile_typed(Params<Cfg> const& params, Tile
   const int64_t n = params.n;
   const int col_base = tc.n_tile * Cfg::kOutBlockN;
   const Epilogue epilogue = params.epilogue;
+  const auto* bias = static_cast<const TOut*>(params.bias);
   const int lane = consumer_thread % 32;
   const int warp_row0 = (consumer_thread / 32) * SS::kRows;
 
@@ -458,9 +493,21 @@ __device__ __forceinline__ void store_tile_typed(Params<Cfg> const& params, Tile
       const int tile_col = get<1>(coord(i));
       const float scale = r < 8 ? scale_lo : scale_hi;
       float out0, out1;
+      float bias0 = 0.0f, bias1 = 0.0f, bias_up0 = 0.0f, bias_up1 = 0.0f;
+      if (bias != nullptr) {
+        const int col = col_base + tile_col;
+        if (col < n_out) {  // n_out is even: col + 1 < n_out too
+          bias0 = to_float(bias[col]);
+          bias1 = to_float(bias[col + 1]);
+          if constexpr (Cfg::kGated) {
+            bias_up0 = to_float(bias[n_out + col]);
+            bias_up1 = to_float(bias[n_out + col + 1]);
+          }
+        }
+      }
       if constexpr (Cfg::kGated) {
-        const float g0 = accum(i), g1 = accum(i + 1);
-        const float u0 = accum(i + kHalf), u1 = accum(i + kHalf + 1);
+        const float g0 = accum(i) + bias0, g1 = accum(i + 1) + bias1;
+        const float u0 = accum(i + kHalf) + bias_up0, u1 = accum(i + kHalf + 1) + bias_up1;
         if (pre != nullptr) {
           const int64_t row = tc.row_begin + warp_row0 + r;
           const int col = col_base + tile_col;
@@ -472,7 +519,7 @@ __device__ __forceinline__ void store_tile_typed(Params<Cfg> const& params, Tile
         out0 = gate_up(epilogue, g0, u0);
         out1 = gate_up(epilogue, g1, u1);
       } else {
-        const float v0 = accum(i), v1 = accum(i + 1);
+        const float v0 = accum(i) + bias0, v1 = accum(i + 1) + bias1;
         if (pre != nullptr) {
           const int64_t row = tc.row_begin + warp_row0 + r;
           const int col = col_base + tile_col;
@@ -495,7 +542,8 @@ __device__ __forceinline__ void store_tile_typed(Params<Cfg> const& params, Tile
       const int col = col_base + chunk * SS::kChunkCols + segment * SS::kElemsPer16B;
       if (row < tc.row_end && col < n_out) {
         uint4 value = *reinterpret_cast<const uint4*>(staging + r * SS::kPitch + segment * 16);
-        TOut* dst = c + row * n_out + col;
+        const int64_t dst_row = params.row_index != nullptr ? params.row_index[row] : row;
+        TOut* dst = c + dst_row * n_out + col;
         if constexpr (std::is_same_v<TOut, float>) {
           if (params.accumulate) {
             const float4 old = *reinterpret_cast<const float4*>(dst);
@@ -513,7 +561,7 @@ __device__ __forceinline__ void store_tile_typed(Params<Cfg> const& params, Tile
 }
 
 template <class Cfg, class Accumulator>
-__device__ __forceinline__ void store_tile(Params<Cfg> const& params, TileCoord const& tc,
+__device__ __forceinline__ void store_tile(TileStore const& params, TileCoord const& tc,
                                            int consumer_thread, Accumulator const& accum,
                                            char* staging) {
   switch (params.c_type) {
@@ -527,6 +575,13 @@ __device__ __forceinline__ void store_tile(Params<Cfg> const& params, TileCoord 
       store_tile_typed<Cfg, float>(params, tc, consumer_thread, accum, staging);
       break;
   }
+}
+
+template <class Cfg, class Accumulator>
+__device__ __forceinline__ void store_tile(Params<Cfg> const& params, TileCoord const& tc,
+                                           int consumer_thread, Accumulator const& accum,
+                                           char* staging) {
+  store_tile<Cfg>(tile_store_of(params), tc, consumer_thread, accum, staging);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,247 @@
+// src/cuda/fused/fused_sm90.cuh — the Hopper engine of the persistent kernel: the expert phase
+// (P3) on the wgmma/TMA tile functions of src/cuda/gemm/grouped_gemm_sm90.cuh, for bf16/fp16.
+//
+// Block: 384 threads. Warpgroups 0-1 are the consumers (wgmma mainloop + epilogue, 232
+// registers each via setmaxnreg) and also run P1, P2 and P4 of fused_kernel.cuh (threads 0-255,
+// named barrier 1). Warpgroup 2 is the producer (40 registers); one thread of it is the block's
+// scheduler: it claims segments and queue slots (next_step, fused_kernel.cuh), hands each task
+// to the consumers through a two-slot ring in shared memory (mbarriers full/empty), then issues
+// the task's TMA loads into the 4-stage pipeline (PipelineTmaAsync). So the scheduler looks for
+// the next task and prefetches its first stages while the consumers compute the current one,
+// and no block-wide barrier separates two tasks.
+//
+// Tiles (the Hopper engine's 128 x 256 x 64):
+//   GEMM0 plain: A = the rank's recv_rows, B = w1[e] columns [256 n, 256 n + 256), activation
+//                in the epilogue, stored into hidden;
+//   GEMM0 gated: B halves at gate columns [128 n, +128) and up columns I + [128 n, +128): the
+//                gating is register arithmetic (see grouped_gemm_sm90.cuh), 128 outputs;
+//   GEMM1:       A = hidden, B = w2[e] columns [256 n, +256), rows stored through recv_meta
+//                straight into the source's ret_rows.
+// A is read through a 3-D TMA view (rows, K, heap) over the W heaps (emulated ranks); a tile
+// that runs past its segment reads rows of the next segment (never stored: the epilogue
+// predicates rows on the segment's end) or TMA's zero fill past the last row of the heap.
+//
+// Cross-proxy ordering: rows written with generic stores (dispatch, GEMM0 epilogue) are read by
+// TMA (async proxy) in another block. Writers execute fence.proxy.async before the release that
+// publishes them; the scheduler executes it after the acquire that made the task visible and
+// before issuing the task's TMA loads.
+//
+// Waits: the ring and pipeline waits depend only on this block's own threads, which never wait
+// on anything else between two ring handoffs, except the scheduler's bounded waits of
+// next_step. So the argument of fused_kernel.cuh (no cycle of waits) is unchanged.
+#pragma once
+
+#include "cuda/fused/fused_kernel.cuh"
+#include "grouped_gemm_sm90.cuh"
+
+namespace fusedmoe::cuda::fused {
+
+template <class T>
+struct CuteElement;
+template <>
+struct CuteElement<__nv_bfloat16> {
+  using type = cute::bfloat16_t;
+  static constexpr ElementType kType = ElementType::kBF16;
+};
+template <>
+struct CuteElement<__half> {
+  using type = cute::half_t;
+  static constexpr ElementType kType = ElementType::kF16;
+};
+
+template <class T>
+struct Sm90Tiles {
+  using Element = typename CuteElement<T>::type;
+  using Plain = sm90::Config<Element, false>;
+  using Gated = sm90::Config<Element, true>;
+  using Pipeline = typename Plain::Pipeline;
+  static constexpr int kThreads = Plain::kNumThreads;  // 384
+  static constexpr int kSchedulerThread = 256;         // first thread of warpgroup 2
+
+  // (rows, k, heap) over W heaps, k contiguous; rows of one heap have stride k.
+  static auto make_a(const Element* base, int rows, int k, int heaps, int64_t heap_elements) {
+    using namespace cute;
+    auto g = make_tensor(make_gmem_ptr(base), make_shape(rows, k, heaps),
+                         make_stride(int64_t(k), _1{}, heap_elements));
+    return make_tma_copy(SM90_TMA_LOAD{}, g, typename Plain::SmemLayoutA{}(_, _, 0),
+                         make_shape(typename Plain::BlockM{}, typename Plain::BlockK{}), _1{});
+  }
+  using TmaA = decltype(make_a(nullptr, 128, 64, 1, 0));
+  using TmaB = typename Plain::TmaB;
+};
+
+// The TMA descriptors of one launch (a second __grid_constant__ kernel parameter).
+template <class T>
+struct Sm90Tma {
+  typename Sm90Tiles<T>::TmaA a0;  // recv_rows (rows_cap, H, W)
+  typename Sm90Tiles<T>::TmaA a1;  // hidden    (rows_cap, I, W)
+  typename Sm90Tiles<T>::TmaB b0;  // w1 as (N1, H, E)
+  typename Sm90Tiles<T>::TmaB b1;  // w2 as (H, I, E)
+  int rows_cap;                    // rows of recv_rows / hidden in one heap
+  Epilogue act;              // GEMM0's activation
+};
+
+template <class T>
+struct Sm90Smem {
+  sm90::SharedStorage<typename Sm90Tiles<T>::Plain> gemm;  // 1024-B aligned: at offset 0
+  alignas(8) uint64_t full[2];
+  alignas(8) uint64_t empty[2];
+  Task task[2];
+  int32_t step[2];
+};
+
+__device__ __forceinline__ void consumer_sync() {
+  asm volatile("bar.sync 2, 256;" ::: "memory");
+}
+
+template <class T>
+struct Sm90Engine {
+  const Sm90Tma<T>& tma;
+
+  static constexpr size_t smem_bytes() {
+    return sizeof(Sm90Smem<T>) > sizeof(SharedUnion<T>) ? sizeof(Sm90Smem<T>) : sizeof(SharedUnion<T>);
+  }
+
+  // The scheduler thread: TMA loads of one task into the pipeline.
+  __device__ void produce(const Ctx<T>& ctx, Sm90Smem<T>& s, typename Sm90Tiles<T>::Pipeline& pipeline,
+                          typename Sm90Tiles<T>::Plain::PipelineState& write_state, const Task& task) const {
+    using namespace cute;
+    using Cfg = typename Sm90Tiles<T>::Plain;
+    const Params<T>& p = ctx.p;
+    const TaskView v = view_of(ctx, task);
+    const int H = static_cast<int>(p.hidden), I = static_cast<int>(p.ffn), N1 = static_cast<int>(p.ffn_in);
+    const int E = p.num_experts;
+    auto a_tiles = [&](auto const& tma_a, int k) {
+      Tensor mA = tma_a.get_tma_tensor(make_shape(tma.rows_cap, k, p.world))(_, _, ctx.rank);
+      return local_tile(domain_offset(make_coord(task.row_begin, 0), mA),
+                        make_shape(typename Cfg::BlockM{}, typename Cfg::BlockK{}), make_coord(0, _));
+    };
+    if (!v.gemm1) {
+      Tensor mB = tma.b0.get_tma_tensor(make_shape(N1, H, E));
+      const int col0 = p.gated ? v.n_tile * Sm90Tiles<T>::Gated::kOutBlockN : v.n_tile * Cfg::kOutBlockN;
+      const int col1 = p.gated ? I + col0 : col0 + Cfg::kHalfN;
+      sm90::produce_k_tiles<Cfg>(s.gemm, pipeline, write_state, tma.a0, nullptr, a_tiles(tma.a0, H), tma.b0,
+                                 sm90::b_half_tiles<Cfg>(mB, v.expert, col0),
+                                 sm90::b_half_tiles<Cfg>(mB, v.expert, col1), (H + Cfg::kBlockK - 1) / Cfg::kBlockK);
+    } else {
+      Tensor mB = tma.b1.get_tma_tensor(make_shape(H, I, E));
+      const int col0 = v.n_tile * Cfg::kOutBlockN;
+      sm90::produce_k_tiles<Cfg>(s.gemm, pipeline, write_state, tma.a1, nullptr, a_tiles(tma.a1, I), tma.b1,
+                                 sm90::b_half_tiles<Cfg>(mB, v.expert, col0),
+                                 sm90::b_half_tiles<Cfg>(mB, v.expert, col0 + Cfg::kHalfN),
+                                 (I + Cfg::kBlockK - 1) / Cfg::kBlockK);
+    }
+  }
+
+  // Consumers: mainloop and epilogue of one task.
+  template <class Accumulator>
+  __device__ void compute(const Ctx<T>& ctx, Sm90Smem<T>& s, typename Sm90Tiles<T>::Pipeline& pipeline,
+                          typename Sm90Tiles<T>::Plain::PipelineState& read_state, Accumulator& accum,
+                          const Task& task) const {
+    using Cfg = typename Sm90Tiles<T>::Plain;
+    const Params<T>& p = ctx.p;
+    const TaskView v = view_of(ctx, task);
+    const int64_t H = p.hidden, I = p.ffn, N1 = p.ffn_in;
+    const int k = static_cast<int>(v.gemm1 ? I : H);
+    sm90::consume_tile<Cfg>(s.gemm, pipeline, read_state, (k + Cfg::kBlockK - 1) / Cfg::kBlockK,
+                            static_cast<int>(threadIdx.x), accum);
+    unsigned char* h = ctx.heap(ctx.rank);
+    sm90::TileCoord tc{0, v.m_tile, v.n_tile, task.row_begin, task.row_end};
+    char* staging = s.gemm.staging[threadIdx.x / 32];
+    constexpr ElementType kType = CuteElement<T>::kType;
+    if (!v.gemm1) {
+      const sm90::TileStore st{tma.act, kType, h + p.layout.hidden.offset, nullptr, nullptr,
+                               p.b1 ? p.b1 + static_cast<int64_t>(v.expert) * N1 : nullptr, nullptr, N1, I, false};
+      if (p.gated) sm90::store_tile_typed<typename Sm90Tiles<T>::Gated, T>(st, tc, threadIdx.x, accum, staging);
+      else sm90::store_tile_typed<Cfg, T>(st, tc, threadIdx.x, accum, staging);
+    } else {
+      const sm90::TileStore st{Epilogue::kIdentity, kType, ctx.heap(v.source) + p.layout.ret_rows.offset,
+                               nullptr, nullptr, p.b2 ? p.b2 + static_cast<int64_t>(v.expert) * H : nullptr,
+                               reinterpret_cast<const int32_t*>(h + p.layout.recv_meta.offset), H, H, false};
+      sm90::store_tile_typed<Cfg, T>(st, tc, threadIdx.x, accum, staging);
+    }
+  }
+
+  __device__ void expert_phase(const Ctx<T>& ctx, unsigned char* smem_raw) const {
+    using Tiles = Sm90Tiles<T>;
+    using Cfg = typename Tiles::Plain;
+    using Pipeline = typename Tiles::Pipeline;
+    using Barrier = cutlass::arch::ClusterBarrier;
+    auto& s = *reinterpret_cast<Sm90Smem<T>*>(smem_raw);
+    const int warpgroup = static_cast<int>(threadIdx.x) / 128;
+
+    typename Pipeline::Params pipeline_params;
+    pipeline_params.transaction_bytes = Cfg::kStageBytes;
+    pipeline_params.role = warpgroup == 2 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+    pipeline_params.is_leader = threadIdx.x == Tiles::kSchedulerThread;
+    pipeline_params.num_consumers = 256;
+    Pipeline pipeline(s.gemm.pipeline, pipeline_params, cute::Shape<cute::_1, cute::_1, cute::_1>{});
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < 2; ++i) {
+        Barrier::init(&s.full[i], 1);
+        Barrier::init(&s.empty[i], 8);  // one arrival per consumer warp
+      }
+    }
+    cutlass::arch::fence_barrier_init();
+    __syncthreads();
+
+    if (warpgroup == 2) {
+      cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegisters>();
+      if (threadIdx.x == Tiles::kSchedulerThread) {
+        auto write_state = cutlass::make_producer_start_state<Pipeline>();
+        int slot = 0;
+        uint32_t phase = 0;
+        for (;;) {
+          Task task{};
+          int32_t step;
+          do step = next_step(ctx, &task);
+          while (step == kSegment);
+          Barrier::wait(&s.empty[slot], phase ^ 1u);
+          s.task[slot] = task;
+          s.step[slot] = step;
+          Barrier::arrive(&s.full[slot]);
+          if (++slot == 2) { slot = 0; phase ^= 1u; }
+          if (step == kExit) break;
+          fence_proxy_async();  // the task's rows were published by generic stores
+          produce(ctx, s, pipeline, write_state, task);
+        }
+      }
+    } else {
+      cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegisters>();
+      typename Cfg::TiledMma tiled_mma;
+      auto accum = cute::partition_fragment_C(tiled_mma, cute::make_shape(typename Cfg::BlockM{}, typename Cfg::BlockN{}));
+      typename Cfg::PipelineState read_state;
+      int slot = 0;
+      uint32_t phase = 0;
+      for (;;) {
+        Barrier::wait(&s.full[slot], phase);
+        const Task task = s.task[slot];
+        const int32_t step = s.step[slot];
+        __syncwarp();
+        if (threadIdx.x % 32 == 0) Barrier::arrive(&s.empty[slot]);
+        if (++slot == 2) { slot = 0; phase ^= 1u; }
+        if (step == kExit) break;
+        compute(ctx, s, pipeline, read_state, accum, task);
+        fence_proxy_async();  // GEMM1 tiles read hidden with TMA
+        consumer_sync();
+        if (threadIdx.x == 0) finish_task(ctx, task);
+      }
+    }
+  }
+};
+
+// The Hopper kernel (sm_90a; bf16/fp16).
+template <class T>
+__global__ void __launch_bounds__(Sm90Tiles<T>::kThreads, 1)
+    fused_moe_kernel_sm90(const __grid_constant__ Params<T> p, const __grid_constant__ Sm90Tma<T> tma) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  fused_forward(p, smem_raw, Sm90Engine<T>{tma});
+#elif defined(__CUDA_ARCH__)
+  if (threadIdx.x == 0 && blockIdx.x == 0)
+    printf("fusedmoe fused kernel: the Hopper engine is not compiled for this GPU (needs sm_90a)\n");
+  __trap();
+#endif
+}
+
+}  // namespace fusedmoe::cuda::fused
