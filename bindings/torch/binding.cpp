@@ -337,6 +337,22 @@ BackwardResult moe_backward(const Tensor& x, const Tensor& gate_weight, const Op
           d_shared_w1, d_shared_b1, d_shared_w2, d_shared_b2};
 }
 
+// The fused kernel's debug timeline (fusedmoe/timeline.hpp): recording on/off, and the events
+// of the last recorded forward as int64 [n, 6] = (start_ns, end_ns, block, sm, rank, kind).
+void set_fused_timeline(bool enabled) { fusedmoe::set_fused_timeline(enabled); }
+
+at::Tensor fused_timeline() {
+  const std::vector<fusedmoe::FusedEvent> events = fusedmoe::fused_timeline();
+  at::Tensor out = at::empty({static_cast<int64_t>(events.size()), 6}, at::kLong);
+  auto a = out.accessor<int64_t, 2>();
+  for (size_t i = 0; i < events.size(); ++i) {
+    const auto& e = events[i];
+    const int64_t row[6] = {e.start_ns, e.end_ns, e.block, e.sm, e.rank, static_cast<int64_t>(e.kind)};
+    for (int j = 0; j < 6; ++j) a[static_cast<int64_t>(i)][j] = row[j];
+  }
+  return out;
+}
+
 }  // namespace
 
 #define FUSEDMOE_OP_INPUTS                                                                       \
@@ -354,6 +370,8 @@ TORCH_LIBRARY(fusedmoe, m) {
         "Tensor d_gate_bias, Tensor d_noise_weight, Tensor d_w1, Tensor d_b1, Tensor d_w2, "
         "Tensor d_b2, Tensor d_shared_w1, Tensor d_shared_b1, Tensor d_shared_w2, "
         "Tensor d_shared_b2)");
+  m.def("set_fused_timeline(bool enabled) -> ()", &set_fused_timeline);
+  m.def("fused_timeline() -> Tensor", &fused_timeline);
 }
 
 TORCH_LIBRARY_IMPL(fusedmoe, CPU, m) {

@@ -7,4 +7,5 @@
 #include "fusedmoe/moe_layer.hpp"
 #include "fusedmoe/noise.hpp"
 #include "fusedmoe/planner.hpp"
+#include "fusedmoe/timeline.hpp"
 #include "fusedmoe/version.hpp"

@@ -188,6 +188,97 @@ def profile_kernels(p: Problem) -> None:
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
 
 
+TIMELINE_KINDS = ("router", "dispatch", "GEMM0", "GEMM1", "combine")
+
+
+def union_ns(intervals) -> int:
+    """Total length of the union of [start, end) intervals."""
+    total, cur_start, cur_end = 0, None, None
+    for start, end in sorted(intervals):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def timeline_stats(events) -> dict:
+    """SM busy % and overlap of dispatch with expert compute from timeline rows
+    (start_ns, end_ns, block, sm, rank, kind)."""
+    t0 = min(e[0] for e in events)
+    span = max(e[1] for e in events) - t0
+    blocks = sorted({e[2] for e in events})
+    busy = gemm = 0
+    for b in blocks:
+        mine = [(e[0], e[1]) for e in events if e[2] == b]
+        busy += union_ns(mine)
+        gemm += union_ns([(e[0], e[1]) for e in events if e[2] == b and e[5] in (2, 3)])
+    dispatch = [(e[0], e[1]) for e in events if e[5] == 1]
+    compute = [(e[0], e[1]) for e in events if e[5] in (2, 3)]
+    dispatch_wall = union_ns(dispatch)
+    both = union_ns(dispatch) + union_ns(compute) - union_ns(dispatch + compute)  # |D ∩ C|
+    return dict(span_ms=span / 1e6, blocks=len(blocks),
+                sm_busy=100.0 * busy / (span * len(blocks)), gemm_busy=100.0 * gemm / (span * len(blocks)),
+                dispatch_ms=dispatch_wall / 1e6,
+                overlap=100.0 * both / dispatch_wall if dispatch_wall else float("nan"),
+                tasks=sum(1 for e in events if e[5] in (2, 3)))
+
+
+def timeline_report(p: Problem, world: int, out_dir: str) -> dict:
+    """One recorded forward of the fused kernel with `world` emulated ranks: statistics, CSV and PNG."""
+    (_, x, gate_weight, w1, w2), = make_inputs(p, sets=1, requires_grad=False)
+    share = [p.tokens // world + (1 if q < p.tokens % world else 0) for q in range(world)]
+    config = p.config_string() + f";world_size={world}"
+
+    def call():
+        return torch.ops.fusedmoe.moe_forward(x, gate_weight, None, None, None, w1, None, w2, None, None, None, None,
+                                              None, None, config, share if world > 1 else [], False, 0, 0, "fused")
+    with torch.no_grad():
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        torch.ops.fusedmoe.set_fused_timeline(True)
+        try:
+            call()
+            torch.cuda.synchronize()
+        finally:
+            torch.ops.fusedmoe.set_fused_timeline(False)
+    events = torch.ops.fusedmoe.fused_timeline().tolist()
+    stats = timeline_stats(events)
+    stem = os.path.join(out_dir, f"timeline_{p.name}_w{world}")
+    with open(stem + ".csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["start_ns", "end_ns", "block", "sm", "rank", "kind"])
+        writer.writerows(events)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        t0 = min(e[0] for e in events)
+        fig, ax = plt.subplots(figsize=(12, 6))
+        colors = ("tab:gray", "tab:orange", "tab:blue", "tab:green", "tab:red")
+        for kind, name in enumerate(TIMELINE_KINDS):
+            for block in sorted({e[2] for e in events}):
+                bars = [((e[0] - t0) / 1e3, (e[1] - e[0]) / 1e3) for e in events if e[5] == kind and e[2] == block]
+                if bars:
+                    ax.broken_barh(bars, (block - 0.4, 0.8), facecolors=colors[kind])
+            ax.plot([], [], color=colors[kind], linewidth=6, label=name)
+        ax.set_xlabel("µs since the first block started")
+        ax.set_ylabel("block (rank = block / blocks per rank)")
+        ax.set_title(f"fused kernel, {p.name}, W = {world} emulated: SM busy {stats['sm_busy']:.1f}%, "
+                     f"GEMM {stats['gemm_busy']:.1f}%, dispatch overlapped {stats['overlap']:.0f}%")
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(stem + ".png", dpi=110)
+    except ImportError:
+        pass
+    return stats
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="fusedmoe bench", description="Times fusedmoe against the torch baselines (per-expert loop, _grouped_mm pipeline) on the standard MoE configs, forward and forward+backward, on one GPU.")
     ap.add_argument("--configs", default=",".join(STANDARD_CONFIGS),
@@ -199,6 +290,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench_out", help="directory for bench.csv and bench.png")
     ap.add_argument("--profile", action="store_true",
                     help="print the GPU kernels of one fusedmoe forward and forward+backward per config (torch.profiler)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="record one fused-kernel forward per config at W = 1 and 8 emulated ranks: SM busy %%, "
+                         "overlap of dispatch with expert compute, timeline PNG/CSV in --out")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("fusedmoe bench: no CUDA device (the benchmark times GPU kernels)", file=sys.stderr)
@@ -217,6 +311,18 @@ def main(argv=None) -> int:
     props = torch.cuda.get_device_properties(0)
     print(f"device: {device} ({props.multi_processor_count} SMs); measured bf16 matmul peak {peak:.0f} TFLOP/s")
     os.makedirs(args.out, exist_ok=True)
+    if args.timeline:
+        for p in problems:
+            for world in (1, 8):
+                try:
+                    st = timeline_report(p, world, args.out)
+                except (RuntimeError, NotImplementedError) as error:
+                    print(f"timeline {p.name} W={world}: {str(error).splitlines()[0]}", file=sys.stderr)
+                    continue
+                print(f"timeline {p.name} W={world}: kernel {st['span_ms']:.3f} ms, {st['blocks']} blocks, "
+                      f"{st['tasks']} GEMM tasks, SM busy {st['sm_busy']:.1f}% (GEMM {st['gemm_busy']:.1f}%), "
+                      f"dispatch {st['dispatch_ms']:.3f} ms wall, {st['overlap']:.0f}% of it overlapped with "
+                      f"expert GEMMs")
     rows = []
     methods = [("fusedmoe", fusedmoe_layer), ("fusedmoe fused", fusedmoe_fused),
                ("torch grouped_mm", torch_grouped_mm_pipeline)]

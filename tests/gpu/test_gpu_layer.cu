@@ -12,6 +12,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <map>
+#include <array>
 #include <random>
 #include <cstdlib>
 #include <cstring>
@@ -589,6 +591,51 @@ __global__ void count_mismatches(const unsigned short* a, const unsigned short* 
 
 // 10,000 back-to-back launches and 1,000 CUDA-graph replays of one forward give bit-identical
 // outputs (epochs advance on the device; nothing is reset between launches).
+// The debug timeline: one record per phase per block and one per expert task; every row tile
+// of a segment has n0 GEMM0 and n1 GEMM1 tasks (the engine's column tiles).
+TEST(FusedKernel, TimelineRecordsEveryPhaseAndTask) {
+  REQUIRE_GPU();
+  int device = 0, major = 0, minor = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  for (bool portable : {false, true}) {
+    FusedOptionsScope sync({.sync_check = true, .portable_engine = portable});
+    MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
+    c.hidden_size = 520;
+    c.ffn_size = 272;
+    c.world_size = 2;
+    set_fused_timeline(true);
+    GpuRun run = run_gpu(fused_case(c, 901, {500, 401}), test_seed());
+    set_fused_timeline(false);
+    int blocks = 0;
+    const std::vector<FusedEvent> events = fused_timeline(&blocks);
+    ASSERT_GT(blocks, 0);
+    std::map<int, std::array<int, 5>> per_block;
+    int gemm0 = 0, gemm1 = 0;
+    for (const FusedEvent& e : events) {
+      EXPECT_LE(e.start_ns, e.end_ns);
+      EXPECT_TRUE(e.rank == 0 || e.rank == 1);
+      per_block[e.block][static_cast<int>(e.kind)]++;
+      gemm0 += e.kind == FusedEventKind::kGemm0;
+      gemm1 += e.kind == FusedEventKind::kGemm1;
+    }
+    EXPECT_EQ(static_cast<int>(per_block.size()), blocks);
+    for (const auto& [block, kinds] : per_block) {
+      EXPECT_EQ(kinds[0], 1) << "block " << block << " router";
+      EXPECT_EQ(kinds[1], 1) << "block " << block << " dispatch";
+      EXPECT_EQ(kinds[4], 1) << "block " << block << " combine";
+    }
+    const bool hopper = !portable && major == 9 && minor == 0;
+    const int n0 = hopper ? (272 + 127) / 128 : (272 + 63) / 64;
+    const int n1 = hopper ? (520 + 255) / 256 : (520 + 127) / 128;
+    ASSERT_GT(gemm0, 0);
+    EXPECT_EQ(gemm0 % n0, 0);
+    EXPECT_EQ(gemm0 / n0, gemm1 / n1) << "row tiles seen by GEMM0 and GEMM1";
+    EXPECT_TRUE(all_finite(run.gpu.y));
+  }
+}
+
 TEST(FusedKernel, BackToBackLaunchesAndGraphReplaysAreIdentical) {
   REQUIRE_GPU();
   MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);

@@ -12,7 +12,10 @@
 // The epoch advances on the device, so back-to-back launches and CUDA-graph replays need no
 // reset. After a protocol error everything is cleared and the error is raised.
 #include <algorithm>
+#include <array>
 #include <cstdlib>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <sstream>
 
@@ -22,6 +25,7 @@
 #include "cuda/fused/fused_sm90.cuh"
 #include "cuda/fused/fused_options.hpp"
 #include "fusedmoe/planner.hpp"
+#include "fusedmoe/timeline.hpp"
 
 namespace fusedmoe {
 namespace cuda::fused {
@@ -41,6 +45,13 @@ FusedOptions fused_options() {
 }
 
 namespace {
+
+// Debug timeline (fusedmoe/timeline.hpp).
+constexpr int kTimelineCapacity = 2048;  // records per block
+std::mutex g_timeline_mutex;
+bool g_timeline_enabled = false;
+std::vector<FusedEvent> g_timeline;
+int g_timeline_blocks = 0;
 
 template <class T>
 const T* cptr(const TensorView& v) { return v.defined() ? static_cast<const T*>(v.data) : nullptr; }
@@ -95,6 +106,10 @@ struct Workspace {
   ErrorRecord* host_record = nullptr;  // pinned
   cudaEvent_t record_copied = nullptr;
   bool record_pending = false;
+  // Where the flags and counters of the last launch were: a launch with another layout finds
+  // old rows (any bits) there, which could read as a flag of its epoch, so those sections of
+  // the new layout are cleared first.
+  std::array<int64_t, 6> protocol_sections{};
 
   RankControl* rank_control() const { return reinterpret_cast<RankControl*>(control); }
   size_t off_tasks() const { return WorkspaceLayout::align_up(sizeof(RankControl) * world, 256); }
@@ -106,13 +121,54 @@ struct Workspace {
   size_t total() const { return off_record() + WorkspaceLayout::align_up(sizeof(ErrorRecord), 256); }
   uint32_t* word(int i) const { return reinterpret_cast<uint32_t*>(control + off_words()) + i; }
 
+  TimelineRecord* timeline = nullptr;  // [timeline_blocks][kTimelineCapacity], then counts
+  int timeline_blocks = 0;
+
   void release() {
     if (heaps) cudaFree(heaps);
     if (control) cudaFree(control);
     heaps = control = nullptr;
   }
+
+  // Timeline records of `blocks` blocks, counts cleared; the buffer stays for later forwards.
+  void prepare_timeline(int blocks, cudaStream_t stream) {
+    const size_t records = static_cast<size_t>(blocks) * kTimelineCapacity * sizeof(TimelineRecord);
+    if (blocks > timeline_blocks) {
+      if (timeline) FUSEDMOE_CUDA_CHECK(cudaFree(timeline));
+      FUSEDMOE_CUDA_CHECK(cudaMalloc(&timeline, records + sizeof(uint32_t) * blocks));
+      timeline_blocks = blocks;
+    }
+    FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(timeline_counts(), 0, sizeof(uint32_t) * blocks, stream));
+  }
+  uint32_t* timeline_counts() const {
+    return reinterpret_cast<uint32_t*>(timeline + static_cast<size_t>(timeline_blocks) * kTimelineCapacity);
+  }
+
+  // Copies the records of the last launch (stream synchronised) into the process-wide timeline.
+  void publish_timeline(int blocks, cudaStream_t stream) const {
+    std::vector<uint32_t> counts(static_cast<size_t>(blocks));
+    std::vector<TimelineRecord> records(static_cast<size_t>(blocks) * kTimelineCapacity);
+    FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(counts.data(), timeline_counts(), sizeof(uint32_t) * blocks,
+                                        cudaMemcpyDeviceToHost, stream));
+    FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(records.data(), timeline, records.size() * sizeof(TimelineRecord),
+                                        cudaMemcpyDeviceToHost, stream));
+    FUSEDMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    std::vector<FusedEvent> events;
+    for (int b = 0; b < blocks; ++b) {
+      const uint32_t n = std::min<uint32_t>(counts[static_cast<size_t>(b)], kTimelineCapacity);
+      for (uint32_t i = 0; i < n; ++i) {
+        const TimelineRecord& r = records[static_cast<size_t>(b) * kTimelineCapacity + i];
+        events.push_back(FusedEvent{static_cast<int64_t>(r.start), static_cast<int64_t>(r.end), r.block, r.sm, r.rank,
+                                    static_cast<FusedEventKind>(r.kind)});
+      }
+    }
+    std::lock_guard<std::mutex> lock(g_timeline_mutex);
+    g_timeline = std::move(events);
+    g_timeline_blocks = blocks;
+  }
   ~Workspace() {
     release();
+    if (timeline) cudaFree(timeline);
     if (host_record) cudaFreeHost(host_record);
     if (record_copied) cudaEventDestroy(record_copied);
   }
@@ -122,6 +178,17 @@ struct Workspace {
     FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(control, 0, control_bytes, stream));
   }
 
+  void use_layout(const WorkspaceLayout& l, cudaStream_t stream) {
+    const std::array<int64_t, 6> sections{l.recv_flags.offset, l.recv_flags.bytes, l.ret_flags.offset,
+                                          l.ret_flags.bytes,  l.counters.offset,   l.counters.bytes};
+    if (sections == protocol_sections) return;
+    for (int q = 0; q < world; ++q)
+      for (const Section& section : {l.recv_flags, l.ret_flags, l.counters})
+        FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(heaps + q * heap_stride + section.offset, 0,
+                                            static_cast<size_t>(section.bytes), stream));
+    protocol_sections = sections;
+  }
+
   // (Re)allocates when the sizes grow or the shape of the problem changes.
   void ensure(int dev, size_t stride, int64_t tasks, int W, int E, int segs, cudaStream_t stream) {
     if (!host_record) {
@@ -129,8 +196,9 @@ struct Workspace {
       *host_record = ErrorRecord{};
       FUSEDMOE_CUDA_CHECK(cudaEventCreateWithFlags(&record_copied, cudaEventDisableTiming));
     }
-    if (heaps && dev == device && stride <= heap_stride && tasks <= task_capacity && W == world && E == experts &&
-        segs == segments)
+    // Capacities: a smaller problem runs in a larger workspace (every index stays in range).
+    if (heaps && dev == device && stride <= heap_stride && tasks <= task_capacity && W <= world && E <= experts &&
+        segs <= segments)
       return;
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     FUSEDMOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
@@ -142,16 +210,30 @@ struct Workspace {
     device = dev;
     heap_stride = std::max(stride, heap_stride);
     task_capacity = std::max(tasks, task_capacity);
-    world = W;
-    experts = E;
-    segments = segs;
-    heaps_bytes = heap_stride * W;
+    world = std::max(W, world);
+    experts = std::max(E, experts);
+    segments = std::max(segs, segments);
+    heaps_bytes = heap_stride * world;
     control_bytes = total();
     FUSEDMOE_CUDA_CHECK(cudaMalloc(&heaps, heaps_bytes));
     FUSEDMOE_CUDA_CHECK(cudaMalloc(&control, control_bytes));
     clear(stream);
   }
 };
+
+// Workspaces persist per (device, stream) for the life of the process and are shared by every
+// layer object that runs the fused kernel there: a layer built per call (as the torch op does)
+// must not pay an allocation, a clear and a device-synchronising free per forward. Launches on
+// one stream are ordered, so sharing is safe; different streams get different workspaces.
+// (Never destroyed: freeing at exit would race the CUDA runtime's own teardown.)
+Workspace& workspace_for(int device, cudaStream_t stream) {
+  static std::mutex mutex;
+  static auto* workspaces = new std::map<std::pair<int, cudaStream_t>, std::unique_ptr<Workspace>>();
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& slot = (*workspaces)[{device, stream}];
+  if (!slot) slot = std::make_unique<Workspace>();
+  return *slot;
+}
 
 template <class T>
 class FusedBackend {
@@ -160,12 +242,15 @@ class FusedBackend {
                const std::vector<int64_t>& tokens_per_rank, const ForwardOutputs& out) {
     cudaStream_t stream = static_cast<cudaStream_t>(args.stream);
     const FusedOptions options = fused_options();
+    int device = 0;
+    FUSEDMOE_CUDA_CHECK(cudaGetDevice(&device));
+    Workspace& ws = workspace_for(device, stream);
     // Under capture no event may be queried or stream synchronised (it would invalidate the
     // capture): the record is still copied back by the graph, and checked by the next eager call.
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     FUSEDMOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
     const bool capturing = capture != cudaStreamCaptureStatusNone;
-    if (!capturing) check_pending_error(stream);
+    if (!capturing) check_pending_error(ws, stream);
 
     const int W = c.world_size;
     const int64_t Tn = args.x.shape[0], H = c.hidden_size, E = c.num_experts, k = c.top_k;
@@ -176,8 +261,6 @@ class FusedBackend {
     const int64_t max_local = c.max_local_experts();
     FUSEDMOE_CHECK(W * max_local <= kMaxSegments, "fused backend: world_size x local experts = " << W * max_local
                    << " exceeds " << kMaxSegments);
-    int device = 0;
-    FUSEDMOE_CUDA_CHECK(cudaGetDevice(&device));
     const bool gated = c.ffn_in_width() != c.ffn_size;
     const bool hopper = use_hopper(c, args, w, out, options, device);
     // Output columns of one GEMM0 / GEMM1 tile of the engine.
@@ -187,8 +270,9 @@ class FusedBackend {
     const int64_t n1 = ceil_div(H, tile_n1);
     const int64_t task_capacity =
         W * (ceil_div(W * layout.rows_per_source, kTileM) + W * max_local) * (n0 + n1) + 1;
-    ws_.ensure(device, static_cast<size_t>(WorkspaceLayout::align_up(layout.total_bytes, 256)), task_capacity, W,
+    ws.ensure(device, static_cast<size_t>(WorkspaceLayout::align_up(layout.total_bytes, 256)), task_capacity, W,
                static_cast<int>(E), static_cast<int>(W * max_local), stream);
+    ws.use_layout(layout, stream);
 
     Params<T> p{};
     p.world = W;
@@ -257,19 +341,19 @@ class FusedBackend {
     r.routed = reinterpret_cast<int64_t*>(p.routed);
     r.kept_count = reinterpret_cast<int64_t*>(p.kept_total);
 
-    p.heap_base = ws_.heaps;
-    p.heap_stride = static_cast<int64_t>(ws_.heap_stride);
+    p.heap_base = ws.heaps;
+    p.heap_stride = static_cast<int64_t>(ws.heap_stride);
     p.layout = layout;
-    p.control = ws_.rank_control();
-    p.task_capacity = ws_.task_capacity;
-    p.tasks = reinterpret_cast<Task*>(ws_.control + ws_.off_tasks());
-    p.task_ready = reinterpret_cast<uint32_t*>(ws_.control + ws_.off_ready());
-    p.dispatch_written = reinterpret_cast<uint32_t*>(ws_.control + ws_.off_dispatch());
-    p.seg_done = reinterpret_cast<uint32_t*>(ws_.control + ws_.off_seg_done());
-    p.epoch_word = ws_.word(0);
-    p.blocks_done = ws_.word(1);
-    p.abort_word = ws_.word(2);
-    p.error = reinterpret_cast<ErrorRecord*>(ws_.control + ws_.off_record());
+    p.control = ws.rank_control();
+    p.task_capacity = ws.task_capacity;
+    p.tasks = reinterpret_cast<Task*>(ws.control + ws.off_tasks());
+    p.task_ready = reinterpret_cast<uint32_t*>(ws.control + ws.off_ready());
+    p.dispatch_written = reinterpret_cast<uint32_t*>(ws.control + ws.off_dispatch());
+    p.seg_done = reinterpret_cast<uint32_t*>(ws.control + ws.off_seg_done());
+    p.epoch_word = ws.word(0);
+    p.blocks_done = ws.word(1);
+    p.abort_word = ws.word(2);
+    p.error = reinterpret_cast<ErrorRecord*>(ws.control + ws.off_record());
     double timeout_ms = options.timeout_ms;
     if (timeout_ms <= 0) {
       const char* env = std::getenv("FUSEDMOE_FUSED_TIMEOUT_MS");
@@ -279,15 +363,28 @@ class FusedBackend {
     p.silent_rank = options.silent_rank;
     p.flag_before_data = options.flag_before_data;
 
+    bool timeline = false;
+    {
+      std::lock_guard<std::mutex> lock(g_timeline_mutex);
+      timeline = g_timeline_enabled;
+    }
+    FUSEDMOE_CHECK(!(timeline && capturing), "fused backend: the debug timeline cannot be recorded under CUDA-graph "
+                   "capture (it synchronises the stream); turn it off with set_fused_timeline(false)");
+    int grid = 0;
     if constexpr (!std::is_same_v<T, float>) {
       if (hopper) {
-        launch_hopper(p, c, layout, stream);
-      } else {
-        launch(p, stream);
+        grid = grid_size(fused_moe_kernel_sm90<T>, Sm90Tiles<T>::kThreads, Sm90Engine<T>::smem_bytes(), W);
+        if (timeline) attach_timeline(ws, p, grid, stream);
+        launch_hopper(p, c, layout, grid, stream);
       }
-    } else {
-      launch(p, stream);
     }
+    if (grid == 0) {
+      grid = grid_size(fused_moe_kernel<T>, kThreads, PortableEngine<T>::smem_bytes(), W);
+      if (timeline) attach_timeline(ws, p, grid, stream);
+      static_assert(sizeof(Params<T>) <= 32000, "kernel parameters too large");
+      cooperative_launch(fused_moe_kernel<T>, grid, kThreads, PortableEngine<T>::smem_bytes(), stream, p);
+    }
+    if (timeline) ws.publish_timeline(grid, stream);
 
     if (out.topk_weight.defined()) convert<T>(r.weight, static_cast<T*>(out.topk_weight.data), Tn * k, stream);
     if (out.expert_counts)
@@ -298,13 +395,13 @@ class FusedBackend {
 
     // The error record comes back to pinned memory after the kernel; checked now (sync_check)
     // or at the next forward.
-    FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(ws_.host_record, p.error, sizeof(ErrorRecord), cudaMemcpyDeviceToHost, stream));
+    FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(ws.host_record, p.error, sizeof(ErrorRecord), cudaMemcpyDeviceToHost, stream));
     if (capturing) return;
-    FUSEDMOE_CUDA_CHECK(cudaEventRecord(ws_.record_copied, stream));
-    ws_.record_pending = true;
+    FUSEDMOE_CUDA_CHECK(cudaEventRecord(ws.record_copied, stream));
+    ws.record_pending = true;
     if (options.sync_check) {
       FUSEDMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-      check_pending_error(stream);
+      check_pending_error(ws, stream);
     }
   }
 
@@ -328,21 +425,40 @@ class FusedBackend {
     }
   }
 
-  // One cooperative launch: every block resident (the launch fails otherwise), the grid a
+  // Grid of one cooperative launch: every block resident (the launch fails otherwise), a
   // multiple of the world size.
-  template <class Kernel, class... Args>
-  void cooperative_launch(Kernel kernel, int threads, size_t smem, int world, cudaStream_t stream, const Args&... args) {
-    FUSEDMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    int device = 0, sms = 0, per_sm = 0;
+  // The resident block count of a kernel is queried once per (kernel, device).
+  template <class Kernel>
+  static int grid_size(Kernel kernel, int threads, size_t smem, int world) {
+    static std::mutex mutex;
+    static std::map<std::pair<const void*, int>, int> resident_blocks;
+    int device = 0;
     FUSEDMOE_CUDA_CHECK(cudaGetDevice(&device));
-    FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    FUSEDMOE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-    const int resident = sms * per_sm;
+    int resident = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      int& cached = resident_blocks[{reinterpret_cast<const void*>(kernel), device}];
+      if (cached == 0) {
+        int sms = 0, per_sm = 0;
+        FUSEDMOE_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+        FUSEDMOE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+        cached = sms * per_sm;
+      }
+      resident = cached;
+    }
     const int per_rank = resident / world;
     FUSEDMOE_CHECK(per_rank >= 1, "fused backend: " << world << " emulated ranks need at least one resident block "
                                    "each; this GPU holds " << resident);
+    return per_rank * world;
+  }
+
+  template <class Kernel, class... Args>
+  static void cooperative_launch(Kernel kernel, int grid, int threads, size_t smem, cudaStream_t stream,
+                                 const Args&... args) {
     cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(per_rank * world));
+    config.gridDim = dim3(static_cast<unsigned>(grid));
     config.blockDim = dim3(static_cast<unsigned>(threads));
     config.dynamicSmemBytes = smem;
     config.stream = stream;
@@ -354,12 +470,15 @@ class FusedBackend {
     FUSEDMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
   }
 
-  void launch(const Params<T>& p, cudaStream_t stream) {
-    static_assert(sizeof(Params<T>) <= 32000, "kernel parameters too large");
-    cooperative_launch(fused_moe_kernel<T>, kThreads, PortableEngine<T>::smem_bytes(), p.world, stream, p);
+  static void attach_timeline(Workspace& ws, Params<T>& p, int grid, cudaStream_t stream) {
+    ws.prepare_timeline(grid, stream);
+    p.timeline = ws.timeline;
+    p.timeline_count = ws.timeline_counts();
+    p.timeline_capacity = kTimelineCapacity;
   }
 
-  void launch_hopper(const Params<T>& p, const MoeConfig& c, const WorkspaceLayout& layout, cudaStream_t stream) {
+  void launch_hopper(const Params<T>& p, const MoeConfig& c, const WorkspaceLayout& layout, int grid,
+                     cudaStream_t stream) {
     using Tiles = Sm90Tiles<T>;
     using Element = typename Tiles::Element;
     static_assert(sizeof(Params<T>) + sizeof(Sm90Tma<T>) <= 32000, "kernel parameters too large");
@@ -378,7 +497,7 @@ class FusedBackend {
         .rows_cap = rows_cap,
         .act = activation_of(c.ffn),
     };
-    cooperative_launch(fused_moe_kernel_sm90<T>, Tiles::kThreads, Sm90Engine<T>::smem_bytes(), W, stream, p, tma);
+    cooperative_launch(fused_moe_kernel_sm90<T>, grid, Tiles::kThreads, Sm90Engine<T>::smem_bytes(), stream, p, tma);
   }
 
   static Epilogue activation_of(FfnKind kind) {
@@ -391,19 +510,17 @@ class FusedBackend {
     return Epilogue::kIdentity;
   }
 
-  void check_pending_error(cudaStream_t stream) {
-    if (!ws_.record_pending) return;
-    if (cudaEventQuery(ws_.record_copied) != cudaSuccess) return;  // not finished yet: next time
-    ws_.record_pending = false;
-    const ErrorRecord e = *ws_.host_record;
+  static void check_pending_error(Workspace& ws, cudaStream_t stream) {
+    if (!ws.record_pending) return;
+    if (cudaEventQuery(ws.record_copied) != cudaSuccess) return;  // not finished yet: next time
+    ws.record_pending = false;
+    const ErrorRecord e = *ws.host_record;
     if (e.code == kNoError) return;
-    *ws_.host_record = ErrorRecord{};
-    ws_.clear(stream);  // flags, counters and queues restart from epoch 0
+    *ws.host_record = ErrorRecord{};
+    ws.clear(stream);  // flags, counters and queues restart from epoch 0
     FUSEDMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
     FUSEDMOE_CHECK(false, "fused backend: " << describe(e));
   }
-
-  Workspace ws_;
 };
 
 class FusedBackendDispatch final : public BackendImpl {
@@ -448,6 +565,17 @@ class FusedBackendDispatch final : public BackendImpl {
 
 }  // namespace
 }  // namespace cuda::fused
+
+void set_fused_timeline(bool enabled) {
+  std::lock_guard<std::mutex> lock(cuda::fused::g_timeline_mutex);
+  cuda::fused::g_timeline_enabled = enabled;
+}
+
+std::vector<FusedEvent> fused_timeline(int* blocks) {
+  std::lock_guard<std::mutex> lock(cuda::fused::g_timeline_mutex);
+  if (blocks) *blocks = cuda::fused::g_timeline_blocks;
+  return cuda::fused::g_timeline;
+}
 
 std::unique_ptr<BackendImpl> make_fused_backend() { return std::make_unique<cuda::fused::FusedBackendDispatch>(); }
 

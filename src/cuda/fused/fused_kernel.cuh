@@ -18,9 +18,9 @@
 //   P3 experts  segments (source s, local expert) are claimed one by one; the claimer waits for
 //               the segment's flag (and, dropless, the flags before it, for the row offset),
 //               then pushes one GEMM0 task per (128-row tile, column tile) into rank r's task
-//               queue. A GEMM0 tile runs the up projection with the activation fused (gated:
-//               gate and up columns interleaved per 16 in one tile) into `hidden`; the last
-//               column tile of a row tile (counter) pushes that row tile's GEMM1 tasks. GEMM1
+//               queue. A GEMM0 tile runs the up projection with the activation fused into
+//               `hidden`; the last GEMM0 tile of a segment (counter) pushes the segment's GEMM1
+//               tasks, row tile fastest (tiles sharing a block of w2[e] run together). GEMM1
 //               tiles store their rows straight into the source's ret_rows[token.k + j]; the
 //               last tile of a segment raises the source's ret_flags[e] = {epoch, count}.
 //   P4 combine  warp per token: wait for the return flag of each kept choice (count checked),
@@ -42,10 +42,11 @@
 // last block to finish resets the per-rank control words and bumps the epoch word, so
 // back-to-back launches and CUDA-graph replays need no reset kernel and no host argument.
 //
-// Tiles: 128 x 128 x 32 on mma.sync tensor cores (nvcuda::wmma; fp32 data as TF32), 8 warps of
-// 64 x 32 outputs, operands staged in shared memory with 16-B loads. This engine runs on every
-// GPU of compute capability >= 8.0; the Hopper wgmma/TMA engine (src/cuda/gemm) is not yet used
-// inside this kernel.
+// Engines (who runs P3's tiles): the portable engine here — 128 x 128 x 32 tiles on mma.sync
+// (nvcuda::wmma; fp32 data as TF32; gated tiles interleave gate and up columns per 16), 8 warps
+// of 64 x 32 outputs, 256 threads, any GPU of compute capability >= 8.0 — and the Hopper engine
+// of fused_sm90.cuh (wgmma + TMA tiles of src/cuda/gemm, a scheduler warpgroup, 384 threads).
+// P1, P2 and P4 are the same code for both: threads 0-255, named barrier 1 (team_sync).
 #pragma once
 
 #include <mma.h>
@@ -69,6 +70,7 @@ constexpr int kMaxSegments = 1024;  // W * max_local_experts
 
 // ---------------------------------------------------------------------------- error record --
 enum ErrorCode : uint32_t { kNoError = 0, kTimeout = 1, kCountMismatch = 2 };
+enum EventKind : int32_t { kEventRouter = 0, kEventDispatch = 1, kEventGemm0 = 2, kEventGemm1 = 3, kEventCombine = 4 };
 enum WaitWhat : uint32_t { kDispatchFlag = 1, kReturnFlag = 2, kRankBarrier = 3, kQueueSlot = 4 };
 
 struct ErrorRecord {
@@ -94,6 +96,13 @@ struct RankControl {
   uint32_t dispatched;    // blocks of the rank past P2 (combine reads the rank's kept flags)
   uint32_t pad;
 };
+
+// One timeline record (debug timeline, fusedmoe/timeline.hpp); kind = FusedEventKind.
+struct TimelineRecord {
+  uint64_t start, end;
+  int32_t block, sm, rank, kind;
+};
+static_assert(sizeof(TimelineRecord) == 32);
 
 struct Task {
   int32_t row_begin;  // first row of the tile in the rank's recv_rows / hidden
@@ -154,6 +163,10 @@ struct Params {
   uint32_t* abort_word;
   ErrorRecord* error;
   uint64_t timeout_ns;
+  // Debug timeline (null: off): per block `timeline_capacity` records, count in timeline_count.
+  TimelineRecord* timeline;
+  uint32_t* timeline_count;
+  int timeline_capacity;
   // Faults (tests)
   int silent_rank;
   bool flag_before_data;
@@ -202,6 +215,16 @@ struct Ctx {
   }
   __device__ uint64_t* ret_flag(int source, int expert) const {
     return reinterpret_cast<uint64_t*>(heap(source) + p.layout.ret_flags.offset) + p.layout.ret_flag_index(expert, 0);
+  }
+  // Thread 0 of the block: one timeline record [start, now) of `kind`.
+  __device__ void record(int32_t kind, uint64_t start) const {
+    if (p.timeline == nullptr) return;
+    const uint32_t i = p.timeline_count[blockIdx.x]++;
+    if (i >= static_cast<uint32_t>(p.timeline_capacity)) return;
+    uint32_t sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    p.timeline[static_cast<int64_t>(blockIdx.x) * p.timeline_capacity + i] =
+        TimelineRecord{start, global_ns(), static_cast<int32_t>(blockIdx.x), static_cast<int32_t>(sm), rank, kind};
   }
   __device__ bool aborted() const { return *reinterpret_cast<volatile uint32_t*>(p.abort_word) != 0; }
 
@@ -566,8 +589,17 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
       T* out = reinterpret_cast<T*>(h + p.layout.recv_rows.offset + dst * row_bytes);
       const T* in = p.x + t * H;
       if (p.aligned && H % kVec == 0) {
-        for (int64_t col = lane * kVec; col < H; col += 32 * kVec)
-          *reinterpret_cast<uint4*>(out + col) = *reinterpret_cast<const uint4*>(in + col);
+        // 8 loads in flight per lane before their stores (a warp moves 4 KB per step).
+        constexpr int kUnroll = 8, kStep = 32 * kVec;
+        int64_t col = lane * kVec;
+        for (; col + (kUnroll - 1) * kStep < H; col += kUnroll * kStep) {
+          uint4 v[kUnroll];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) v[u] = *reinterpret_cast<const uint4*>(in + col + u * kStep);
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) *reinterpret_cast<uint4*>(out + col + u * kStep) = v[u];
+        }
+        for (; col < H; col += kStep) *reinterpret_cast<uint4*>(out + col) = *reinterpret_cast<const uint4*>(in + col);
       } else {
         for (int64_t col = lane; col < H; col += 32) out[col] = in[col];
       }
@@ -615,8 +647,9 @@ __device__ void push_tasks(const Ctx<T>& ctx, int count, Make make) {
   Task* tasks = p.tasks + static_cast<int64_t>(ctx.rank) * p.task_capacity;
   uint32_t* ready = p.task_ready + static_cast<int64_t>(ctx.rank) * p.task_capacity;
   for (int i = 0; i < count; ++i) tasks[first + i] = make(i);
+  // One fence orders every task before every ready word (a release per word would serialise).
   __threadfence();
-  for (int i = 0; i < count; ++i) st_release_gpu(ready + first + i, ctx.epoch);
+  for (int i = 0; i < count; ++i) reinterpret_cast<volatile uint32_t*>(ready)[first + i] = ctx.epoch;
 }
 
 // Thread 0 of the block: claims and handles one segment. Returns false when none is left.
@@ -799,16 +832,22 @@ __device__ void finish_task(const Ctx<T>& ctx, const Task& task) {
   const int source = task.seg / p.max_local, local = task.seg % p.max_local;
   const int m_tile = task.tile >> 16;
   if (!(task.seg & kGemm1Bit)) {
+    // GEMM1 of a segment starts when all its GEMM0 tiles are done (one counter per segment), and
+    // its tasks are queued row tile fastest: tiles that share a column block of w2[e] run
+    // together, so that block is read from HBM once, not once per row tile.
     uint32_t* counters = reinterpret_cast<uint32_t*>(ctx.heap(ctx.rank) + p.layout.counters.offset);
-    uint32_t* counter = counters + p.layout.counter_index(source, local, m_tile);
+    uint32_t* counter = counters + p.layout.counter_index(source, local, 0);
+    const int64_t seg_begin = task.row_begin - static_cast<int64_t>(m_tile) * kTileM;
+    const int m_tiles = static_cast<int>((task.row_end - seg_begin + kTileM - 1) / kTileM);
     __threadfence();
     const uint32_t done = atomicAdd(counter, 1u) + 1u;
-    if (done == static_cast<uint32_t>(n_tiles0(p))) {
+    if (done == static_cast<uint32_t>(m_tiles * n_tiles0(p))) {
       *counter = 0;
       __threadfence();
-      const int n1 = n_tiles1(p);
-      push_tasks(ctx, n1, [&](int n) {
-        return Task{task.row_begin, task.row_end, task.seg | kGemm1Bit, (m_tile << 16) | n};
+      push_tasks(ctx, m_tiles * n_tiles1(p), [&](int i) {
+        const int m = i % m_tiles, n = i / m_tiles;
+        return Task{static_cast<int32_t>(seg_begin + int64_t(m) * kTileM), task.row_end, task.seg | kGemm1Bit,
+                    (m << 16) | n};
       });
     }
   } else {
@@ -884,10 +923,14 @@ __device__ void expert_phase(const Ctx<T>& ctx, SharedUnion<T>& sm, TaskSmem& ts
     __syncthreads();
     if (state == kExit) break;
     if (state == kSegment) continue;
+    const uint64_t start = global_ns();
     if (task.seg & kGemm1Bit) run_gemm1(ctx, sm, task);
     else run_gemm0(ctx, sm, task);
     __syncthreads();
-    if (threadIdx.x == 0) finish_task(ctx, task);
+    if (threadIdx.x == 0) {
+      ctx.record((task.seg & kGemm1Bit) ? kEventGemm1 : kEventGemm0, start);
+      finish_task(ctx, task);
+    }
   }
 }
 
@@ -974,26 +1017,34 @@ __device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char*
                    static_cast<int>(blockIdx.x) % blocks_per_rank};
   RankControl& ctl = p.control[ctx.rank];
 
+  uint64_t start = global_ns();
   if (team) router_phase(ctx, sm);
   // The one barrier: rank r's P1 (counts of every chunk) before its slots.
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
+    ctx.record(kEventRouter, start);
     atomicAdd(&ctl.barrier, 1u);
     ctx.wait_count(&ctl.barrier, static_cast<uint32_t>(blocks_per_rank), kRankBarrier, ctx.rank);
   }
   __syncthreads();
+  start = global_ns();
   if (team && !ctx.aborted() && ctx.rank != p.silent_rank) dispatch_phase(ctx, sm);
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) atomicAdd(&ctl.dispatched, 1u);
+  if (threadIdx.x == 0) {
+    ctx.record(kEventDispatch, start);
+    atomicAdd(&ctl.dispatched, 1u);
+  }
   engine.expert_phase(ctx, smem_raw);
   __syncthreads();
+  start = global_ns();
   if (team && !ctx.aborted()) combine_phase(ctx);
 
   // The last block of the launch resets the control words and publishes the next epoch.
   __syncthreads();
   if (threadIdx.x == 0) {
+    ctx.record(kEventCombine, start);
     __threadfence();
     const uint32_t finished = atomicAdd(p.blocks_done, 1u) + 1u;
     if (finished == gridDim.x) {

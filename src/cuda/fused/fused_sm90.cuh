@@ -221,10 +221,14 @@ struct Sm90Engine {
         if (threadIdx.x % 32 == 0) Barrier::arrive(&s.empty[slot]);
         if (++slot == 2) { slot = 0; phase ^= 1u; }
         if (step == kExit) break;
+        const uint64_t start = global_ns();
         compute(ctx, s, pipeline, read_state, accum, task);
         fence_proxy_async();  // GEMM1 tiles read hidden with TMA
         consumer_sync();
-        if (threadIdx.x == 0) finish_task(ctx, task);
+        if (threadIdx.x == 0) {
+          ctx.record((task.seg & kGemm1Bit) ? kEventGemm1 : kEventGemm0, start);
+          finish_task(ctx, task);
+        }
       }
     }
   }
