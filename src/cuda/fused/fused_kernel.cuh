@@ -419,71 +419,95 @@ __device__ __forceinline__ float act_of(FfnKind kind, float x) {
 }
 
 // ------------------------------------------------------------------------------- phases --
+// Chunk c of rank r's tokens: first token and row count (0 for a rank without tokens, which
+// still has its one chunk of zero counts).
 template <class T>
-__device__ void router_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
+__device__ __forceinline__ void chunk_rows(const Ctx<T>& ctx, int64_t c, int64_t* t0, int64_t* rows) {
+  const int64_t begin = ctx.p.rank_begin[ctx.rank], tokens = ctx.p.rank_begin[ctx.rank + 1] - begin;
+  *t0 = begin + c * kChunk;
+  *rows = tokens > 0 ? (tokens - c * kChunk < kChunk ? tokens - c * kChunk : int64_t(kChunk)) : int64_t(0);
+}
+template <class T>
+__device__ __forceinline__ int64_t rank_chunks(const Ctx<T>& ctx) {
+  const int64_t tokens = ctx.p.rank_begin[ctx.rank + 1] - ctx.p.rank_begin[ctx.rank];
+  return tokens > 0 ? (tokens + kChunk - 1) / kChunk : 1;
+}
+
+// P1, portable logits of one chunk: x·Wgᵀ (+ bg) on mma.sync tensor cores (fp32), and the noisy
+// gate's noise term.
+template <class T>
+__device__ void router_logits(const Ctx<T>& ctx, SharedUnion<T>& sm, int64_t t0, int64_t rows) {
   const Params<T>& p = ctx.p;
-  const int64_t begin = p.rank_begin[ctx.rank], tokens = p.rank_begin[ctx.rank + 1] - begin;
-  const int64_t chunks = tokens > 0 ? (tokens + kChunk - 1) / kChunk : 1;
-  const int E = p.num_experts, k = p.top_k;
+  const int E = p.num_experts;
   const int64_t H = p.hidden;
   const int warp = threadIdx.x / 32, warp_m = warp / 4, warp_n = warp % 4;
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const bool vec = p.aligned && (H % kVec) == 0;
-  for (int64_t c = ctx.local_block; c < chunks; c += ctx.blocks_per_rank) {
-    const int64_t t0 = begin + c * kChunk;
-    const int64_t rows = tokens > 0 ? (tokens - c * kChunk < kChunk ? tokens - c * kChunk : int64_t(kChunk)) : int64_t(0);
-    if (rows > 0) {
-      // Logits (and the noisy gate's x·Wnᵀ), fp32 on tensor cores.
-      const bool noisy = p.noise_weight != nullptr;
-      for (int pass = 0; pass < (noisy ? 2 : 1); ++pass) {
-        const T* wg = pass == 0 ? p.gate_weight : p.noise_weight;
-        float* out = pass == 0 ? p.r.logits : p.r.noise_pre;
-        for (int n0 = 0; n0 < E; n0 += kTileN) {
-          Frag<T> acc[4][2];
-          mma_tile<T, false>(sm.gemm, p.x + t0 * H, H, rows, H, vec,
-                             [&](int64_t k0) { load_b_kmajor(sm.gemm, wg, H, n0, E, k0, H, vec); }, acc);
+  const bool noisy = p.noise_weight != nullptr;
+  for (int pass = 0; pass < (noisy ? 2 : 1); ++pass) {
+    const T* wg = pass == 0 ? p.gate_weight : p.noise_weight;
+    float* out = pass == 0 ? p.r.logits : p.r.noise_pre;
+    for (int n0 = 0; n0 < E; n0 += kTileN) {
+      Frag<T> acc[4][2];
+      mma_tile<T, false>(sm.gemm, p.x + t0 * H, H, rows, H, vec,
+                         [&](int64_t k0) { load_b_kmajor(sm.gemm, wg, H, n0, E, k0, H, vec); }, acc);
 #pragma unroll
-          for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int j = 0; j < 2; ++j)
-              store_frag(sm.gemm, acc[i][j], warp_m * 64 + i * 16, warp_n * 32 + j * 16, [&](int row, int col, float v) {
-                const int e = n0 + col;
-                if (row < rows && e < E) {
-                  if (pass == 0 && p.gate_bias) v += to_f32(p.gate_bias[e]);
-                  out[(t0 + row) * E + e] = v;
-                }
-              });
-        }
-      }
-      team_sync();
-      if (noisy) {  // logits += eps * softplus(x·Wnᵀ)
-        for (int64_t i = threadIdx.x; i < rows * E; i += kThreads) {
-          const int64_t t = t0 + i / E, e = i % E;
-          const double eps = noise::normal(p.router.seed, noise::kNoisyGate,
-                                           static_cast<uint64_t>(p.router.token_offset + t), static_cast<uint64_t>(e));
-          const float pre = p.r.noise_pre[t * E + e];
-          const float softplus = pre > 30.f ? pre : log1pf(expf(pre));
-          p.r.logits[t * E + e] += static_cast<float>(eps) * softplus;
-        }
-        team_sync();
-      }
-      for (int64_t i = warp; i < rows; i += kWarps)
-        gate_topk_token<T>(p.router, p.selection_bias, p.r, t0 + i, sm.router.score[warp]);
-      team_sync();
+        for (int j = 0; j < 2; ++j)
+          store_frag(sm.gemm, acc[i][j], warp_m * 64 + i * 16, warp_n * 32 + j * 16, [&](int row, int col, float v) {
+            const int e = n0 + col;
+            if (row < rows && e < E) {
+              if (pass == 0 && p.gate_bias) v += to_f32(p.gate_bias[e]);
+              out[(t0 + row) * E + e] = v;
+            }
+          });
     }
-    // Per-chunk counts per choice (choice-major slots need them for every chunk of the rank).
-    for (int i = threadIdx.x; i < k * E; i += kThreads) sm.router.counts[i / E][i % E] = 0;
-    team_sync();
-    for (int64_t i = threadIdx.x; i < rows * k; i += kThreads) {
-      const int32_t e = p.r.idx[(t0 + i / k) * k + i % k];
-      if (e >= 0) atomicAdd(&sm.router.counts[i % k][e], 1);
+  }
+  team_sync();
+  if (noisy) {  // logits += eps * softplus(x·Wnᵀ)
+    for (int64_t i = threadIdx.x; i < rows * E; i += kThreads) {
+      const int64_t t = t0 + i / E, e = i % E;
+      const double eps = noise::normal(p.router.seed, noise::kNoisyGate,
+                                       static_cast<uint64_t>(p.router.token_offset + t), static_cast<uint64_t>(e));
+      const float pre = p.r.noise_pre[t * E + e];
+      const float softplus = pre > 30.f ? pre : log1pf(expf(pre));
+      p.r.logits[t * E + e] += static_cast<float>(eps) * softplus;
     }
     team_sync();
-    for (int i = threadIdx.x; i < k * E; i += kThreads) {
-      const int j = i / E, e = i % E;
-      p.chunk_counts[((static_cast<int64_t>(ctx.rank) * k + j) * p.max_chunks + c) * E + e] = sm.router.counts[j][e];
-    }
-    team_sync();
+  }
+}
+
+// P1, after the chunk's logits: gate + top-k per token (warp per token) and the chunk's expert
+// counts per choice j (choice-major slots need them for every chunk of the rank).
+template <class T>
+__device__ void router_gate(const Ctx<T>& ctx, RouterSmem& rs, int64_t c, int64_t t0, int64_t rows) {
+  const Params<T>& p = ctx.p;
+  const int E = p.num_experts, k = p.top_k;
+  const int warp = threadIdx.x / 32;
+  for (int64_t i = warp; i < rows; i += kWarps)
+    gate_topk_token<T>(p.router, p.selection_bias, p.r, t0 + i, rs.score[warp]);
+  for (int i = threadIdx.x; i < k * E; i += kThreads) rs.counts[i / E][i % E] = 0;
+  team_sync();
+  for (int64_t i = threadIdx.x; i < rows * k; i += kThreads) {
+    const int32_t e = p.r.idx[(t0 + i / k) * k + i % k];
+    if (e >= 0) atomicAdd(&rs.counts[i % k][e], 1);
+  }
+  team_sync();
+  for (int i = threadIdx.x; i < k * E; i += kThreads) {
+    const int j = i / E, e = i % E;
+    p.chunk_counts[((static_cast<int64_t>(ctx.rank) * k + j) * p.max_chunks + c) * E + e] = rs.counts[j][e];
+  }
+  team_sync();
+}
+
+template <class T>
+__device__ void router_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
+  for (int64_t c = ctx.local_block; c < rank_chunks(ctx); c += ctx.blocks_per_rank) {
+    int64_t t0, rows;
+    chunk_rows(ctx, c, &t0, &rows);
+    if (rows > 0) router_logits(ctx, sm, t0, rows);
+    router_gate(ctx, sm.router, c, t0, rows);
   }
 }
 
@@ -934,6 +958,47 @@ __device__ void expert_phase(const Ctx<T>& ctx, SharedUnion<T>& sm, TaskSmem& ts
   }
 }
 
+// One token's output row y = sum_j w_j * rows[j] (fp32, fixed j order) by one warp, 16-B
+// vectors: G column steps of the warp at once, so G * K loads are in flight per lane (the
+// combine is bound by memory latency otherwise). rows: the token's K returned rows [K][H].
+template <class T, int K>
+__device__ __forceinline__ void combine_row(const T* rows, const float (&w)[kMaxTopK], const bool (&use)[kMaxTopK],
+                                            T* y, int64_t H, int lane) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  constexpr int kStep = 32 * kVec;
+  constexpr int G = K <= 4 ? 4 : 2;
+  for (int64_t col0 = lane * kVec; col0 < H; col0 += G * kStep) {
+    uint4 v[G][K];
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        const int64_t col = col0 + g * kStep;
+        v[g][j] = use[j] && col < H ? *reinterpret_cast<const uint4*>(rows + j * H + col) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const int64_t col = col0 + g * kStep;
+      if (col >= H) break;
+      float acc[kVec];
+#pragma unroll
+      for (int q = 0; q < kVec; ++q) acc[q] = 0.f;
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        if (!use[j]) continue;
+        const T* x = reinterpret_cast<const T*>(&v[g][j]);
+#pragma unroll
+        for (int q = 0; q < kVec; ++q) acc[q] = fmaf(w[j], to_f32(x[q]), acc[q]);
+      }
+      uint4 out;
+      T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+      for (int q = 0; q < kVec; ++q) o[q] = from_f32<T>(acc[q]);
+      *reinterpret_cast<uint4*>(y + col) = out;
+    }
+  }
+}
+
 template <class T>
 __device__ void combine_phase(const Ctx<T>& ctx) {
   const Params<T>& p = ctx.p;
@@ -972,23 +1037,15 @@ __device__ void combine_phase(const Ctx<T>& ctx) {
       w[j] = use[j] ? p.r.weight[g * k + j] : 0.f;
     }
     if (p.aligned && H % kVec == 0) {
-      for (int64_t col = lane * kVec; col < H; col += 32 * kVec) {
-        float acc[kVec];
-#pragma unroll
-        for (int q = 0; q < kVec; ++q) acc[q] = 0.f;
-#pragma unroll
-        for (int j = 0; j < kMaxTopK; ++j) {
-          if (!use[j]) continue;
-          const uint4 v = *reinterpret_cast<const uint4*>(ret + (t * k + j) * H + col);
-          const T* x = reinterpret_cast<const T*>(&v);
-#pragma unroll
-          for (int q = 0; q < kVec; ++q) acc[q] = fmaf(w[j], to_f32(x[q]), acc[q]);
-        }
-        uint4 out;
-        T* o = reinterpret_cast<T*>(&out);
-#pragma unroll
-        for (int q = 0; q < kVec; ++q) o[q] = from_f32<T>(acc[q]);
-        *reinterpret_cast<uint4*>(p.y + g * H + col) = out;
+      switch (k) {
+        case 1: combine_row<T, 1>(ret + t * k * H, w, use, p.y + g * H, H, lane); break;
+        case 2: combine_row<T, 2>(ret + t * k * H, w, use, p.y + g * H, H, lane); break;
+        case 3: combine_row<T, 3>(ret + t * k * H, w, use, p.y + g * H, H, lane); break;
+        case 4: combine_row<T, 4>(ret + t * k * H, w, use, p.y + g * H, H, lane); break;
+        case 5: combine_row<T, 5>(ret + t * k * H, w, use, p.y + g * H, H, lane); break;
+        case 6: combine_row<T, 6>(ret + t * k * H, w, use, p.y + g * H, H, lane); break;
+        case 7: combine_row<T, 7>(ret + t * k * H, w, use, p.y + g * H, H, lane); break;
+        default: combine_row<T, 8>(ret + t * k * H, w, use, p.y + g * H, H, lane); break;
       }
     } else {
       for (int64_t col = lane; col < H; col += 32) {
@@ -1018,7 +1075,7 @@ __device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char*
   RankControl& ctl = p.control[ctx.rank];
 
   uint64_t start = global_ns();
-  if (team) router_phase(ctx, sm);
+  engine.router_phase(ctx, smem_raw);
   // The one barrier: rank r's P1 (counts of every chunk) before its slots.
   __threadfence();
   __syncthreads();
@@ -1058,6 +1115,9 @@ __device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char*
 
 template <class T>
 struct PortableEngine {
+  __device__ void router_phase(const Ctx<T>& ctx, unsigned char* smem_raw) const {
+    fusedmoe::cuda::fused::router_phase(ctx, *reinterpret_cast<SharedUnion<T>*>(smem_raw));
+  }
   __device__ void expert_phase(const Ctx<T>& ctx, unsigned char* smem_raw) const {
     auto& sm = *reinterpret_cast<SharedUnion<T>*>(smem_raw);
     auto& ts = *reinterpret_cast<TaskSmem*>(smem_raw + sizeof(SharedUnion<T>));

@@ -90,6 +90,11 @@ struct Sm90Smem {
   int32_t step[2];
 };
 
+// Registers per thread of the 384-thread kernel outside the expert phase (restored at its end:
+// P4 runs on the consumer threads, and code after the phase must not be held to the producer's
+// 40 registers).
+constexpr int kEvenRegisters = 168;
+
 __device__ __forceinline__ void consumer_sync() {
   asm volatile("bar.sync 2, 256;" ::: "memory");
 }
@@ -162,6 +167,11 @@ struct Sm90Engine {
     }
   }
 
+  // P1 on the consumer warpgroups with the portable router (the producer warpgroup waits).
+  __device__ void router_phase(const Ctx<T>& ctx, unsigned char* smem_raw) const {
+    if (threadIdx.x < kThreads) fusedmoe::cuda::fused::router_phase(ctx, *reinterpret_cast<SharedUnion<T>*>(smem_raw));
+  }
+
   __device__ void expert_phase(const Ctx<T>& ctx, unsigned char* smem_raw) const {
     using Tiles = Sm90Tiles<T>;
     using Cfg = typename Tiles::Plain;
@@ -206,6 +216,8 @@ struct Sm90Engine {
           produce(ctx, s, pipeline, write_state, task);
         }
       }
+      __syncwarp();  // the scheduler's warp reconverges: setmaxnreg is .sync.aligned
+      cutlass::arch::warpgroup_reg_alloc<kEvenRegisters>();
     } else {
       cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegisters>();
       typename Cfg::TiledMma tiled_mma;
@@ -230,6 +242,8 @@ struct Sm90Engine {
           finish_task(ctx, task);
         }
       }
+      __syncwarp();
+      cutlass::arch::warpgroup_reg_dealloc<kEvenRegisters>();
     }
   }
 };
