@@ -45,7 +45,7 @@ if [ -f "$FUSEDMOE_OPS_LIBRARY" ]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   if [ -z "${NO_BENCH:-}" ]; then
     step "benchmark (fusedmoe bench)"
-    timeout 900 python3 -m fusedmoe.bench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | grep -v "^\[" || status=1
+    timeout 900 python3 -m fusedmoe.bench --timeline --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | grep -v "^\[" || status=1
   fi
   if [ -z "${NO_EXAMPLE:-}" ]; then
     step "training example: ${EXAMPLE_STEPS:-500} steps, fusedmoe and the plain-PyTorch MoE from the same init"
