@@ -26,6 +26,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
@@ -353,6 +354,33 @@ at::Tensor fused_timeline() {
   return out;
 }
 
+// The fused kernel's transport (fusedmoe/transport.hpp): an NCCL unique id as uint8 [128], the
+// collective switch to the NCCL transport / back to local ranks, and [nccl, world, rank].
+at::Tensor nccl_unique_id() {
+  fusedmoe::NcclUniqueId id;
+  translate_errors("nccl_unique_id", [&] { id = fusedmoe::nccl_unique_id(); });
+  at::Tensor out = at::empty({static_cast<int64_t>(id.bytes.size())}, at::kByte);
+  std::memcpy(out.data_ptr(), id.bytes.data(), id.bytes.size());
+  return out;
+}
+
+void use_nccl_transport(const at::Tensor& id, int64_t world, int64_t rank) {
+  TORCH_CHECK(id.device().is_cpu() && id.scalar_type() == at::kByte && id.numel() == 128,
+              "use_nccl_transport: id must be a CPU uint8 tensor of 128 bytes (from nccl_unique_id)");
+  fusedmoe::NcclUniqueId nid;
+  const at::Tensor bytes = id.contiguous();
+  std::memcpy(nid.bytes.data(), bytes.data_ptr(), nid.bytes.size());
+  translate_errors("use_nccl_transport",
+                   [&] { fusedmoe::use_nccl_transport(nid, static_cast<int>(world), static_cast<int>(rank)); });
+}
+
+void use_local_transport() { translate_errors("use_local_transport", [] { fusedmoe::use_local_transport(); }); }
+
+std::vector<int64_t> fused_transport() {
+  const fusedmoe::TransportInfo t = fusedmoe::fused_transport();
+  return {t.nccl ? 1 : 0, t.world, t.rank};
+}
+
 }  // namespace
 
 #define FUSEDMOE_OP_INPUTS                                                                       \
@@ -372,6 +400,10 @@ TORCH_LIBRARY(fusedmoe, m) {
         "Tensor d_shared_b2)");
   m.def("set_fused_timeline(bool enabled) -> ()", &set_fused_timeline);
   m.def("fused_timeline() -> Tensor", &fused_timeline);
+  m.def("nccl_unique_id() -> Tensor", &nccl_unique_id);
+  m.def("use_nccl_transport(Tensor id, int world, int rank) -> ()", &use_nccl_transport);
+  m.def("use_local_transport() -> ()", &use_local_transport);
+  m.def("fused_transport() -> int[]", &fused_transport);
 }
 
 TORCH_LIBRARY_IMPL(fusedmoe, CPU, m) {

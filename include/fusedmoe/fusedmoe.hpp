@@ -8,4 +8,5 @@
 #include "fusedmoe/noise.hpp"
 #include "fusedmoe/planner.hpp"
 #include "fusedmoe/timeline.hpp"
+#include "fusedmoe/transport.hpp"
 #include "fusedmoe/version.hpp"

@@ -129,6 +129,7 @@ class MoeLayer {
 
  private:
   void check_forward(const ForwardArgs& args, const char* what) const;
+  std::vector<int64_t> tokens_of_ranks(int64_t num_tokens, const std::vector<int64_t>& requested) const;
   MoeConfig config_;
   MoeWeights weights_;
   Backend backend_;

@@ -16,8 +16,10 @@
 # parameters are local: reduce them only over replicas of the same experts. With expert and
 # data parallelism together (W = ep · dp ranks), expert_data_parallel_groups() makes the groups
 # and allreduce_grads() reduces each parameter over the ranks that hold a copy of it.
-# This is the modular path with torch's collectives; the fused single-kernel path with
-# GPU-initiated transfers replaces steps 2–4 when it exists.
+# This is the modular path with torch's collectives. The fused single-kernel path with
+# GPU-initiated transfers: init_fused_transport(group) binds the fused op (backend "fused") to an
+# NCCL communicator of the group; the op then runs router, dispatch, experts and combine of this
+# rank in one kernel, writing into its peers' memory directly.
 # Test: tests/python/test_expert_parallel.py (2 gloo processes equal one process),
 # test_shadowing.py, test_topology_gate.py, test_data_parallel.py.
 from __future__ import annotations
@@ -300,3 +302,36 @@ def expert_data_parallel_groups(expert_parallel_size: int) -> Tuple[object, obje
         if rank % ep == offset:
             mine_dp = g
     return mine_ep, mine_dp
+
+
+def init_fused_transport(group=None) -> None:
+    """Runs this process's fused forwards (backend "fused") as its rank of `group`, over NCCL.
+
+    Rank 0 of the group creates an NCCL unique id, which travels to the others through the group
+    (torch.distributed.broadcast); every rank then joins an NCCL communicator of the group's size
+    (fusedmoe's own, on the current CUDA device), whose symmetric memory window holds the fused
+    kernel's heaps: the kernel writes rows and flags straight into its peers' heaps (NVLink / P2P).
+    After this, a fused op with world_size = W (the group's size) takes this rank's tokens only,
+    the same token count on every rank. Collective over `group`; undo with
+    close_fused_transport().
+    """
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    uid = torch.ops.fusedmoe.nccl_unique_id() if rank == 0 else torch.zeros(128, dtype=torch.uint8)
+    device = torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    buffer = uid.to(device)
+    dist.broadcast(buffer, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    torch.ops.fusedmoe.use_nccl_transport(buffer.cpu(), world, rank)
+
+
+def close_fused_transport() -> None:
+    """Back to emulated ranks in one process; collective over the ranks of the NCCL transport."""
+    torch.ops.fusedmoe.use_local_transport()
+
+
+def fused_transport() -> Dict[str, int]:
+    """{"nccl": 0 or 1, "world": W, "rank": r} of the fused kernel's transport."""
+    nccl, world, rank = torch.ops.fusedmoe.fused_transport()
+    return {"nccl": nccl, "world": world, "rank": rank}

@@ -1,6 +1,7 @@
 // src/core/moe_layer.cpp — MoeLayer: argument checks, backend choice, load statistics.
 // Every view is checked here (presence, dtype, shape) so that backends see well-formed input.
 #include "fusedmoe/moe_layer.hpp"
+#include "fusedmoe/transport.hpp"
 
 #include <sstream>
 
@@ -123,6 +124,16 @@ std::vector<int64_t> resolve_tokens_per_rank(const MoeConfig& config, int64_t nu
   return requested;
 }
 
+// With the NCCL transport the fused layer runs one rank per process: x holds this rank's
+// tokens and every rank has as many.
+std::vector<int64_t> MoeLayer::tokens_of_ranks(int64_t num_tokens, const std::vector<int64_t>& requested) const {
+  if (backend_ != Backend::kFused || !fused_transport().nccl) return resolve_tokens_per_rank(config_, num_tokens, requested);
+  for (const int64_t n : requested)
+    FUSEDMOE_CHECK(n == num_tokens, "tokens_per_rank: with the NCCL transport x holds this rank's tokens and every "
+                   "rank has the same count (" << num_tokens << "); got " << n);
+  return std::vector<int64_t>(static_cast<size_t>(config_.world_size), num_tokens);
+}
+
 MoeLayer::MoeLayer(MoeConfig config, MoeWeights weights, Backend backend)
     : config_(std::move(config)), backend_(backend) {
   config_.validate();
@@ -193,7 +204,7 @@ void MoeLayer::check_forward(const ForwardArgs& args, const char* what) const {
 void MoeLayer::forward(const ForwardArgs& args, const ForwardOutputs& out) {
   check_forward(args, "forward");
   const int64_t T = args.x.shape[0];
-  const auto tokens_per_rank = resolve_tokens_per_rank(config_, T, args.tokens_per_rank);
+  const auto tokens_per_rank = tokens_of_ranks(T, args.tokens_per_rank);
   check_view(out.y, "y", true, config_.dtype, {T, config_.hidden_size});
   check_optional(out.topk_weight, "topk_weight", true, config_.dtype, {T, config_.top_k});
   if (on_device(backend_)) {

@@ -692,5 +692,81 @@ TEST(FusedKernel, BackToBackLaunchesAndGraphReplaysAreIdentical) {
   cudaStreamDestroy(stream);
 }
 
+// ----------------------------------------------------------------- NCCL transport, W = 1 --
+// The same cases through a real NCCL communicator of one rank: the heaps live in its symmetric
+// window and the kernel reaches them through NCCL's LSA pointers.
+struct NcclTransportScope {
+  NcclTransportScope() { use_nccl_transport(nccl_unique_id(), 1, 0); }
+  ~NcclTransportScope() { use_local_transport(); }
+};
+
+TEST(FusedNccl, SameCasesThroughACommunicatorAtW1) {
+  REQUIRE_GPU();
+  NcclTransportScope nccl;
+  ASSERT_TRUE(fused_transport().nccl);
+  ASSERT_EQ(fused_transport().world, 1);
+  int cases = 0;
+  for (const KindCase& kind : kind_cases()) {
+    for (bool portable : {false, true}) {
+      if (portable && kind.dtype == DType::kFloat32) continue;
+      FusedOptionsScope sync({.sync_check = true, .portable_engine = portable});
+      for (bool training : {false, true}) {
+        if (training && kind.gate == GateKind::kSwitchTop1) continue;
+        MoeConfig c = small(kind.gate, kind.ffn, kind.dtype);
+        c.gate_bias = true;
+        c.expert_bias = true;
+        GpuCase gc = fused_case(c, 77);
+        gc.training = training;
+        check_case(gc, test_seed() + static_cast<uint64_t>(cases++));
+      }
+    }
+  }
+  FusedOptionsScope sync({.sync_check = true});
+  for (int64_t tokens : {1, 31, 129, 1031}) {
+    MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kGeGlu, DType::kBFloat16);
+    check_case(fused_case(c, tokens), test_seed() + static_cast<uint64_t>(tokens));
+  }
+  MoeConfig one = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kFloat16);
+  one.top_k = 1;
+  GpuCase gc = fused_case(one, 300);
+  gc.forced.assign(300, 5);  // all tokens to one expert
+  check_case(gc, test_seed());
+  gc.config.capacity_factor = 1.0;  // and over its capacity
+  check_case(gc, test_seed() + 1);
+  MoeConfig wide_tiles = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
+  wide_tiles.hidden_size = 520;
+  wide_tiles.ffn_size = 272;
+  wide_tiles.expert_bias = true;
+  check_case(fused_case(wide_tiles, 701), test_seed() + 7);
+  std::printf("NCCL transport (W = 1): %d kind cases + adversarial shapes matched the oracle\n", cases);
+}
+
+TEST(FusedNccl, SilentRankAndWorldMismatchAreReported) {
+  REQUIRE_GPU();
+  NcclTransportScope nccl;
+  MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
+  {
+    FusedOptionsScope fault({.timeout_ms = 1000, .sync_check = true, .silent_rank = 0});
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      run_gpu(fused_case(c, 200), test_seed());
+      ADD_FAILURE() << "a rank that never dispatches was not reported";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("dispatch flag"), std::string::npos) << e.what();
+    }
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 5.0);
+  }
+  FusedOptionsScope sync({.sync_check = true});
+  check_case(fused_case(c, 200), test_seed());  // clean again after the error
+  MoeConfig two = c;
+  two.world_size = 2;
+  try {
+    run_gpu(fused_case(two, 200), test_seed());
+    ADD_FAILURE() << "world_size 2 ran on a one-rank communicator";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("world_size is 2"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace fusedmoe::testing

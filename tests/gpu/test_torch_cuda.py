@@ -85,3 +85,34 @@ def test_module_on_cuda_and_graph_capture():
     torch.cuda.synchronize()
     assert torch.equal(y_static, eager), "graph replay differs from eager"
     assert torch.isfinite(static_x.grad.float()).all()
+
+
+def test_fused_op_through_nccl_transport_of_a_one_rank_group(tmp_path):
+    """init_fused_transport over a one-rank NCCL process group: the fused op's heaps move into an
+    NCCL symmetric window; the output equals the same op on the local transport."""
+    import torch.distributed as dist
+
+    from fusedmoe import distributed as fd
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", world_size=1, rank=0,
+                            device_id=torch.device("cuda", torch.cuda.current_device()))
+    try:
+        layer = make_layer(experts=8, top_k=2)
+        x = torch.randn(333, 128, dtype=torch.float64)
+        cfg = layer.config_for(torch.bfloat16).to_string()
+        p = {n: t.detach().to("cuda", torch.bfloat16) for n, t in layer.named_parameters()}
+        args = (x.to("cuda", torch.bfloat16), p["gate.weight"], None, None, None, p["experts.w1"], None,
+                p["experts.w2"], None, None, None, None, None, None, cfg, [], False, 0, 0, "fused")
+        y_local, idx_local = torch.ops.fusedmoe.moe_forward(*args)[:2]
+        fd.init_fused_transport()
+        assert fd.fused_transport() == {"nccl": 1, "world": 1, "rank": 0}
+        for _ in range(3):
+            y, idx = torch.ops.fusedmoe.moe_forward(*args)[:2]
+            torch.cuda.synchronize()
+            assert torch.equal(idx, idx_local)
+            assert torch.equal(y, y_local)
+        fd.close_fused_transport()
+        assert fd.fused_transport()["nccl"] == 0
+    finally:
+        fd.close_fused_transport()
+        dist.destroy_process_group()

@@ -24,6 +24,7 @@
 #include "cuda/fused/fused_kernel.cuh"
 #include "cuda/fused/fused_sm90.cuh"
 #include "cuda/fused/fused_options.hpp"
+#include "cuda/fused/nccl_transport.hpp"
 #include "fusedmoe/planner.hpp"
 #include "fusedmoe/timeline.hpp"
 
@@ -70,6 +71,8 @@ const char* what_name(uint32_t what) {
     case kReturnFlag: return "return flag";
     case kRankBarrier: return "rank barrier";
     case kQueueSlot: return "task queue slot";
+    case kTaskRing: return "scheduler's task ring";
+    case kPipelineStage: return "TMA pipeline stage";
   }
   return "?";
 }
@@ -85,9 +88,12 @@ std::string describe(const ErrorRecord& e) {
   os << "timed out after " << static_cast<double>(e.waited_ns) / 1e6 << " ms waiting for the " << what_name(e.what);
   if (e.what == kDispatchFlag) os << " (source " << e.a << ", local expert " << e.b << ")";
   if (e.what == kReturnFlag) os << " of expert " << e.a;
-  if (e.what == kQueueSlot) os << " " << e.a;
+  if (e.what == kQueueSlot || e.what == kTaskRing) os << " " << e.a;
+  if (e.what == kPipelineStage) os << (e.a == 0 ? " (consumer wait)" : " (producer acquire)");
   if (e.what == kRankBarrier) os << " of rank " << e.a;
-  if (e.what == kRankBarrier || e.what == kQueueSlot)
+  if (e.what == kTaskRing || e.what == kPipelineStage)
+    os << " (phase " << e.expected << ")";
+  else if (e.what == kRankBarrier || e.what == kQueueSlot)
     os << ": expected " << e.expected << ", seen " << e.seen;
   else
     os << ": expected epoch " << e.expected << ", last seen flag 0x" << std::hex << e.seen << std::dec << " (epoch "
@@ -96,11 +102,16 @@ std::string describe(const ErrorRecord& e) {
 }
 
 // Everything that persists between launches, on one device.
+// Heaps: local/emulated transport, W heaps of one cudaMalloc (heap q at heaps + q * heap_stride);
+// NCCL transport, this rank's heap in an NCCL symmetric window (`shared`: the peers' mappings).
 struct Workspace {
   int device = -1;
   size_t heap_stride = 0, heaps_bytes = 0, control_bytes = 0;
   int64_t task_capacity = 0;
   int world = 0, experts = 0, segments = 0;
+  uint64_t generation = 0;  // transport generation the heaps belong to
+  bool nccl = false;
+  SharedHeaps shared;
   unsigned char* heaps = nullptr;
   unsigned char* control = nullptr;  // RankControl[W] | tasks | ready | counters | words | record
   ErrorRecord* host_record = nullptr;  // pinned
@@ -125,10 +136,17 @@ struct Workspace {
   int timeline_blocks = 0;
 
   void release() {
-    if (heaps) cudaFree(heaps);
+    if (nccl) nccl_free_heaps(shared);
+    else if (heaps) cudaFree(heaps);
     if (control) cudaFree(control);
     heaps = control = nullptr;
+    nccl = false;
   }
+  // Rank q's heap as this rank's kernel addresses it.
+  unsigned char* heap_base() const { return nccl ? shared.base : heaps; }
+  int64_t kernel_heap_stride() const { return nccl ? shared.stride : static_cast<int64_t>(heap_stride); }
+  // Heaps this process clears: all W (emulated) or its own (NCCL).
+  int own_heaps() const { return nccl ? 1 : world; }
 
   // Timeline records of `blocks` blocks, counts cleared; the buffer stays for later forwards.
   void prepare_timeline(int blocks, cudaStream_t stream) {
@@ -174,7 +192,7 @@ struct Workspace {
   }
 
   void clear(cudaStream_t stream) {
-    FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(heaps, 0, heaps_bytes, stream));
+    FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(heaps, 0, nccl ? heap_stride : heaps_bytes, stream));
     FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(control, 0, control_bytes, stream));
   }
 
@@ -182,10 +200,12 @@ struct Workspace {
     const std::array<int64_t, 6> sections{l.recv_flags.offset, l.recv_flags.bytes, l.ret_flags.offset,
                                           l.ret_flags.bytes,  l.counters.offset,   l.counters.bytes};
     if (sections == protocol_sections) return;
-    for (int q = 0; q < world; ++q)
+    for (int q = 0; q < own_heaps(); ++q)
       for (const Section& section : {l.recv_flags, l.ret_flags, l.counters})
         FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(heaps + q * heap_stride + section.offset, 0,
                                             static_cast<size_t>(section.bytes), stream));
+    // Real ranks: no peer may raise a flag in this heap before it is cleared.
+    if (nccl) nccl_barrier(stream);
     protocol_sections = sections;
   }
 
@@ -197,8 +217,10 @@ struct Workspace {
       FUSEDMOE_CUDA_CHECK(cudaEventCreateWithFlags(&record_copied, cudaEventDisableTiming));
     }
     // Capacities: a smaller problem runs in a larger workspace (every index stays in range).
-    if (heaps && dev == device && stride <= heap_stride && tasks <= task_capacity && W <= world && E <= experts &&
-        segs <= segments)
+    const TransportState transport = transport_state();
+    const uint64_t gen = transport_generation();
+    if (heaps && dev == device && gen == generation && stride <= heap_stride && tasks <= task_capacity &&
+        W <= world && E <= experts && segs <= segments)
       return;
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     FUSEDMOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
@@ -207,6 +229,8 @@ struct Workspace {
                    "the largest shape before capturing");
     FUSEDMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
     release();
+    if (gen != generation) heap_stride = task_capacity = world = experts = segments = 0;
+    generation = gen;
     device = dev;
     heap_stride = std::max(stride, heap_stride);
     task_capacity = std::max(tasks, task_capacity);
@@ -215,9 +239,20 @@ struct Workspace {
     segments = std::max(segs, segments);
     heaps_bytes = heap_stride * world;
     control_bytes = total();
-    FUSEDMOE_CUDA_CHECK(cudaMalloc(&heaps, heaps_bytes));
+    protocol_sections = {};
+    if (transport.nccl) {
+      // Collective: every rank reaches this with the same sizes (same config and token count).
+      nccl_allocate_heaps(shared, heap_stride, stream);
+      nccl = true;
+      heaps = shared.local;
+      heap_stride = shared.bytes;
+      heaps_bytes = heap_stride;
+    } else {
+      FUSEDMOE_CUDA_CHECK(cudaMalloc(&heaps, heaps_bytes));
+    }
     FUSEDMOE_CUDA_CHECK(cudaMalloc(&control, control_bytes));
     clear(stream);
+    if (nccl) nccl_barrier(stream);
   }
 };
 
@@ -226,11 +261,12 @@ struct Workspace {
 // must not pay an allocation, a clear and a device-synchronising free per forward. Launches on
 // one stream are ordered, so sharing is safe; different streams get different workspaces.
 // (Never destroyed: freeing at exit would race the CUDA runtime's own teardown.)
+std::mutex g_workspaces_mutex;
+auto* g_workspaces = new std::map<std::pair<int, cudaStream_t>, std::unique_ptr<Workspace>>();
+
 Workspace& workspace_for(int device, cudaStream_t stream) {
-  static std::mutex mutex;
-  static auto* workspaces = new std::map<std::pair<int, cudaStream_t>, std::unique_ptr<Workspace>>();
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& slot = (*workspaces)[{device, stream}];
+  std::lock_guard<std::mutex> lock(g_workspaces_mutex);
+  auto& slot = (*g_workspaces)[{device, stream}];
   if (!slot) slot = std::make_unique<Workspace>();
   return *slot;
 }
@@ -254,6 +290,12 @@ class FusedBackend {
 
     const int W = c.world_size;
     const int64_t Tn = args.x.shape[0], H = c.hidden_size, E = c.num_experts, k = c.top_k;
+    // Real ranks (NCCL): this process runs rank `rank_base` on its tokens x; every rank has Tn.
+    const TransportState transport = transport_state();
+    const int rank_base = transport.nccl ? transport.rank : 0;
+    const int grid_ranks = transport.nccl ? 1 : W;
+    FUSEDMOE_CHECK(!transport.nccl || transport.world == W, "fused backend: the NCCL transport has "
+                   << transport.world << " ranks but the layer's world_size is " << W);
     const int64_t max_tokens = *std::max_element(tokens_per_rank.begin(), tokens_per_rank.end());
     TilePlan plan = make_plan(c, max_tokens, DeviceInfo{});
     plan.layout.block_m = kTileM;
@@ -276,6 +318,8 @@ class FusedBackend {
 
     Params<T> p{};
     p.world = W;
+    p.rank_base = rank_base;
+    p.grid_ranks = grid_ranks;
     p.num_experts = static_cast<int>(E);
     p.max_local = static_cast<int>(max_local);
     p.top_k = static_cast<int>(k);
@@ -289,10 +333,11 @@ class FusedBackend {
     p.router = RouterParams{.num_tokens = Tn, .num_experts = E, .top_k = k, .gate = c.gate,
                             .renormalize = resolved_renormalize(c), .training = args.training, .seed = args.seed,
                             .token_offset = args.token_offset, .forced_topk_idx = args.forced_topk_idx};
+    // Token ranges in x: every rank's (emulated), or [0, Tn) for this process's rank (real).
     int64_t running = 0, max_chunks = 1;
     for (int q = 0; q < W; ++q) {
       p.rank_begin[q] = running;
-      running += tokens_per_rank[static_cast<size_t>(q)];
+      if (!transport.nccl || q == rank_base) running += tokens_per_rank[static_cast<size_t>(q)];
       p.capacity[q] = c.dropless() ? INT64_MAX / 4 : c.capacity(tokens_per_rank[static_cast<size_t>(q)]);
       p.num_local[q] = static_cast<int32_t>(c.num_local_experts(q));
       max_chunks = std::max<int64_t>(max_chunks, ceil_div(tokens_per_rank[static_cast<size_t>(q)], kChunk));
@@ -341,8 +386,8 @@ class FusedBackend {
     r.routed = reinterpret_cast<int64_t*>(p.routed);
     r.kept_count = reinterpret_cast<int64_t*>(p.kept_total);
 
-    p.heap_base = ws.heaps;
-    p.heap_stride = static_cast<int64_t>(ws.heap_stride);
+    p.heap_base = ws.heap_base();
+    p.heap_stride = ws.kernel_heap_stride();
     p.layout = layout;
     p.control = ws.rank_control();
     p.task_capacity = ws.task_capacity;
@@ -373,13 +418,13 @@ class FusedBackend {
     int grid = 0;
     if constexpr (!std::is_same_v<T, float>) {
       if (hopper) {
-        grid = grid_size(fused_moe_kernel_sm90<T>, Sm90Tiles<T>::kThreads, Sm90Engine<T>::smem_bytes(), W);
+        grid = grid_size(fused_moe_kernel_sm90<T>, Sm90Tiles<T>::kThreads, Sm90Engine<T>::smem_bytes(), grid_ranks);
         if (timeline) attach_timeline(ws, p, grid, stream);
         launch_hopper(p, c, layout, grid, stream);
       }
     }
     if (grid == 0) {
-      grid = grid_size(fused_moe_kernel<T>, kThreads, PortableEngine<T>::smem_bytes(), W);
+      grid = grid_size(fused_moe_kernel<T>, kThreads, PortableEngine<T>::smem_bytes(), grid_ranks);
       if (timeline) attach_timeline(ws, p, grid, stream);
       static_assert(sizeof(Params<T>) <= 32000, "kernel parameters too large");
       cooperative_launch(fused_moe_kernel<T>, grid, kThreads, PortableEngine<T>::smem_bytes(), stream, p);
@@ -488,10 +533,12 @@ class FusedBackend {
     FUSEDMOE_CHECK(p.heap_stride % 16 == 0 && layout.recv_rows.offset % 16 == 0 && layout.hidden.offset % 16 == 0,
                    "fused backend: heap sections must be 16-B aligned for TMA");
     const int64_t heap_elements = p.heap_stride / static_cast<int64_t>(sizeof(T));
-    auto at = [&](int64_t offset) { return reinterpret_cast<const Element*>(p.heap_base + offset); };
+    // A operands are read from the heaps of this grid's ranks only (the GEMMs run where the rows are).
+    const unsigned char* first = p.heap_base + static_cast<int64_t>(p.rank_base) * p.heap_stride;
+    auto at = [&](int64_t offset) { return reinterpret_cast<const Element*>(first + offset); };
     Sm90Tma<T> tma{
-        .a0 = Tiles::make_a(at(layout.recv_rows.offset), rows_cap, H, W, heap_elements),
-        .a1 = Tiles::make_a(at(layout.hidden.offset), rows_cap, I, W, heap_elements),
+        .a0 = Tiles::make_a(at(layout.recv_rows.offset), rows_cap, H, p.grid_ranks, heap_elements),
+        .a1 = Tiles::make_a(at(layout.hidden.offset), rows_cap, I, p.grid_ranks, heap_elements),
         .b0 = Tiles::Plain::make_tma_b(reinterpret_cast<const Element*>(p.w1), N1, H, E),
         .b1 = Tiles::Plain::make_tma_b(reinterpret_cast<const Element*>(p.w2), H, I, E),
         .rows_cap = rows_cap,
@@ -576,6 +623,15 @@ std::vector<FusedEvent> fused_timeline(int* blocks) {
   if (blocks) *blocks = cuda::fused::g_timeline_blocks;
   return cuda::fused::g_timeline;
 }
+
+namespace cuda::fused {
+// Before an NCCL communicator is destroyed: the windows registered on it go first.
+void release_nccl_heaps() {
+  std::lock_guard<std::mutex> lock(g_workspaces_mutex);
+  for (auto& entry : *g_workspaces)
+    if (entry.second && entry.second->nccl) entry.second->release();
+}
+}  // namespace cuda::fused
 
 std::unique_ptr<BackendImpl> make_fused_backend() { return std::make_unique<cuda::fused::FusedBackendDispatch>(); }
 

@@ -71,7 +71,11 @@ constexpr int kMaxSegments = 1024;  // W * max_local_experts
 // ---------------------------------------------------------------------------- error record --
 enum ErrorCode : uint32_t { kNoError = 0, kTimeout = 1, kCountMismatch = 2 };
 enum EventKind : int32_t { kEventRouter = 0, kEventDispatch = 1, kEventGemm0 = 2, kEventGemm1 = 3, kEventCombine = 4 };
-enum WaitWhat : uint32_t { kDispatchFlag = 1, kReturnFlag = 2, kRankBarrier = 3, kQueueSlot = 4 };
+enum WaitWhat : uint32_t {
+  kDispatchFlag = 1, kReturnFlag = 2, kRankBarrier = 3, kQueueSlot = 4,
+  kTaskRing = 5,      // Hopper engine: the consumers wait for the scheduler's next task (a = ring slot)
+  kPipelineStage = 6  // Hopper engine: a TMA stage (a = 0 consumer wait, 1 producer acquire)
+};
 
 struct ErrorRecord {
   uint32_t code;
@@ -117,6 +121,9 @@ template <class T>
 struct Params {
   // Problem
   int world, num_experts, max_local, top_k;
+  // Ranks this grid runs: [rank_base, rank_base + grid_ranks). Emulated ranks: 0 and W (the
+  // grid is W slices); real ranks (NCCL, one process per GPU): this process's rank and 1.
+  int rank_base, grid_ranks;
   int64_t hidden, ffn, ffn_in;   // H, I, N1
   FfnKind ffn_kind;
   bool gated;
@@ -254,6 +261,24 @@ struct Ctx {
           return false;
         }
         __nanosleep(64);
+      }
+    }
+  }
+  // Waits until ready() (a block-local condition, e.g. an mbarrier phase; ready() may itself
+  // suspend the thread for a while); false on abort, or on timeout after recording it. The
+  // limit is twice the launch's timeout: these waits sit behind the cross-block waits, which
+  // report first.
+  template <class Ready>
+  __device__ bool wait_local(Ready ready, uint32_t what, int64_t a, uint32_t expected) const {
+    if (ready()) return true;
+    const uint64_t start = global_ns();
+    for (;;) {
+      if (ready()) return true;
+      if (aborted()) return false;
+      const uint64_t waited = global_ns() - start;
+      if (waited > 2 * p.timeout_ns) {
+        fail(kTimeout, what, a, 0, expected, 0, waited);
+        return false;
       }
     }
   }
@@ -1067,10 +1092,10 @@ template <class T, class Engine>
 __device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char* smem_raw, const Engine& engine) {
   auto& sm = *reinterpret_cast<SharedUnion<T>*>(smem_raw);
   const bool team = threadIdx.x < kThreads;
-  const int blocks_per_rank = static_cast<int>(gridDim.x) / p.world;
+  const int blocks_per_rank = static_cast<int>(gridDim.x) / p.grid_ranks;
   uint32_t epoch = *reinterpret_cast<volatile uint32_t*>(p.epoch_word) + 1u;
   if (epoch == 0) epoch = 1;
-  const Ctx<T> ctx{p, epoch, static_cast<int>(blockIdx.x) / blocks_per_rank, blocks_per_rank,
+  const Ctx<T> ctx{p, epoch, p.rank_base + static_cast<int>(blockIdx.x) / blocks_per_rank, blocks_per_rank,
                    static_cast<int>(blockIdx.x) % blocks_per_rank};
   RankControl& ctl = p.control[ctx.rank];
 

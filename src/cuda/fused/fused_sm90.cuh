@@ -28,7 +28,10 @@
 //
 // Waits: the ring and pipeline waits depend only on this block's own threads, which never wait
 // on anything else between two ring handoffs, except the scheduler's bounded waits of
-// next_step. So the argument of fused_kernel.cuh (no cycle of waits) is unchanged.
+// next_step. So the argument of fused_kernel.cuh (no cycle of waits) is unchanged. All of them
+// are bounded too (Ctx::wait_local: globaltimer, abort word), so a bug here reports an error
+// rather than hanging. Register reallocation (setmaxnreg.inc) also blocks; the producers take
+// their registers back only after the consumers returned theirs (registers_returned_sync).
 #pragma once
 
 #include "cuda/fused/fused_kernel.cuh"
@@ -73,8 +76,8 @@ struct Sm90Tiles {
 // The TMA descriptors of one launch (a second __grid_constant__ kernel parameter).
 template <class T>
 struct Sm90Tma {
-  typename Sm90Tiles<T>::TmaA a0;  // recv_rows (rows_cap, H, W)
-  typename Sm90Tiles<T>::TmaA a1;  // hidden    (rows_cap, I, W)
+  typename Sm90Tiles<T>::TmaA a0;  // recv_rows (rows_cap, H, ranks of the grid)
+  typename Sm90Tiles<T>::TmaA a1;  // hidden    (rows_cap, I, ranks of the grid)
   typename Sm90Tiles<T>::TmaB b0;  // w1 as (N1, H, E)
   typename Sm90Tiles<T>::TmaB b1;  // w2 as (H, I, E)
   int rows_cap;                    // rows of recv_rows / hidden in one heap
@@ -88,6 +91,7 @@ struct Sm90Smem {
   alignas(8) uint64_t empty[2];
   Task task[2];
   int32_t step[2];
+  bool ring_ok;  // consumer thread 0's ring wait succeeded (read by all consumers)
 };
 
 // Registers per thread of the 384-thread kernel outside the expert phase (restored at its end:
@@ -98,6 +102,28 @@ constexpr int kEvenRegisters = 168;
 __device__ __forceinline__ void consumer_sync() {
   asm volatile("bar.sync 2, 256;" ::: "memory");
 }
+// All 384 threads, once per launch at the end of the expert phase (see expert_phase).
+__device__ __forceinline__ void registers_returned_sync() {
+  asm volatile("bar.sync 3, 384;" ::: "memory");
+}
+
+// Pipeline waits of the persistent kernel's tiles: bounded, and given up on the launch's abort
+// (the tile then goes on with whatever the stage holds; the launch reports the error).
+template <class T>
+struct BoundedWait {
+  const Ctx<T>& ctx;
+  template <class Pipeline, class State>
+  __device__ __forceinline__ void acquire(Pipeline& pipeline, State const& state) const {
+    ctx.wait_local([&] { return pipeline.producer_try_acquire(state).get() == cutlass::BarrierStatus::WaitDone; },
+                   kPipelineStage, 1, state.phase());
+    pipeline.producer_acquire(state, {cutlass::BarrierStatus::WaitDone});  // arrive + expect_tx
+  }
+  template <class Pipeline, class State>
+  __device__ __forceinline__ void wait(Pipeline& pipeline, State const& state) const {
+    ctx.wait_local([&] { return pipeline.consumer_try_wait(state).get() == cutlass::BarrierStatus::WaitDone; },
+                   kPipelineStage, 0, state.phase());
+  }
+};
 
 template <class T>
 struct Sm90Engine {
@@ -117,7 +143,7 @@ struct Sm90Engine {
     const int H = static_cast<int>(p.hidden), I = static_cast<int>(p.ffn), N1 = static_cast<int>(p.ffn_in);
     const int E = p.num_experts;
     auto a_tiles = [&](auto const& tma_a, int k) {
-      Tensor mA = tma_a.get_tma_tensor(make_shape(tma.rows_cap, k, p.world))(_, _, ctx.rank);
+      Tensor mA = tma_a.get_tma_tensor(make_shape(tma.rows_cap, k, p.grid_ranks))(_, _, ctx.rank - p.rank_base);
       return local_tile(domain_offset(make_coord(task.row_begin, 0), mA),
                         make_shape(typename Cfg::BlockM{}, typename Cfg::BlockK{}), make_coord(0, _));
     };
@@ -127,14 +153,15 @@ struct Sm90Engine {
       const int col1 = p.gated ? I + col0 : col0 + Cfg::kHalfN;
       sm90::produce_k_tiles<Cfg>(s.gemm, pipeline, write_state, tma.a0, nullptr, a_tiles(tma.a0, H), tma.b0,
                                  sm90::b_half_tiles<Cfg>(mB, v.expert, col0),
-                                 sm90::b_half_tiles<Cfg>(mB, v.expert, col1), (H + Cfg::kBlockK - 1) / Cfg::kBlockK);
+                                 sm90::b_half_tiles<Cfg>(mB, v.expert, col1), (H + Cfg::kBlockK - 1) / Cfg::kBlockK,
+                                 BoundedWait<T>{ctx});
     } else {
       Tensor mB = tma.b1.get_tma_tensor(make_shape(H, I, E));
       const int col0 = v.n_tile * Cfg::kOutBlockN;
       sm90::produce_k_tiles<Cfg>(s.gemm, pipeline, write_state, tma.a1, nullptr, a_tiles(tma.a1, I), tma.b1,
                                  sm90::b_half_tiles<Cfg>(mB, v.expert, col0),
                                  sm90::b_half_tiles<Cfg>(mB, v.expert, col0 + Cfg::kHalfN),
-                                 (I + Cfg::kBlockK - 1) / Cfg::kBlockK);
+                                 (I + Cfg::kBlockK - 1) / Cfg::kBlockK, BoundedWait<T>{ctx});
     }
   }
 
@@ -149,7 +176,7 @@ struct Sm90Engine {
     const int64_t H = p.hidden, I = p.ffn, N1 = p.ffn_in;
     const int k = static_cast<int>(v.gemm1 ? I : H);
     sm90::consume_tile<Cfg>(s.gemm, pipeline, read_state, (k + Cfg::kBlockK - 1) / Cfg::kBlockK,
-                            static_cast<int>(threadIdx.x), accum);
+                            static_cast<int>(threadIdx.x), accum, BoundedWait<T>{ctx});
     unsigned char* h = ctx.heap(ctx.rank);
     sm90::TileCoord tc{0, v.m_tile, v.n_tile, task.row_begin, task.row_end};
     char* staging = s.gemm.staging[threadIdx.x / 32];
@@ -206,7 +233,11 @@ struct Sm90Engine {
           int32_t step;
           do step = next_step(ctx, &task);
           while (step == kSegment);
-          Barrier::wait(&s.empty[slot], phase ^ 1u);
+          // The consumers free the slot after reading it; if they never do, give up (the
+          // error is recorded; the consumers leave on the abort).
+          if (!ctx.wait_local([&] { return Barrier::try_wait(&s.empty[slot], phase ^ 1u); }, kTaskRing, slot,
+                              phase ^ 1u))
+            break;
           s.task[slot] = task;
           s.step[slot] = step;
           Barrier::arrive(&s.full[slot]);
@@ -217,6 +248,13 @@ struct Sm90Engine {
         }
       }
       __syncwarp();  // the scheduler's warp reconverges: setmaxnreg is .sync.aligned
+      // setmaxnreg.inc blocks until the block's pool has the registers. Taking them back before
+      // the consumers have returned theirs can deadlock: a producer warp that increases early
+      // (possibly before the consumers' own increase at the start of the phase) leaves the
+      // consumers' increase blocked, the consumers never take a task, the scheduler never
+      // finishes. So the producers take their registers back only after the consumers
+      // returned theirs.
+      registers_returned_sync();
       cutlass::arch::warpgroup_reg_alloc<kEvenRegisters>();
     } else {
       cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegisters>();
@@ -226,7 +264,14 @@ struct Sm90Engine {
       int slot = 0;
       uint32_t phase = 0;
       for (;;) {
-        Barrier::wait(&s.full[slot], phase);
+        // One thread waits (bounded) for the next task and tells the others, so that giving up
+        // is one decision for all 256 consumer threads (they must reach the same barriers and
+        // wgmmas).
+        if (threadIdx.x == 0)
+          s.ring_ok = ctx.wait_local([&] { return Barrier::try_wait(&s.full[slot], phase); }, kTaskRing, slot, phase);
+        consumer_sync();
+        if (!s.ring_ok) break;
+        Barrier::wait(&s.full[slot], phase);  // complete: makes the slot's contents visible
         const Task task = s.task[slot];
         const int32_t step = s.step[slot];
         __syncwarp();
@@ -244,6 +289,7 @@ struct Sm90Engine {
       }
       __syncwarp();
       cutlass::arch::warpgroup_reg_dealloc<kEvenRegisters>();
+      registers_returned_sync();
     }
   }
 };

@@ -288,12 +288,31 @@ __device__ __forceinline__ TileCoord decode_tile(GroupTables tables, int num_gro
 }
 
 // ---------------------------------------------------------------------------------------------
+// Pipeline waits
+// ---------------------------------------------------------------------------------------------
+// How the tile functions wait on a stage: the GEMM kernels of this file block on the mbarrier
+// (their waits depend only on the block's own threads and TMA); the persistent kernel passes a
+// waiter whose waits are bounded and give up on the launch's abort (fused_sm90.cuh). A waiter
+// that gives up still returns, and the tile goes on with whatever the stage holds: every thread
+// of a warpgroup must reach the same wgmmas, so giving up must not change the control flow.
+struct BlockingWait {
+  template <class Pipeline, class State>
+  __device__ __forceinline__ void acquire(Pipeline& pipeline, State const& state) const {
+    pipeline.producer_acquire(state);
+  }
+  template <class Pipeline, class State>
+  __device__ __forceinline__ void wait(Pipeline& pipeline, State const& state) const {
+    pipeline.consumer_wait(state);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // Producer: TMA loads of one tile (one elected thread)
 // ---------------------------------------------------------------------------------------------
 // Issues the TMA loads of one tile's k tiles: A tile (128 x 64) from gA, the two 128-column
 // halves of B from gB0 / gB1 (each (128, 64, K_TILES) views of the TMA coordinate tensors).
 // desc_a: a CTA-published replacement of A's descriptor, or null to use tma_a's own.
-template <class Cfg, class TmaA, class TensorA, class TmaB, class TensorB>
+template <class Cfg, class TmaA, class TensorA, class TmaB, class TensorB, class Waiter = BlockingWait>
 __device__ __forceinline__ void produce_k_tiles(SharedStorage<Cfg>& smem,
                                                 typename Cfg::Pipeline& pipeline,
                                                 typename Cfg::PipelineState& write_state,
@@ -301,7 +320,7 @@ __device__ __forceinline__ void produce_k_tiles(SharedStorage<Cfg>& smem,
                                                 cute::TmaDescriptor const* desc_a,
                                                 TensorA const& gA, TmaB const& tma_b,
                                                 TensorB const& gB0, TensorB const& gB1,
-                                                int k_tiles) {
+                                                int k_tiles, Waiter const& waiter = {}) {
   using BlockK = typename Cfg::BlockK;
   using HalfN = typename Cfg::HalfN;
   Tensor sA = make_tensor(make_smem_ptr(smem.tensors.a.data()), typename Cfg::SmemLayoutA{});
@@ -316,7 +335,7 @@ __device__ __forceinline__ void produce_k_tiles(SharedStorage<Cfg>& smem,
       tma_partition(tma_b, Int<0>{}, Layout<_1>{},
                     group_modes<0, 2>(sB_halves(_, _, 1, 0, _)), group_modes<0, 2>(gB1));
   for (int k_tile = 0; k_tile < k_tiles; ++k_tile) {
-    pipeline.producer_acquire(write_state);
+    waiter.acquire(pipeline, write_state);
     auto* barrier = pipeline.producer_get_barrier(write_state);
     const int stage = write_state.index();
     if (desc_a != nullptr) copy(tma_a.with(desc_a, *barrier), tAgA(_, k_tile), tAsA(_, stage));
@@ -357,12 +376,12 @@ __device__ __forceinline__ void produce_tile(Params<Cfg> const& params,
 // ---------------------------------------------------------------------------------------------
 // Consumer: wgmma mainloop of one tile (256 consumer threads, both warpgroups)
 // ---------------------------------------------------------------------------------------------
-template <class Cfg, class Accumulator>
+template <class Cfg, class Accumulator, class Waiter = BlockingWait>
 __device__ __forceinline__ void consume_tile(SharedStorage<Cfg>& smem,
                                              typename Cfg::Pipeline& pipeline,
                                              typename Cfg::PipelineState& read_state,
                                              int k_tiles, int consumer_thread,
-                                             Accumulator& accum) {
+                                             Accumulator& accum, Waiter const& waiter = {}) {
   Tensor sA = make_tensor(make_smem_ptr(smem.tensors.a.data()), typename Cfg::SmemLayoutA{});
   Tensor sB = make_tensor(make_smem_ptr(smem.tensors.b.data()), typename Cfg::SmemLayoutB{});
   typename Cfg::TiledMma tiled_mma;
@@ -376,7 +395,7 @@ __device__ __forceinline__ void consume_tile(SharedStorage<Cfg>& smem,
   auto release_state = read_state;
   warpgroup_fence_operand(accum);
   for (int k_tile = 0; k_tile < k_tiles; ++k_tile) {
-    pipeline.consumer_wait(read_state);
+    waiter.wait(pipeline, read_state);
     const int stage = read_state.index();
     warpgroup_fence_operand(accum);
     warpgroup_arrive();

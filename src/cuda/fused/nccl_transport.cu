@@ -1,0 +1,229 @@
+// src/cuda/fused/nccl_transport.cu — the NCCL transport (fusedmoe/transport.hpp,
+// nccl_transport.hpp).
+//
+// libnccl is opened with dlopen when the transport is first used: fusedmoe must load and run
+// (local and emulated ranks) on machines without NCCL, and must not pin the process to one
+// libnccl build. The device side (ncclGetLsaPointer) is header-only.
+#include <dlfcn.h>
+#include <nccl.h>
+#include <nccl_device.h>
+
+#include <cstring>
+#include <mutex>
+#include <string>
+
+#include "cuda/common.cuh"
+#include "cuda/fused/nccl_transport.hpp"
+#include "fusedmoe/error.hpp"
+#include "fusedmoe/transport.hpp"
+
+namespace fusedmoe {
+namespace cuda::fused {
+namespace {
+
+struct Nccl {
+  void* handle = nullptr;
+  ncclResult_t (*GetVersion)(int*) = nullptr;
+  ncclResult_t (*GetUniqueId)(ncclUniqueId*) = nullptr;
+  ncclResult_t (*CommInitRank)(ncclComm_t*, int, ncclUniqueId, int) = nullptr;
+  ncclResult_t (*CommDestroy)(ncclComm_t) = nullptr;
+  ncclResult_t (*MemAlloc)(void**, size_t) = nullptr;
+  ncclResult_t (*MemFree)(void*) = nullptr;
+  ncclResult_t (*CommWindowRegister)(ncclComm_t, void*, size_t, ncclWindow_t*, int) = nullptr;
+  ncclResult_t (*CommWindowDeregister)(ncclComm_t, ncclWindow_t) = nullptr;
+  ncclResult_t (*AllReduce)(const void*, void*, size_t, ncclDataType_t, ncclRedOp_t, ncclComm_t,
+                            cudaStream_t) = nullptr;
+  ncclTeam_t (*TeamLsa)(ncclComm_t) = nullptr;
+  const char* (*GetErrorString)(ncclResult_t) = nullptr;
+};
+
+template <class F>
+void bind(void* handle, F& f, const char* name) {
+  f = reinterpret_cast<F>(dlsym(handle, name));
+  FUSEDMOE_CHECK(f != nullptr, "NCCL transport: libnccl has no " << name << " (needs NCCL 2.28 or newer)");
+}
+
+const Nccl& nccl() {
+  static std::once_flag once;
+  static Nccl lib;
+  static std::string failure;
+  std::call_once(once, [] {
+    const char* env = std::getenv("FUSEDMOE_NCCL_LIBRARY");
+    for (const char* name : {env, "libnccl.so.2", "libnccl.so"}) {
+      if (name == nullptr || name[0] == 0) continue;
+      lib.handle = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+      if (lib.handle) break;
+    }
+    if (!lib.handle) {
+      failure = "NCCL transport: libnccl.so.2 could not be loaded (set FUSEDMOE_NCCL_LIBRARY to its path)";
+      return;
+    }
+    try {
+      bind(lib.handle, lib.GetVersion, "ncclGetVersion");
+      bind(lib.handle, lib.GetUniqueId, "ncclGetUniqueId");
+      bind(lib.handle, lib.CommInitRank, "ncclCommInitRank");
+      bind(lib.handle, lib.CommDestroy, "ncclCommDestroy");
+      bind(lib.handle, lib.MemAlloc, "ncclMemAlloc");
+      bind(lib.handle, lib.MemFree, "ncclMemFree");
+      bind(lib.handle, lib.CommWindowRegister, "ncclCommWindowRegister");
+      bind(lib.handle, lib.CommWindowDeregister, "ncclCommWindowDeregister");
+      bind(lib.handle, lib.AllReduce, "ncclAllReduce");
+      bind(lib.handle, lib.TeamLsa, "ncclTeamLsa");
+      bind(lib.handle, lib.GetErrorString, "ncclGetErrorString");
+    } catch (const Error& e) {
+      failure = e.what();
+      lib.handle = nullptr;
+    }
+  });
+  FUSEDMOE_CHECK(lib.handle != nullptr, failure);
+  return lib;
+}
+
+#define FUSEDMOE_NCCL_CHECK(call)                                                                  \
+  do {                                                                                             \
+    const ncclResult_t result_ = (call);                                                           \
+    FUSEDMOE_CHECK(result_ == ncclSuccess, "NCCL transport: " #call " failed: " << ::fusedmoe::cuda::fused::nccl().GetErrorString(result_)); \
+  } while (0)
+
+struct Transport {
+  std::mutex mutex;
+  ncclComm_t comm = nullptr;
+  int world = 1, rank = 0;
+  int device = -1;
+  uint64_t generation = 0;
+  int* scratch = nullptr;  // one int on the device (barrier)
+};
+Transport& transport() {
+  static auto* t = new Transport();  // never destroyed (the CUDA runtime may be gone at exit)
+  return *t;
+}
+
+// Peer q's heap as mapped on this GPU, for every q.
+__global__ void lsa_pointers(ncclWindow_t window, int world, uintptr_t* out) {
+  for (int q = threadIdx.x; q < world; q += blockDim.x)
+    out[q] = reinterpret_cast<uintptr_t>(ncclGetLsaPointer(window, 0, q));
+}
+
+}  // namespace
+
+TransportState transport_state() {
+  Transport& t = transport();
+  std::lock_guard<std::mutex> lock(t.mutex);
+  return TransportState{t.comm != nullptr, t.world, t.rank};
+}
+
+uint64_t transport_generation() {
+  Transport& t = transport();
+  std::lock_guard<std::mutex> lock(t.mutex);
+  return t.generation;
+}
+
+void nccl_barrier(cudaStream_t stream) {
+  Transport& t = transport();
+  FUSEDMOE_CHECK(t.comm != nullptr, "NCCL transport: not initialised");
+  FUSEDMOE_NCCL_CHECK(nccl().AllReduce(t.scratch, t.scratch, 1, ncclInt32, ncclSum, t.comm, stream));
+  FUSEDMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+void nccl_free_heaps(SharedHeaps& heaps) {
+  Transport& t = transport();
+  if (heaps.window && t.comm) FUSEDMOE_NCCL_CHECK(nccl().CommWindowDeregister(t.comm, static_cast<ncclWindow_t>(heaps.window)));
+  if (heaps.local) FUSEDMOE_NCCL_CHECK(nccl().MemFree(heaps.local));
+  heaps = SharedHeaps{};
+}
+
+void nccl_allocate_heaps(SharedHeaps& heaps, size_t bytes, cudaStream_t stream) {
+  Transport& t = transport();
+  FUSEDMOE_CHECK(t.comm != nullptr, "NCCL transport: not initialised");
+  FUSEDMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  nccl_free_heaps(heaps);
+  bytes = (bytes + NCCL_WIN_REQUIRED_ALIGNMENT - 1) / NCCL_WIN_REQUIRED_ALIGNMENT * NCCL_WIN_REQUIRED_ALIGNMENT;
+  void* local = nullptr;
+  FUSEDMOE_NCCL_CHECK(nccl().MemAlloc(&local, bytes));
+  heaps.local = static_cast<unsigned char*>(local);
+  heaps.bytes = bytes;
+  ncclWindow_t window = nullptr;
+  FUSEDMOE_NCCL_CHECK(nccl().CommWindowRegister(t.comm, local, bytes, &window, NCCL_WIN_COLL_SYMMETRIC));
+  heaps.window = window;
+  FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(local, 0, bytes, stream));
+
+  uintptr_t* d_ptrs = nullptr;
+  FUSEDMOE_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&d_ptrs), sizeof(uintptr_t) * t.world, stream));
+  lsa_pointers<<<1, 64, 0, stream>>>(window, t.world, d_ptrs);
+  FUSEDMOE_CUDA_CHECK(cudaGetLastError());
+  std::vector<uintptr_t> ptrs(static_cast<size_t>(t.world));
+  FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(ptrs.data(), d_ptrs, sizeof(uintptr_t) * t.world, cudaMemcpyDeviceToHost, stream));
+  FUSEDMOE_CUDA_CHECK(cudaFreeAsync(d_ptrs, stream));
+  FUSEDMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const int64_t stride = t.world > 1 ? static_cast<int64_t>(ptrs[1] - ptrs[0]) : static_cast<int64_t>(bytes);
+  for (int q = 0; q < t.world; ++q)
+    FUSEDMOE_CHECK(ptrs[static_cast<size_t>(q)] == ptrs[0] + static_cast<uintptr_t>(q) * static_cast<uintptr_t>(stride),
+                   "NCCL transport: the window's peer mappings are not evenly spaced (peer " << q << ")");
+  FUSEDMOE_CHECK(ptrs[static_cast<size_t>(t.rank)] != 0, "NCCL transport: no LSA mapping of this rank's heap");
+  heaps.base = reinterpret_cast<unsigned char*>(ptrs[0]);
+  heaps.stride = stride;
+  nccl_barrier(stream);  // every rank's heap is zeroed before any kernel writes into a peer's
+}
+
+}  // namespace cuda::fused
+
+NcclUniqueId nccl_unique_id() {
+  static_assert(sizeof(ncclUniqueId) == sizeof(NcclUniqueId::bytes));
+  ncclUniqueId id;
+  FUSEDMOE_NCCL_CHECK(cuda::fused::nccl().GetUniqueId(&id));
+  NcclUniqueId out;
+  std::memcpy(out.bytes.data(), &id, sizeof(id));
+  return out;
+}
+
+void use_local_transport() {
+  auto& t = cuda::fused::transport();
+  std::lock_guard<std::mutex> lock(t.mutex);
+  if (t.comm == nullptr) return;
+  FUSEDMOE_CUDA_CHECK(cudaDeviceSynchronize());
+  cuda::fused::release_nccl_heaps();
+  cuda::fused::nccl().CommDestroy(t.comm);
+  if (t.scratch) cudaFree(t.scratch);
+  t.comm = nullptr;
+  t.scratch = nullptr;
+  t.world = 1;
+  t.rank = 0;
+  ++t.generation;
+}
+
+void use_nccl_transport(const NcclUniqueId& id, int world, int rank) {
+  FUSEDMOE_CHECK(world >= 1 && rank >= 0 && rank < world,
+                 "use_nccl_transport: rank " << rank << " of world " << world << " is out of range");
+  use_local_transport();
+  auto& t = cuda::fused::transport();
+  const auto& lib = cuda::fused::nccl();
+  int version = 0;
+  FUSEDMOE_NCCL_CHECK(lib.GetVersion(&version));
+  FUSEDMOE_CHECK(version >= 22800, "NCCL transport: libnccl " << version << " is older than 2.28 (device API)");
+  std::lock_guard<std::mutex> lock(t.mutex);
+  ncclUniqueId nid;
+  std::memcpy(&nid, id.bytes.data(), sizeof(nid));
+  ncclComm_t comm = nullptr;
+  FUSEDMOE_NCCL_CHECK(lib.CommInitRank(&comm, world, nid, rank));
+  const ncclTeam_t lsa = lib.TeamLsa(comm);
+  if (lsa.nRanks != world) {
+    lib.CommDestroy(comm);
+    FUSEDMOE_CHECK(false, "NCCL transport: only " << lsa.nRanks << " of the " << world
+                   << " ranks are load/store accessible from rank " << rank
+                   << " (one node, NVLink or P2P); the inter-node (GIN) transport is not available");
+  }
+  FUSEDMOE_CUDA_CHECK(cudaMalloc(&t.scratch, sizeof(int)));
+  FUSEDMOE_CUDA_CHECK(cudaMemset(t.scratch, 0, sizeof(int)));
+  FUSEDMOE_CUDA_CHECK(cudaGetDevice(&t.device));
+  t.comm = comm;
+  t.world = world;
+  t.rank = rank;
+  ++t.generation;
+}
+
+TransportInfo fused_transport() {
+  const auto s = cuda::fused::transport_state();
+  return TransportInfo{s.nccl, s.world, s.rank};
+}
+
+}  // namespace fusedmoe
