@@ -14,8 +14,10 @@
 //   layer.forward(...);                               // runs rank `rank` of the fused layer
 //   fusedmoe::use_local_transport();                  // collective; frees the window
 //
-// libnccl (2.28 or newer, with symmetric memory) is loaded when the transport is first used,
-// so fusedmoe itself runs without it. Ranks must all be LSA peers (one node); the inter-node
+// libnccl is loaded when the transport is first used, so fusedmoe itself runs without it:
+// FUSEDMOE_NCCL_LIBRARY if set, else a libnccl.so.2 already in the process (torch's), else the
+// loader's search path. It must be at least the version of the NCCL headers fusedmoe was built
+// with (2.28.9 here; the device side reads NCCL's window structure). Ranks must all be LSA peers (one node); the inter-node
 // (GIN) transport is not available.
 #pragma once
 

@@ -472,6 +472,30 @@ TEST(FusedKernel, AdversarialShapes) {
   }
 }
 
+// Decode-like batches: few tokens, wide rows. The gate GEMM is split along H over the rank's
+// blocks (split routing) and each chunk's rows are copied by several blocks; both engines,
+// gate bias, capacity overflow, several emulated ranks.
+TEST(FusedKernel, DecodeShapesSplitRouting) {
+  REQUIRE_GPU();
+  for (bool portable : {false, true}) {
+    FusedOptionsScope engine({.sync_check = true, .portable_engine = portable});
+    for (int W : {1, 2}) {
+      for (bool capacity : {false, true}) {
+        MoeConfig c = small(GateKind::kSigmoidTopK, FfnKind::kSwiGlu, DType::kBFloat16);
+        c.hidden_size = 1024 + 8;  // a K tail in the last slice
+        c.ffn_size = 128;
+        c.num_experts = 136;       // two 128-expert tiles, the second partial
+        c.top_k = 8;
+        c.world_size = W;
+        c.gate_bias = true;
+        if (capacity) c.capacity_factor = 0.5;
+        GpuCase gc = fused_case(c, 64 * W + 3, W == 2 ? std::vector<int64_t>{64, 67} : std::vector<int64_t>{});
+        check_case(gc, test_seed() + static_cast<uint64_t>(W * 4 + capacity * 2 + portable));
+      }
+    }
+  }
+}
+
 // Randomized differential harness: FUSEDMOE_FUSED_CASES cases (default 2000), each a fresh
 // random config (W in {1, 2, 4, 8}, gates, FFNs, dtypes, capacity, uneven splits) against the
 // oracle. A failure prints its case seed; FUSEDMOE_TEST_SEED replays the run.
@@ -697,7 +721,13 @@ TEST(FusedKernel, BackToBackLaunchesAndGraphReplaysAreIdentical) {
 // window and the kernel reaches them through NCCL's LSA pointers.
 struct NcclTransportScope {
   NcclTransportScope() { use_nccl_transport(nccl_unique_id(), 1, 0); }
-  ~NcclTransportScope() { use_local_transport(); }
+  ~NcclTransportScope() {
+    try {
+      use_local_transport();
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << e.what();
+    }
+  }
 };
 
 TEST(FusedNccl, SameCasesThroughACommunicatorAtW1) {
@@ -711,7 +741,9 @@ TEST(FusedNccl, SameCasesThroughACommunicatorAtW1) {
       if (portable && kind.dtype == DType::kFloat32) continue;
       FusedOptionsScope sync({.sync_check = true, .portable_engine = portable});
       for (bool training : {false, true}) {
-        if (training && kind.gate == GateKind::kSwitchTop1) continue;
+        // (GShard's random second-choice drop in training can leave near ties the oracle cannot
+        // replay: the emulated-rank tests cover it.)
+        if (training && (kind.gate == GateKind::kSwitchTop1 || kind.gate == GateKind::kGShardTop2)) continue;
         MoeConfig c = small(kind.gate, kind.ffn, kind.dtype);
         c.gate_bias = true;
         c.expert_bias = true;

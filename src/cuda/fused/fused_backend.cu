@@ -417,15 +417,15 @@ class FusedBackend {
                    "capture (it synchronises the stream); turn it off with set_fused_timeline(false)");
     int grid = 0;
     if constexpr (!std::is_same_v<T, float>) {
-      if (hopper) {
-        grid = grid_size(fused_moe_kernel_sm90<T>, Sm90Tiles<T>::kThreads, Sm90Engine<T>::smem_bytes(), grid_ranks);
-        if (timeline) attach_timeline(ws, p, grid, stream);
-        launch_hopper(p, c, layout, grid, stream);
-      }
+      if (hopper) grid = grid_size(fused_moe_kernel_sm90<T>, Sm90Tiles<T>::kThreads, Sm90Engine<T>::smem_bytes(), grid_ranks);
     }
-    if (grid == 0) {
-      grid = grid_size(fused_moe_kernel<T>, kThreads, PortableEngine<T>::smem_bytes(), grid_ranks);
-      if (timeline) attach_timeline(ws, p, grid, stream);
+    if (grid == 0) grid = grid_size(fused_moe_kernel<T>, kThreads, PortableEngine<T>::smem_bytes(), grid_ranks);
+    plan_router_split(p, grid / grid_ranks, max_chunks, noisy, s);
+    if (timeline) attach_timeline(ws, p, grid, stream);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (hopper) launch_hopper(p, c, layout, grid, stream);
+    }
+    if (!hopper) {
       static_assert(sizeof(Params<T>) <= 32000, "kernel parameters too large");
       cooperative_launch(fused_moe_kernel<T>, grid, kThreads, PortableEngine<T>::smem_bytes(), stream, p);
     }
@@ -468,6 +468,23 @@ class FusedBackend {
              aligned16(w.w1.data) && aligned16(w.w2.data) && aligned16(w.gate_weight.data) &&
              aligned16(w.noise_weight.defined() ? w.noise_weight.data : nullptr);
     }
+  }
+
+  // Split routing (Params::router_splits): when the rank's chunks times 128-expert tiles would
+  // leave most blocks idle in P1 (decode batches), the gate GEMM is split along H so that the
+  // units cover the rank's blocks, each slice at least 8 k-steps long. Not for the noisy gate
+  // (its second GEMM runs unsplit).
+  static void plan_router_split(Params<T>& p, int blocks_per_rank, int64_t max_chunks, bool noisy, Scratch& s) {
+    p.router_splits = 1;
+    p.split_k = p.hidden;
+    p.logit_parts = nullptr;
+    const int64_t units = max_chunks * ceil_div(p.num_experts, kTileN);
+    if (noisy || units * 4 > blocks_per_rank || p.router.num_tokens == 0) return;
+    const int64_t splits = std::min<int64_t>({blocks_per_rank / units, p.hidden / (8 * kTileK), 32});
+    if (splits < 2) return;
+    p.split_k = ceil_div(ceil_div(p.hidden, splits), kTileK) * kTileK;
+    p.router_splits = static_cast<int>(ceil_div(p.hidden, p.split_k));
+    p.logit_parts = s.template alloc<float>(p.router_splits * p.router.num_tokens * p.num_experts);
   }
 
   // Grid of one cooperative launch: every block resident (the launch fails otherwise), a

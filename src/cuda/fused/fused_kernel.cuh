@@ -98,7 +98,7 @@ struct RankControl {
   uint32_t q_head;        // next task index to take
   uint32_t q_tail;        // next task index to reserve
   uint32_t dispatched;    // blocks of the rank past P2 (combine reads the rank's kept flags)
-  uint32_t pad;
+  uint32_t logits_done;   // blocks past the split logits of P1 (router_splits > 1)
 };
 
 // One timeline record (debug timeline, fusedmoe/timeline.hpp); kind = FusedEventKind.
@@ -137,6 +137,12 @@ struct Params {
   int32_t num_local[kMaxWorld];
   int max_chunks;                // chunks of the largest rank (>= 1)
   int tile_n0, tile_n1;          // output columns of one GEMM0 / GEMM1 tile (engine's tile widths)
+  // Split routing (few tokens, no noisy gate): the logits GEMM of a chunk runs as
+  // router_splits slices of split_k along H on different blocks into logit_parts
+  // [router_splits][T][E] (fp32), summed in fixed order by the chunk's block.
+  int router_splits;
+  int64_t split_k;
+  float* logit_parts;
   bool aligned;                  // x, y, weights and the heaps are 16-B aligned (vector access)
   // Tensors
   const T* x;                    // [T, H]
@@ -526,8 +532,75 @@ __device__ void router_gate(const Ctx<T>& ctx, RouterSmem& rs, int64_t c, int64_
   team_sync();
 }
 
+// P1 with split routing, step 1: partial logits of (chunk, 128 experts, H slice) units over all
+// of the rank's blocks (a decode batch is one chunk: one block would run the whole gate GEMM).
+template <class T>
+__device__ void router_split_logits(const Ctx<T>& ctx, SharedUnion<T>& sm) {
+  const Params<T>& p = ctx.p;
+  const int E = p.num_experts, splits = p.router_splits;
+  const int64_t H = p.hidden;
+  const int warp = threadIdx.x / 32, warp_m = warp / 4, warp_n = warp % 4;
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  const bool vec = p.aligned && (H % kVec) == 0;
+  const int64_t e_tiles = (E + kTileN - 1) / kTileN, units = rank_chunks(ctx) * e_tiles * splits;
+  for (int64_t u = ctx.local_block; u < units; u += ctx.blocks_per_rank) {
+    const int64_t c = u / (e_tiles * splits), n0 = (u / splits) % e_tiles * kTileN, ks = u % splits;
+    int64_t t0, rows;
+    chunk_rows(ctx, c, &t0, &rows);
+    const int64_t k0 = ks * p.split_k, kn = (H - k0 < p.split_k ? H - k0 : p.split_k);
+    if (rows == 0 || kn <= 0) continue;
+    Frag<T> acc[4][2];
+    mma_tile<T, false>(sm.gemm, p.x + t0 * H + k0, H, rows, kn, vec,
+                       [&](int64_t kk) { load_b_kmajor(sm.gemm, p.gate_weight + k0, H, n0, E, kk, kn, vec); }, acc);
+    float* out = p.logit_parts + ks * p.router.num_tokens * E;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        store_frag(sm.gemm, acc[i][j], warp_m * 64 + i * 16, warp_n * 32 + j * 16, [&](int row, int col, float v) {
+          const int64_t e = n0 + col;
+          if (row < rows && e < E) out[(t0 + row) * E + e] = v;
+        });
+    team_sync();
+  }
+}
+
+// Step 2, by the chunk's block: logits = sum of the parts in slice order (+ gate bias).
+template <class T>
+__device__ void router_sum_parts(const Ctx<T>& ctx, int64_t t0, int64_t rows) {
+  const Params<T>& p = ctx.p;
+  const int E = p.num_experts;
+  const int64_t n = rows * E, stride = p.router.num_tokens * E;
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    const int64_t at = t0 * E + i;
+    float v = 0.f;
+    for (int ks = 0; ks < p.router_splits; ++ks) v += p.logit_parts[ks * stride + at];
+    if (p.gate_bias) v += to_f32(p.gate_bias[i % E]);
+    p.r.logits[at] = v;
+  }
+  team_sync();
+}
+
 template <class T>
 __device__ void router_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
+  if (ctx.p.router_splits > 1) {
+    router_split_logits(ctx, sm);
+    __threadfence();
+    team_sync();
+    RankControl& ctl = ctx.p.control[ctx.rank];
+    if (threadIdx.x == 0) {
+      atomicAdd(&ctl.logits_done, 1u);
+      ctx.wait_count(&ctl.logits_done, static_cast<uint32_t>(ctx.blocks_per_rank), kRankBarrier, ctx.rank);
+    }
+    team_sync();
+    for (int64_t c = ctx.local_block; c < rank_chunks(ctx); c += ctx.blocks_per_rank) {
+      int64_t t0, rows;
+      chunk_rows(ctx, c, &t0, &rows);
+      if (rows > 0) router_sum_parts(ctx, t0, rows);
+      router_gate(ctx, sm.router, c, t0, rows);
+    }
+    return;
+  }
   for (int64_t c = ctx.local_block; c < rank_chunks(ctx); c += ctx.blocks_per_rank) {
     int64_t t0, rows;
     chunk_rows(ctx, c, &t0, &rows);
@@ -554,7 +627,13 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int32_t* counts = p.chunk_counts + static_cast<int64_t>(r) * k * p.max_chunks * E;
   const int64_t row_bytes = H * static_cast<int64_t>(sizeof(T));
-  for (int64_t c = ctx.local_block; c < chunks; c += ctx.blocks_per_rank) {
+  // With fewer chunks than blocks (decode), `parts` blocks share a chunk: each computes the
+  // chunk's slots (cheap) and copies every parts-th group of kWarps rows, so the copies of a
+  // small batch run on all of the rank's SMs rather than on one.
+  const int64_t parts = chunks < ctx.blocks_per_rank ? ctx.blocks_per_rank / chunks : 1;
+  for (int64_t u = ctx.local_block; u < chunks * parts; u += ctx.blocks_per_rank) {
+    const int64_t c = u % chunks, part = u / chunks;
+    const bool lead = part == 0;  // the chunk's first part writes the chunk-wide results
     // Choice-major prefix of this chunk and the rank's kept counts.
     for (int e = threadIdx.x; e < E; e += kThreads) {
       int64_t running = 0;
@@ -566,7 +645,7 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
       }
       s.kept[e] = static_cast<int32_t>(running < cap ? running : cap);
       s.written[e] = 0;
-      if (c == 0) {
+      if (c == 0 && lead) {
         p.kept_rank[static_cast<int64_t>(r) * E + e] = s.kept[e];
         atomicAdd(p.routed + e, static_cast<unsigned long long>(running));
         atomicAdd(p.kept_total + e, static_cast<unsigned long long>(s.kept[e]));
@@ -582,7 +661,7 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
     }
     team_sync();
     const bool planted = p.flag_before_data;
-    if (c == 0) {
+    if (c == 0 && lead) {
       // Experts this rank sends nothing to still get their {epoch, 0} flag (from chunk 0); with
       // the planted fault every flag is raised here, before any row is written.
       for (int e = threadIdx.x; e < E; e += kThreads)
@@ -611,17 +690,17 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
         if (i_local >= rows) continue;
         const int slot = i_local * k + j;
         if (e < 0) {
-          p.r.kept[t * k + j] = 0;
+          if (lead) p.r.kept[t * k + j] = 0;
           s.list_dst[slot] = -1;
           continue;
         }
         const int64_t pos = static_cast<int64_t>(s.base[j][e]) + base + rank_in;
         const bool kept = pos < cap;
-        p.r.kept[t * k + j] = kept ? 1 : 0;
+        if (lead) p.r.kept[t * k + j] = kept ? 1 : 0;
         if (kept) {
           s.list_dst[slot] = static_cast<int32_t>(p.layout.recv_row(r, p.local_index[e], s.psum[e], pos));
           s.list_owner[slot] = p.owner[e];
-          atomicAdd(&s.written[e], 1);
+          if ((slot / kWarps) % parts == part) atomicAdd(&s.written[e], 1);  // this part copies it
         } else {
           s.list_dst[slot] = -1;
         }
@@ -630,7 +709,7 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
     team_sync();
     // Rows (16-B vectors when aligned) and their token·k + j, one warp per row.
     constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-    for (int64_t i = warp; i < rows * k; i += kWarps) {
+    for (int64_t i = part * kWarps + warp; i < rows * k; i += parts * kWarps) {
       const int32_t dst = s.list_dst[i];
       if (dst < 0) continue;
       const int64_t t = t0 + i / k;

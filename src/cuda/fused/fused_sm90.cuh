@@ -216,7 +216,7 @@ struct Sm90Engine {
     if (threadIdx.x == 0) {
       for (int i = 0; i < 2; ++i) {
         Barrier::init(&s.full[i], 1);
-        Barrier::init(&s.empty[i], 8);  // one arrival per consumer warp
+        Barrier::init(&s.empty[i], 256);  // every consumer thread: an arrive releases only its own reads
       }
     }
     cutlass::arch::fence_barrier_init();
@@ -274,8 +274,7 @@ struct Sm90Engine {
         Barrier::wait(&s.full[slot], phase);  // complete: makes the slot's contents visible
         const Task task = s.task[slot];
         const int32_t step = s.step[slot];
-        __syncwarp();
-        if (threadIdx.x % 32 == 0) Barrier::arrive(&s.empty[slot]);
+        Barrier::arrive(&s.empty[slot]);
         if (++slot == 2) { slot = 0; phase ^= 1u; }
         if (step == kExit) break;
         const uint64_t start = global_ns();

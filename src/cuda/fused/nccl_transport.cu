@@ -48,11 +48,13 @@ const Nccl& nccl() {
   static Nccl lib;
   static std::string failure;
   std::call_once(once, [] {
+    // FUSEDMOE_NCCL_LIBRARY first, then a libnccl the process already has (torch's), then the
+    // loader's search path.
     const char* env = std::getenv("FUSEDMOE_NCCL_LIBRARY");
-    for (const char* name : {env, "libnccl.so.2", "libnccl.so"}) {
-      if (name == nullptr || name[0] == 0) continue;
-      lib.handle = dlopen(name, RTLD_NOW | RTLD_LOCAL);
-      if (lib.handle) break;
+    if (env && env[0]) lib.handle = dlopen(env, RTLD_NOW | RTLD_LOCAL);
+    if (!lib.handle && !(env && env[0])) {
+      lib.handle = dlopen("libnccl.so.2", RTLD_NOW | RTLD_NOLOAD);
+      if (!lib.handle) lib.handle = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
     }
     if (!lib.handle) {
       failure = "NCCL transport: libnccl.so.2 could not be loaded (set FUSEDMOE_NCCL_LIBRARY to its path)";
@@ -199,7 +201,11 @@ void use_nccl_transport(const NcclUniqueId& id, int world, int rank) {
   const auto& lib = cuda::fused::nccl();
   int version = 0;
   FUSEDMOE_NCCL_CHECK(lib.GetVersion(&version));
-  FUSEDMOE_CHECK(version >= 22800, "NCCL transport: libnccl " << version << " is older than 2.28 (device API)");
+  // The device side (ncclGetLsaPointer) reads NCCL's window structure as laid out by the headers
+  // fusedmoe was built with, so the library must not be older than those headers.
+  FUSEDMOE_CHECK(version >= NCCL_VERSION_CODE, "NCCL transport: the loaded libnccl is version " << version
+                 << ", older than the NCCL headers fusedmoe was built with (" << NCCL_VERSION_CODE
+                 << "); point FUSEDMOE_NCCL_LIBRARY at a libnccl.so.2 of that version or newer");
   std::lock_guard<std::mutex> lock(t.mutex);
   ncclUniqueId nid;
   std::memcpy(&nid, id.bytes.data(), sizeof(nid));
