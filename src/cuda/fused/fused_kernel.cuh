@@ -139,7 +139,8 @@ struct Params {
   int tile_n0, tile_n1;          // output columns of one GEMM0 / GEMM1 tile (engine's tile widths)
   // Split routing (few tokens, no noisy gate): the logits GEMM of a chunk runs as
   // router_splits slices of split_k along H on different blocks into logit_parts
-  // [router_splits][T][E] (fp32), summed in fixed order by the chunk's block.
+  // [router_splits][T][E] (fp32); after a rank barrier a warp per token (all blocks) sums them
+  // in slice order and runs the gate.
   int router_splits;
   int64_t split_k;
   float* logit_parts;
@@ -565,40 +566,56 @@ __device__ void router_split_logits(const Ctx<T>& ctx, SharedUnion<T>& sm) {
   }
 }
 
-// Step 2, by the chunk's block: logits = sum of the parts in slice order (+ gate bias).
+// Step 2, after the rank's blocks finished step 1, a warp per token over all of them: logits =
+// sum of the parts in slice order (+ gate bias), gate + top-k, and the token's choices added to
+// its chunk's counts (zeroed in step 1; integer atomics, so the counts are exact).
 template <class T>
-__device__ void router_sum_parts(const Ctx<T>& ctx, int64_t t0, int64_t rows) {
+__device__ void router_split_gate(const Ctx<T>& ctx, RouterSmem& rs) {
   const Params<T>& p = ctx.p;
-  const int E = p.num_experts;
-  const int64_t n = rows * E, stride = p.router.num_tokens * E;
-  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-    const int64_t at = t0 * E + i;
-    float v = 0.f;
-    for (int ks = 0; ks < p.router_splits; ++ks) v += p.logit_parts[ks * stride + at];
-    if (p.gate_bias) v += to_f32(p.gate_bias[i % E]);
-    p.r.logits[at] = v;
+  const int E = p.num_experts, k = p.top_k, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t begin = p.rank_begin[ctx.rank], tokens = p.rank_begin[ctx.rank + 1] - begin;
+  const int64_t stride = p.router.num_tokens * E;
+  int32_t* counts = p.chunk_counts + static_cast<int64_t>(ctx.rank) * k * p.max_chunks * E;
+  for (int64_t t = static_cast<int64_t>(ctx.local_block) * kWarps + warp; t < tokens;
+       t += static_cast<int64_t>(ctx.blocks_per_rank) * kWarps) {
+    const int64_t g = begin + t;
+    for (int e = lane; e < E; e += 32) {
+      const float* part = p.logit_parts + g * E + e;
+      float v = 0.f;
+#pragma unroll 8
+      for (int ks = 0; ks < p.router_splits; ++ks) v += part[ks * stride];
+      if (p.gate_bias) v += to_f32(p.gate_bias[e]);
+      p.r.logits[g * E + e] = v;
+    }
+    __syncwarp();
+    gate_topk_token<T>(p.router, p.selection_bias, p.r, g, rs.score[warp]);
+    __syncwarp();
+    if (lane < k) {
+      const int32_t e = p.r.idx[g * k + lane];
+      if (e >= 0) atomicAdd(&counts[(static_cast<int64_t>(lane) * p.max_chunks + t / kChunk) * E + e], 1);
+    }
   }
-  team_sync();
 }
 
 template <class T>
 __device__ void router_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
   if (ctx.p.router_splits > 1) {
+    const Params<T>& p = ctx.p;
+    const int64_t n = static_cast<int64_t>(p.top_k) * p.max_chunks * p.num_experts;
+    int32_t* counts = p.chunk_counts + ctx.rank * n;
+    for (int64_t i = static_cast<int64_t>(ctx.local_block) * kThreads + threadIdx.x; i < n;
+         i += static_cast<int64_t>(ctx.blocks_per_rank) * kThreads)
+      counts[i] = 0;
     router_split_logits(ctx, sm);
     __threadfence();
     team_sync();
-    RankControl& ctl = ctx.p.control[ctx.rank];
+    RankControl& ctl = p.control[ctx.rank];
     if (threadIdx.x == 0) {
       atomicAdd(&ctl.logits_done, 1u);
       ctx.wait_count(&ctl.logits_done, static_cast<uint32_t>(ctx.blocks_per_rank), kRankBarrier, ctx.rank);
     }
     team_sync();
-    for (int64_t c = ctx.local_block; c < rank_chunks(ctx); c += ctx.blocks_per_rank) {
-      int64_t t0, rows;
-      chunk_rows(ctx, c, &t0, &rows);
-      if (rows > 0) router_sum_parts(ctx, t0, rows);
-      router_gate(ctx, sm.router, c, t0, rows);
-    }
+    router_split_gate(ctx, sm.router);
     return;
   }
   for (int64_t c = ctx.local_block; c < rank_chunks(ctx); c += ctx.blocks_per_rank) {
