@@ -16,6 +16,10 @@ namespace fusedmoe::cuda {
 
 __device__ __forceinline__ float router_sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
+// Latency matters here (a warp handles many tokens one after the other): the logits row is read
+// from global memory once into `score`, every later pass works on shared memory, and choice j
+// lives in lane j (its weight, index and GShard drop are written by that lane). The
+// renormalising sum adds the chosen probabilities in choice order, as a sequential loop would.
 template <class T>
 __device__ inline void gate_topk_token(const RouterParams& p, const T* selection_bias, const RoutingBuffers& r,
                                        int64_t t, float* score) {
@@ -24,22 +28,27 @@ __device__ inline void gate_topk_token(const RouterParams& p, const T* selection
   const float* l = r.logits + t * E;
   const bool sigmoid_gate = p.gate == GateKind::kSigmoidTopK;
   float m = -FLT_MAX;
-  for (int64_t e = lane; e < E; e += 32) m = fmaxf(m, l[e]);
+  for (int64_t e = lane; e < E; e += 32) {
+    const float v = l[e];
+    score[e] = v;
+    m = fmaxf(m, v);
+  }
   m = warp_max(m);
   float s = 0.f;
-  for (int64_t e = lane; e < E; e += 32) s += expf(l[e] - m);
+  for (int64_t e = lane; e < E; e += 32) s += expf(score[e] - m);
   s = warp_sum(s);
   const float lse = m + logf(s);
+  auto prob_of = [&](float logit) { return sigmoid_gate ? router_sigmoid(logit) : expf(logit - lse); };
   float psum = 0.f;
   for (int64_t e = lane; e < E; e += 32) {
-    const float prob = sigmoid_gate ? router_sigmoid(l[e]) : expf(l[e] - lse);
+    const float prob = prob_of(score[e]);
     r.probs[t * E + e] = prob;
     psum += prob;
     score[e] = prob + (sigmoid_gate && selection_bias ? to_f32(selection_bias[e]) : 0.f);
   }
   psum = warp_sum(psum);
   __syncwarp();
-  int32_t chosen[32];
+  int32_t mine = -1;  // lane j < k: choice j
 #pragma unroll 1
   for (int64_t j = 0; j < k; ++j) {
     int32_t pick;
@@ -62,27 +71,31 @@ __device__ inline void gate_topk_token(const RouterParams& p, const T* selection
       if (lane == 0) score[pick] = -INFINITY;
       __syncwarp();
     }
-    chosen[j] = pick;
+    if (lane == j) mine = pick;
   }
-  if (lane != 0) return;
+  // The chosen probabilities, recomputed from the logits exactly as above (one load per lane).
+  const float my_prob = mine >= 0 ? prob_of(l[mine]) : 0.f;
   float denom = 0.f;
-  for (int64_t j = 0; j < k; ++j) if (chosen[j] >= 0) denom += r.probs[t * E + chosen[j]];
+  for (int64_t j = 0; j < k; ++j) denom += __shfl_sync(0xffffffffu, my_prob, static_cast<int>(j));
   const float norm = (p.renormalize && denom > 0.f) ? denom : 1.f;
-  r.renorm_sum[t] = norm;
-  r.lse[t] = lse;
-  r.prob_sum[t] = psum;
-  for (int64_t j = 0; j < k; ++j) {
-    const int32_t e = chosen[j];
-    r.selected[t * k + j] = e;
-    r.idx[t * k + j] = e;
-    r.weight[t * k + j] = e >= 0 ? r.probs[t * E + e] / norm : 0.f;
+  if (lane == 0) {
+    r.renorm_sum[t] = norm;
+    r.lse[t] = lse;
+    r.prob_sum[t] = psum;
   }
-  if (p.gate == GateKind::kGShardTop2 && p.training && !p.forced_topk_idx) {
-    const double u = noise::uniform(p.seed, noise::kGShardSecond, static_cast<uint64_t>(p.token_offset + t), 0);
-    if (2.0 * static_cast<double>(r.weight[t * k + 1]) < u) {
-      r.idx[t * k + 1] = -1;
-      r.weight[t * k + 1] = 0.f;
+  if (lane < k) {
+    float weight = mine >= 0 ? my_prob / norm : 0.f;
+    int32_t idx = mine;
+    r.selected[t * k + lane] = mine;
+    if (lane == 1 && p.gate == GateKind::kGShardTop2 && p.training && !p.forced_topk_idx) {
+      const double u = noise::uniform(p.seed, noise::kGShardSecond, static_cast<uint64_t>(p.token_offset + t), 0);
+      if (2.0 * static_cast<double>(weight) < u) {
+        idx = -1;
+        weight = 0.f;
+      }
     }
+    r.idx[t * k + lane] = idx;
+    r.weight[t * k + lane] = weight;
   }
 }
 

@@ -472,7 +472,7 @@ class FusedBackend {
 
   // Split routing (Params::router_splits): when the rank's chunks times 128-expert tiles would
   // leave most blocks idle in P1 (decode batches), the gate GEMM is split along H so that the
-  // units cover the rank's blocks, each slice at least 8 k-steps long. Not for the noisy gate
+  // units cover the rank's blocks, each slice at least 4 k-steps (256 columns of H) long. Not for the noisy gate
   // (its second GEMM runs unsplit).
   static void plan_router_split(Params<T>& p, int blocks_per_rank, int64_t max_chunks, bool noisy, Scratch& s) {
     p.router_splits = 1;
@@ -480,7 +480,7 @@ class FusedBackend {
     p.logit_parts = nullptr;
     const int64_t units = max_chunks * ceil_div(p.num_experts, kTileN);
     if (noisy || units * 4 > blocks_per_rank || p.router.num_tokens == 0) return;
-    const int64_t splits = std::min<int64_t>({blocks_per_rank / units, p.hidden / (8 * kTileK), 32});
+    const int64_t splits = std::min<int64_t>({blocks_per_rank / units, p.hidden / (4 * kTileK), 32});
     if (splits < 2) return;
     p.split_k = ceil_div(ceil_div(p.hidden, splits), kTileK) * kTileK;
     p.router_splits = static_cast<int>(ceil_div(p.hidden, p.split_k));

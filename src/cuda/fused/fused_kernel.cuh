@@ -42,7 +42,7 @@
 // last block to finish resets the per-rank control words and bumps the epoch word, so
 // back-to-back launches and CUDA-graph replays need no reset kernel and no host argument.
 //
-// Engines (who runs P3's tiles): the portable engine here — 128 x 128 x 32 tiles on mma.sync
+// Engines (who runs P3's tiles): the portable engine here — 128 x 128 x 64 tiles on mma.sync
 // (nvcuda::wmma; fp32 data as TF32; gated tiles interleave gate and up columns per 16), 8 warps
 // of 64 x 32 outputs, 256 threads, any GPU of compute capability >= 8.0 — and the Hopper engine
 // of fused_sm90.cuh (wgmma + TMA tiles of src/cuda/gemm, a scheduler warpgroup, 384 threads).
@@ -61,7 +61,7 @@ namespace fusedmoe::cuda::fused {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kTileM = 128, kTileN = 128, kTileK = 32;
+constexpr int kTileM = 128, kTileN = 128, kTileK = 64;
 constexpr int kChunk = 128;       // tokens per router / dispatch chunk
 constexpr int kMaxTopK = 8;
 constexpr int kMaxExperts = 256;
@@ -311,10 +311,10 @@ struct Ctx {
 // ---------------------------------------------------------------------- shared memory --
 template <class T>
 struct GemmSmem {
-  cuda::detail::SmemTile<T, kTileM, kTileK> a;         // [128][32 + pad]
+  cuda::detail::SmemTile<T, kTileM, kTileK> a;         // [128][64 + pad]
   union {
-    cuda::detail::SmemTile<T, kTileK, kTileN> b;       // [32][128 + pad]: B with N contiguous
-    cuda::detail::SmemTile<T, kTileN, kTileK> bk;      // [128][32 + pad]: B with K contiguous
+    cuda::detail::SmemTile<T, kTileK, kTileN> b;       // [64][128 + pad]: B with N contiguous
+    cuda::detail::SmemTile<T, kTileN, kTileK> bk;      // [128][64 + pad]: B with K contiguous
   };
   float stage[kWarps][16][16 + 4];
 };
