@@ -14,5 +14,6 @@ void release(void* device_ptr) noexcept;
 void copy_to_device(void* device_dst, const void* host_src, size_t bytes);
 void copy_to_host(void* host_dst, const void* device_src, size_t bytes);
 void synchronize();  // waits for all work on the device (the layer runs on the default stream)
+int select_device(int local_rank);  // device local_rank % count becomes current; returns it
 
 }  // namespace fusedmoe::cli::device

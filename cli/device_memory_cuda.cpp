@@ -35,4 +35,13 @@ void copy_to_host(void* host_dst, const void* device_src, size_t bytes) {
 
 void synchronize() { check(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
 
+int select_device(int local_rank) {
+  int count = 0;
+  check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+  if (count < 1) throw Error("device memory: no CUDA device");
+  const int device = local_rank % count;
+  check(cudaSetDevice(device), "cudaSetDevice");
+  return device;
+}
+
 }  // namespace fusedmoe::cli::device

@@ -16,5 +16,6 @@ void release(void*) noexcept {}
 void copy_to_device(void*, const void*, size_t) { no_cuda(); }
 void copy_to_host(void*, const void*, size_t) { no_cuda(); }
 void synchronize() { no_cuda(); }
+int select_device(int) { no_cuda(); }
 
 }  // namespace fusedmoe::cli::device

@@ -29,6 +29,8 @@ enum class FlagTarget {
   kIterations,
   kNoCheck,
   kTolerance,
+  kTransport,
+  kNcclIdFile,
   kHelp,
 };
 
@@ -104,6 +106,10 @@ constexpr std::array kRunFlags = {
              "skip the naive reference; only check outputs are finite"},
     FlagSpec{"--tolerance", FlagTarget::kTolerance, "", ValueKind::kRequired, "X",
              "largest relative error that passes"},
+    FlagSpec{"--transport", FlagTarget::kTransport, "", ValueKind::kRequired, "NAME",
+             "local (W ranks emulated here) or nccl (one process per GPU under mpirun/srun/torchrun: this process is one rank; backend fused, forward)"},
+    FlagSpec{"--nccl-id-file", FlagTarget::kNcclIdFile, "", ValueKind::kRequired, "FILE",
+             "--transport nccl: file through which rank 0 hands the NCCL unique id to the others (one node)"},
     FlagSpec{"--help", FlagTarget::kHelp, "", ValueKind::kSwitch, "", "this help (also -h)"},
 };
 
@@ -230,6 +236,15 @@ void apply_flag(const FlagSpec& spec, std::string_view value, RunOptions& option
         throw UsageError(std::string(spec.name) + ": must be >= 0, got '" + std::string(value) +
                          "'");
       break;
+    case FlagTarget::kTransport:
+      if (value != "local" && value != "nccl")
+        throw UsageError(std::string(spec.name) + ": unknown transport '" + std::string(value) +
+                         "' (allowed: local, nccl)");
+      options.transport = std::string(value);
+      break;
+    case FlagTarget::kNcclIdFile:
+      options.nccl_id_file = std::string(value);
+      break;
     case FlagTarget::kHelp:
       options.show_help = true;
       break;
@@ -282,6 +297,10 @@ std::string default_text(const FlagSpec& spec) {
       return run_defaults.check ? "off" : "on";
     case FlagTarget::kTolerance:
       return "1e-6 for fp64, 1e-4 for fp32, 5e-3 for fp32 on cuda with tf32";
+    case FlagTarget::kTransport:
+      return run_defaults.transport;
+    case FlagTarget::kNcclIdFile:
+      return "/tmp/fusedmoe-nccl-<launcher pid>.id";
     case FlagTarget::kHelp:
       return "";
   }

@@ -33,6 +33,11 @@ struct RunOptions {
   bool check = true;                // compare with the naive reference
   std::optional<double> tolerance;  // on relative errors; unset = tolerance_for()
   bool show_help = false;           // -h / --help was given
+  // local: W ranks emulated in this process. nccl: this process is one rank of a job launched
+  // with one process per GPU (mpirun, srun, torchrun): rank and size from the launcher's
+  // environment, the fused kernel over an NCCL communicator (backend fused, forward only).
+  std::string transport = "local";
+  std::string nccl_id_file;  // where rank 0 leaves the NCCL unique id; empty = a file in /tmp
 };
 
 // The layer `fusedmoe run` uses when no flag changes it: small enough to run with the naive check

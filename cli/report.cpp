@@ -113,15 +113,21 @@ void print_report(const RunReport& report, std::FILE* out) {
   std::fprintf(out, "\n  %-18s %12s %10s %10s\n", "phase", "time (ms)", "GFLOP", "GFLOP/s");
   const std::string median_note = "median of " + std::to_string(options.iterations);
   print_timing_row(out, "forward", report.forward_ms, report.forward_flops, median_note);
-  print_timing_row(out, "backward", report.backward_ms, report.backward_flops,
-                   median_note + "; FLOPs taken as 2x forward");
+  const bool backward = !std::isnan(report.backward_ms);
+  if (backward)
+    print_timing_row(out, "backward", report.backward_ms, report.backward_flops,
+                     median_note + "; FLOPs taken as 2x forward");
+  else
+    std::fprintf(out, "  %-18s %12s   %s\n", "backward", "-",
+                 "not run: the fused backend's backward needs world_size = 1");
   if (options.check) {
     print_timing_row(out, "naive forward", report.reference_forward_ms, report.forward_flops,
                      "reference, once; " + speedup_text(report.reference_forward_ms,
                                                         report.forward_ms, report.backend));
-    print_timing_row(out, "naive backward", report.reference_backward_ms, report.backward_flops,
-                     "reference, once; " + speedup_text(report.reference_backward_ms,
-                                                        report.backward_ms, report.backend));
+    if (backward)
+      print_timing_row(out, "naive backward", report.reference_backward_ms, report.backward_flops,
+                       "reference, once; " + speedup_text(report.reference_backward_ms,
+                                                          report.backward_ms, report.backend));
   }
 
   if (options.check) {

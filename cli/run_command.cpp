@@ -18,6 +18,9 @@
 #include <sstream>
 
 #include "buffer_space.hpp"
+#include "device_memory.hpp"
+#include "fusedmoe/transport.hpp"
+#include "launcher.hpp"
 #include "fusedmoe/error.hpp"
 #include "fusedmoe/host_tensors.hpp"
 #include "progress.hpp"
@@ -234,7 +237,8 @@ std::vector<void*> gradient_buffers(LayerRun& run) {
 // idle, for the cuda backend). Outputs are poisoned before every call and read back after the
 // last one.
 LayerRun run_layer(const RunInputs& inputs, Backend backend, int iterations,
-                   const std::string& label, double expected_forward_seconds, Progress& progress) {
+                   const std::string& label, double expected_forward_seconds, Progress& progress,
+                   bool with_backward = true) {
   const MoeConfig& config = inputs.config;
   const int64_t num_tokens = inputs.x.shape()[0];
   LayerRun run;
@@ -278,6 +282,10 @@ LayerRun run_layer(const RunInputs& inputs, Backend backend, int iterations,
     run.forward_ms.push_back(milliseconds_since(start));
   }
   for (void* buffer : forward_output_buffers(run)) space.download(buffer);
+  if (!with_backward) {
+    progress.end_phase();
+    return run;
+  }
 
   const BackwardArgs backward_args{.forward = forward_args,
                                    .dy = space.stage(inputs.dy),
@@ -382,7 +390,7 @@ constexpr GradientField kGradientFields[] = {
 };
 
 std::vector<OutputCheck> check_outputs(const MoeConfig& config, const LayerRun& out,
-                                       const LayerRun* ref, double tolerance) {
+                                       const LayerRun* ref, double tolerance, bool with_backward) {
   std::vector<OutputCheck> checks;
   checks.push_back(check_tensor("y", out.y, ref ? &ref->y : nullptr, tolerance));
   checks.push_back(
@@ -393,6 +401,7 @@ std::vector<OutputCheck> check_outputs(const MoeConfig& config, const LayerRun& 
   HostTensor ref_z = scalar_tensor(ref ? ref->z_loss : kNaN);
   checks.push_back(check_tensor("aux_loss", out_aux, ref ? &ref_aux : nullptr, tolerance));
   checks.push_back(check_tensor("z_loss", out_z, ref ? &ref_z : nullptr, tolerance));
+  if (!with_backward) return checks;
   checks.push_back(check_tensor("dx", out.dx, ref ? &ref->dx : nullptr, tolerance));
   for (const GradientField& field : kGradientFields) {
     const HostTensor& gradient = out.grads.*field.tensor;
@@ -445,6 +454,96 @@ void fill_routing_summary(const LayerRun& run, const MoeConfig& config, RunRepor
   report.kept_counts = run.kept_counts;
 }
 
+// Rows [begin, begin + count) of a [T, ...] tensor.
+HostTensor rows_of(const HostTensor& t, int64_t begin, int64_t count) {
+  std::vector<int64_t> shape = t.shape();
+  const int64_t width = shape[0] > 0 ? t.numel() / shape[0] : 0;
+  shape[0] = count;
+  HostTensor out(t.dtype(), shape);
+  for (int64_t i = 0; i < count * width; ++i) out.set(i, t.get(begin * width + i));
+  return out;
+}
+
+// --transport nccl: this process is rank r of W (one per GPU); the fused kernel runs over an
+// NCCL communicator. Every rank draws the same weights and the same T tokens, runs the fused
+// forward on its T / W of them, and compares its rows with the naive reference of the whole
+// layer (W emulated ranks, same split) computed on the host.
+int run_nccl_rank(RunOptions options) {
+  const std::optional<LauncherRank> me = launcher_rank_from_env();
+  if (!me)
+    throw UsageError("--transport nccl: no launcher environment (OMPI_COMM_WORLD_RANK/SIZE, PMI_RANK/SIZE, "
+                     "SLURM_PROCID/NTASKS or RANK/WORLD_SIZE); start one process per GPU, e.g. "
+                     "mpirun -np W fusedmoe run --transport nccl ...");
+  if (options.backend != Backend::kAuto && options.backend != Backend::kFused)
+    throw UsageError("--transport nccl runs --backend fused (the persistent kernel), not " +
+                     backend_name(options.backend));
+  MoeConfig& config = options.config;
+  if (config.world_size != 1 && config.world_size != me->world)
+    throw UsageError("--world-size " + std::to_string(config.world_size) + " but the launcher started " +
+                     std::to_string(me->world) + " ranks");
+  config.world_size = me->world;
+  if (config.dtype == DType::kFloat64)
+    throw UsageError("--transport nccl: the fused kernel computes in fp32 (TF32), bf16 or fp16; use --dtype fp32");
+  config.fp32_math = Fp32Math::kTf32;
+  config.validate();
+  if (options.num_tokens % me->world != 0)
+    throw UsageError("--tokens " + std::to_string(options.num_tokens) + ": every rank needs the same count, so it "
+                     "must be a multiple of the " + std::to_string(me->world) + " ranks");
+  const int device = device::select_device(me->local_rank);
+  const std::string id_file = options.nccl_id_file.empty() ? default_id_file() : options.nccl_id_file;
+  NcclUniqueId id;
+  if (me->rank == 0) id = nccl_unique_id();
+  const std::vector<char> shared =
+      share_through_file(*me, id_file, std::vector<char>(id.bytes.begin(), id.bytes.end()), 120.0);
+  std::copy(shared.begin(), shared.end(), id.bytes.begin());
+  use_nccl_transport(id, me->world, me->rank);
+  if (me->rank == 0) std::remove(id_file.c_str());  // every rank has joined
+  std::printf("rank %d of %d (%s), device %d: fused kernel over NCCL\n", me->rank, me->world,
+              me->launcher.c_str(), device);
+  std::fflush(stdout);
+
+  const int64_t local = options.num_tokens / me->world, begin = me->rank * local;
+  const std::vector<int64_t> split(static_cast<size_t>(me->world), local);
+  RunInputs inputs = make_inputs(options, split);
+  RunInputs mine = inputs;
+  mine.x = rows_of(inputs.x, begin, local);
+  mine.dy = rows_of(inputs.dy, begin, local);
+  mine.tokens_per_rank.clear();
+  mine.config = config;
+  inputs.config = config;
+  LayerRun run, reference;
+  {
+    Progress progress(options.check ? 2 : 1);
+    const double expected = expected_forward_flops(config, local) / flops_per_second(Backend::kFused);
+    run = run_layer(mine, Backend::kFused, options.iterations, "fused (NCCL)", expected, progress, false);
+    if (options.check)
+      reference = run_layer(inputs, Backend::kNaive, 1, "naive reference",
+                            expected_forward_flops(config, options.num_tokens) / kNaiveFlopsPerSecond, progress,
+                            false);
+  }
+  use_local_transport();
+  const double tolerance = options.tolerance.value_or(tolerance_for(config, Backend::kFused));
+  bool passed = true;
+  std::printf("rank %d: forward %.3f ms (median of %d)\n", me->rank, median(run.forward_ms), options.iterations);
+  if (options.check) {
+    const int64_t k = config.top_k;
+    const OutputCheck y = check_tensor("y", run.y, nullptr, tolerance);
+    const HostTensor ref_y = rows_of(reference.y, begin, local), ref_w = rows_of(reference.topk_weight, begin, local);
+    const double y_error = relative_error(run.y, ref_y), w_error = relative_error(run.topk_weight, ref_w);
+    int64_t routing = 0;
+    for (int64_t i = 0; i < local * k; ++i) {
+      const size_t at = static_cast<size_t>(i), ref_at = static_cast<size_t>(begin * k + i);
+      routing += run.topk_idx[at] != reference.topk_idx[ref_at] || run.kept[at] != reference.kept[ref_at];
+    }
+    passed = y.non_finite == 0 && y_error <= tolerance && w_error <= tolerance && routing == 0;
+    std::printf("rank %d: y rel. error %.3g, topk_weight %.3g (tolerance %.3g), routing mismatches %lld, "
+                "non-finite %lld: %s\n",
+                me->rank, y_error, w_error, tolerance, static_cast<long long>(routing),
+                static_cast<long long>(y.non_finite), passed ? "PASS" : "FAIL");
+  }
+  return passed ? 0 : 1;
+}
+
 }  // namespace
 
 bool RunReport::passed() const {
@@ -458,6 +557,7 @@ int run_command(const std::vector<std::string>& args) {
     std::fputs(run_usage().c_str(), stdout);
     return 0;
   }
+  if (options.transport == "nccl") return run_nccl_rank(options);
   const MoeConfig& config = options.config;
   config.validate();
   if (config.dtype != DType::kFloat32 && config.dtype != DType::kFloat64)
@@ -477,9 +577,11 @@ int run_command(const std::vector<std::string>& args) {
   std::fflush(stdout);
 
   const double expected_flops = expected_forward_flops(config, options.num_tokens);
+  // The fused backend's backward runs the modular path, which needs world_size = 1.
+  const bool with_backward = !(chosen.backend == Backend::kFused && config.world_size > 1);
   LayerRun chosen_run, reference_run;
   {
-    const int num_phases = options.check ? 5 : 3;
+    const int num_phases = 1 + (with_backward ? 2 : 1) * (options.check ? 2 : 1);
     Progress progress(num_phases);
     const double random_values =
         2.0 * static_cast<double>(options.num_tokens) * static_cast<double>(config.hidden_size) +
@@ -488,10 +590,10 @@ int run_command(const std::vector<std::string>& args) {
     progress.begin_phase("random weights and inputs", random_values / kRandomValuesPerSecond);
     RunInputs inputs = make_inputs(options, report.tokens_per_rank);
     chosen_run = run_layer(inputs, chosen.backend, options.iterations, backend_name(chosen.backend),
-                           expected_flops / flops_per_second(chosen.backend), progress);
+                           expected_flops / flops_per_second(chosen.backend), progress, with_backward);
     if (options.check) {
       reference_run = run_layer(inputs, Backend::kNaive, 1, "naive reference",
-                                expected_flops / kNaiveFlopsPerSecond, progress);
+                                expected_flops / kNaiveFlopsPerSecond, progress, with_backward);
     }
   }
 
@@ -505,7 +607,7 @@ int run_command(const std::vector<std::string>& args) {
   report.forward_flops = forward_flops(config, options.num_tokens, report.kept_assignments);
   report.backward_flops = 2.0 * report.forward_flops;
   report.checks =
-      check_outputs(config, chosen_run, options.check ? &reference_run : nullptr, report.tolerance);
+      check_outputs(config, chosen_run, options.check ? &reference_run : nullptr, report.tolerance, with_backward);
   print_report(report, stdout);
   return report.passed() ? 0 : 1;
 }

@@ -50,7 +50,8 @@ fusedmoe_cli_test(cli_run_help_lists_flags EXIT 0 ARGS run --help
   FLAG_LINES --hidden-size --ffn-size --num-experts --top-k --ffn --gate --renormalize
              --capacity-factor --num-shared-experts --shared-ffn-size --expert-bias --gate-bias
              --jitter-eps --dtype --fp32-math --world-size --expert-placement --config --tokens
-             --seed --backend --training --gate-scale --iters --no-check --tolerance)
+             --seed --backend --training --gate-scale --iters --no-check --tolerance --transport
+             --nccl-id-file)
 
 # Bad input: exit status 2 and a message naming the field or flag; never a crash.
 fusedmoe_cli_test(cli_bad_top_k EXIT 2 ARGS run --top-k 0 EXPECT "fusedmoe: error: .*top_k")
@@ -104,3 +105,10 @@ fusedmoe_cli_test(cli_zero_tokens EXIT 0 ARGS run --tokens 0 --hidden-size 32 --
   EXPECT "result: PASS")
 fusedmoe_cli_test(cli_no_check EXIT 0 ARGS run --no-check --hidden-size 64 --ffn-size 64
   EXPECT "check skipped.*result: PASS" FORBID "naive forward")
+
+# --transport nccl: one process per GPU under a launcher; without one (or with another backend
+# or an unknown transport) the command says what is missing. The NCCL runs themselves need a GPU
+# (scripts/gpu_all.sh runs `mpirun -np 1 fusedmoe run --transport nccl`).
+fusedmoe_cli_test(cli_transport_nccl_needs_a_launcher EXIT 2 ARGS run --transport nccl
+  EXPECT "no launcher environment.*mpirun -np W")
+fusedmoe_cli_test(cli_transport_unknown EXIT 2 ARGS run --transport shm EXPECT "unknown transport 'shm'")

@@ -35,6 +35,18 @@ timeout 600 "$BUILD_DIR/tests/gpu/fusedmoe_gpu_tests" --gtest_output="xml:$OUT/g
 grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED  \]|Failure|error" "$OUT/gpu_tests.log" | head -60
 tail -3 "$OUT/gpu_tests.log"
 
+# The fused kernel over NCCL from the command line: one rank per GPU under mpirun (here as many
+# ranks as GPUs, at least 1), checked against the naive reference of the whole layer.
+if [ -x "$BUILD_DIR/cli/fusedmoe" ] && command -v mpirun >/dev/null; then
+  step "fusedmoe run --transport nccl under mpirun"
+  ranks=$(nvidia-smi -L | wc -l)
+  OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 timeout 300 \
+    mpirun -np "$ranks" -x LD_LIBRARY_PATH -x FUSEDMOE_NCCL_LIBRARY -x NCCL_NVLS_ENABLE \
+    "$BUILD_DIR/cli/fusedmoe" run --transport nccl --dtype fp32 --tokens $((512 * ranks)) --world-size "$ranks" \
+    >"$OUT/cli_nccl.log" 2>&1 || status=1
+  grep -E "^rank" "$OUT/cli_nccl.log"
+fi
+
 if [ -x "$BUILD_DIR/tests/gpu/fusedmoe_gemm_tests" ]; then
   step "grouped GEMM engine: tests + benchmark"
   "$BUILD_DIR/tests/gpu/fusedmoe_gemm_tests" --results "$OUT/gemm_ours.txt" >"$OUT/gemm_tests.log" 2>&1 || status=1
