@@ -47,6 +47,15 @@ if [ -x "$BUILD_DIR/cli/fusedmoe" ] && command -v mpirun >/dev/null; then
   grep -E "^rank" "$OUT/cli_nccl.log"
 fi
 
+if [ -f "$BUILD_DIR/python/fusedmoe/_fusedmoe_ops.so" ] && python3 -c "import torch.distributed.run" 2>/dev/null; then
+  step "the fused op over NCCL under torchrun (examples/fused_torchrun.py)"
+  ranks=$(nvidia-smi -L | wc -l)
+  FUSEDMOE_OPS_LIBRARY="$PWD/$BUILD_DIR/python/fusedmoe/_fusedmoe_ops.so" PYTHONPATH="$PWD/python" NCCL_NVLS_ENABLE=0 \
+    timeout 300 python3 -m torch.distributed.run --nproc_per_node "$ranks" examples/fused_torchrun.py \
+    >"$OUT/torchrun_nccl.log" 2>&1 || status=1
+  grep -E "^rank|Error" "$OUT/torchrun_nccl.log"
+fi
+
 if [ -x "$BUILD_DIR/tests/gpu/fusedmoe_gemm_tests" ]; then
   step "grouped GEMM engine: tests + benchmark"
   "$BUILD_DIR/tests/gpu/fusedmoe_gemm_tests" --results "$OUT/gemm_ours.txt" >"$OUT/gemm_tests.log" 2>&1 || status=1
