@@ -331,11 +331,26 @@ struct DispatchSmem {
   int32_t list_dst[kChunk * kMaxTopK];   // destination row (owner's recv_rows) or -1
   int32_t list_owner[kChunk * kMaxTopK];
 };
+// The router's logits tile loop for 16-bit types: two stages of cp.async (the next k step's
+// operands are in flight while this one computes; the router reads x once, from HBM, so its
+// loads must overlap its tensor-core work). A and B both K-contiguous: x rows, gate weight rows.
+template <class T>
+struct RouterPipeSmem {
+  static constexpr int kK = 32, kPad = 8;
+  T a[2][kTileM][kK + kPad];
+  T b[2][kTileN][kK + kPad];
+  float stage[kWarps][16][16 + 4];
+};
+struct NoSmem {};
+template <class T>
+using RouterPipe = std::conditional_t<sizeof(T) == 2, RouterPipeSmem<T>, NoSmem>;
+
 template <class T>
 union SharedUnion {
   GemmSmem<T> gemm;
   RouterSmem router;
   DispatchSmem dispatch;
+  RouterPipe<T> router_pipe;
 };
 struct TaskSmem {
   Task task;
@@ -465,6 +480,85 @@ __device__ __forceinline__ int64_t rank_chunks(const Ctx<T>& ctx) {
   return tokens > 0 ? (tokens + kChunk - 1) / kChunk : 1;
 }
 
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory"); }
+
+// logits tile (rows of x from `a`, experts [n0, n0 + 128) of `wg`) over columns
+// [k_begin, k_begin + k_len) of H, visit(row, col, value) per output. 16-bit types, 16-B aligned
+// rows, k_len and H multiples of 8. All kThreads threads.
+template <class T, class Visit>
+__device__ void router_tile_pipelined(RouterPipeSmem<T>& s, const T* a, int64_t rows, const T* wg, int64_t n0,
+                                      int64_t E, int64_t H, int64_t k_begin, int64_t k_len, Visit visit) {
+  using namespace nvcuda;
+  using P = RouterPipeSmem<T>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warp_m = warp / 4, warp_n = warp % 4;
+  constexpr int kChunksPerRow = P::kK / 8;  // 16-B chunks
+  const int nk = static_cast<int>((k_len + P::kK - 1) / P::kK);
+  auto load = [&](int kt, int buf) {
+    for (int c = threadIdx.x; c < 2 * kTileM * kChunksPerRow; c += kThreads) {
+      const bool is_b = c >= kTileM * kChunksPerRow;
+      const int cc = is_b ? c - kTileM * kChunksPerRow : c;
+      const int r = cc / kChunksPerRow, col = (cc % kChunksPerRow) * 8;
+      const int64_t k = static_cast<int64_t>(kt) * P::kK + col;
+      const bool in_k = k < k_len;
+      if (!is_b) {
+        const bool valid = in_k && r < rows;
+        cp_async16(&s.a[buf][r][col], valid ? a + r * H + k_begin + k : a, valid);
+      } else {
+        const bool valid = in_k && n0 + r < E;
+        cp_async16(&s.b[buf][r][col], valid ? wg + (n0 + r) * H + k_begin + k : wg, valid);
+      }
+    }
+    cp_async_commit();
+  };
+  Frag<T> acc[4][2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  if (nk > 0) load(0, 0);
+  for (int kt = 0; kt < nk; ++kt) {
+    const int buf = kt & 1;
+    if (kt + 1 < nk) {
+      load(kt + 1, buf ^ 1);  // the buffer last read at kt - 1 (released by its closing barrier)
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    team_sync();
+#pragma unroll
+    for (int kk = 0; kk < P::kK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], &s.a[buf][warp_m * 64 + i * 16][kk], P::kK + P::kPad);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &s.b[buf][warp_n * 32 + j * 16][kk], P::kK + P::kPad);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+    team_sync();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(&s.stage[warp][0][0], acc[i][j], 16 + 4, wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32)
+        visit(warp_m * 64 + i * 16 + e / 16, warp_n * 32 + j * 16 + e % 16, s.stage[warp][e / 16][e % 16]);
+      __syncwarp();
+    }
+  team_sync();
+}
+
 // P1, portable logits of one chunk: x·Wgᵀ (+ bg) on mma.sync tensor cores (fp32), and the noisy
 // gate's noise term.
 template <class T>
@@ -480,6 +574,18 @@ __device__ void router_logits(const Ctx<T>& ctx, SharedUnion<T>& sm, int64_t t0,
     const T* wg = pass == 0 ? p.gate_weight : p.noise_weight;
     float* out = pass == 0 ? p.r.logits : p.r.noise_pre;
     for (int n0 = 0; n0 < E; n0 += kTileN) {
+      if constexpr (sizeof(T) == 2) {
+        if (vec) {
+          router_tile_pipelined(sm.router_pipe, p.x + t0 * H, rows, wg, n0, E, H, 0, H, [&](int row, int col, float v) {
+            const int e = n0 + col;
+            if (row < rows && e < E) {
+              if (pass == 0 && p.gate_bias) v += to_f32(p.gate_bias[e]);
+              out[(t0 + row) * E + e] = v;
+            }
+          });
+          continue;
+        }
+      }
       Frag<T> acc[4][2];
       mma_tile<T, false>(sm.gemm, p.x + t0 * H, H, rows, H, vec,
                          [&](int64_t k0) { load_b_kmajor(sm.gemm, wg, H, n0, E, k0, H, vec); }, acc);
@@ -550,17 +656,27 @@ __device__ void router_split_logits(const Ctx<T>& ctx, SharedUnion<T>& sm) {
     chunk_rows(ctx, c, &t0, &rows);
     const int64_t k0 = ks * p.split_k, kn = (H - k0 < p.split_k ? H - k0 : p.split_k);
     if (rows == 0 || kn <= 0) continue;
+    float* part = p.logit_parts + ks * p.router.num_tokens * E;
+    if constexpr (sizeof(T) == 2) {
+      if (vec) {
+        router_tile_pipelined(sm.router_pipe, p.x + t0 * H, rows, p.gate_weight, n0, E, H, k0, kn,
+                              [&](int row, int col, float v) {
+                                const int64_t e = n0 + col;
+                                if (row < rows && e < E) part[(t0 + row) * E + e] = v;
+                              });
+        continue;
+      }
+    }
     Frag<T> acc[4][2];
     mma_tile<T, false>(sm.gemm, p.x + t0 * H + k0, H, rows, kn, vec,
                        [&](int64_t kk) { load_b_kmajor(sm.gemm, p.gate_weight + k0, H, n0, E, kk, kn, vec); }, acc);
-    float* out = p.logit_parts + ks * p.router.num_tokens * E;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < 2; ++j)
         store_frag(sm.gemm, acc[i][j], warp_m * 64 + i * 16, warp_n * 32 + j * 16, [&](int row, int col, float v) {
           const int64_t e = n0 + col;
-          if (row < rows && e < E) out[(t0 + row) * E + e] = v;
+          if (row < rows && e < E) part[(t0 + row) * E + e] = v;
         });
     team_sync();
   }
