@@ -331,14 +331,14 @@ struct DispatchSmem {
   int32_t list_dst[kChunk * kMaxTopK];   // destination row (owner's recv_rows) or -1
   int32_t list_owner[kChunk * kMaxTopK];
 };
-// The router's logits tile loop for 16-bit types: two stages of cp.async (the next k step's
-// operands are in flight while this one computes; the router reads x once, from HBM, so its
-// loads must overlap its tensor-core work). A and B both K-contiguous: x rows, gate weight rows.
+// The router's logits tile loop for 16-bit types: three stages of cp.async (the next two k
+// steps' operands are in flight while this one computes; the router reads x once, from HBM, so
+// its loads must overlap its tensor-core work). A and B both K-contiguous: x rows, gate weight rows.
 template <class T>
 struct RouterPipeSmem {
-  static constexpr int kK = 32, kPad = 8;
-  T a[2][kTileM][kK + kPad];
-  T b[2][kTileN][kK + kPad];
+  static constexpr int kK = 32, kPad = 8, kStages = 3;
+  T a[kStages][kTileM][kK + kPad];
+  T b[kStages][kTileN][kK + kPad];
   float stage[kWarps][16][16 + 4];
 };
 struct NoSmem {};
@@ -521,16 +521,19 @@ __device__ void router_tile_pipelined(RouterPipeSmem<T>& s, const T* a, int64_t 
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
-  if (nk > 0) load(0, 0);
+  // kStages - 1 k steps in flight ahead of the one computed; a step's buffer is refilled only
+  // after the barrier that closes its computation.
+  for (int kt = 0; kt < P::kStages - 1; ++kt) {
+    if (kt < nk) load(kt, kt);
+    else cp_async_commit();  // empty group: the wait counts stay uniform
+  }
   for (int kt = 0; kt < nk; ++kt) {
-    const int buf = kt & 1;
-    if (kt + 1 < nk) {
-      load(kt + 1, buf ^ 1);  // the buffer last read at kt - 1 (released by its closing barrier)
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    team_sync();
+    const int buf = kt % P::kStages;
+    cp_async_wait<P::kStages - 2>();  // step kt has landed (this thread's copies)
+    team_sync();                      // ... and every thread's
+    const int next = kt + P::kStages - 1;
+    if (next < nk) load(next, next % P::kStages);  // refills the buffer computed at kt - 1
+    else cp_async_commit();
 #pragma unroll
     for (int kk = 0; kk < P::kK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
@@ -544,8 +547,8 @@ __device__ void router_tile_pipelined(RouterPipeSmem<T>& s, const T* a, int64_t 
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
     }
-    team_sync();
   }
+  cp_async_wait<0>();
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
