@@ -562,6 +562,35 @@ __device__ void router_tile_pipelined(RouterPipeSmem<T>& s, const T* a, int64_t 
   team_sync();
 }
 
+// One logits tile: rows [t0, t0 + rows) of x times experts [n0, n0 + 128) of wg over columns
+// [k0, k0 + kn) of H; visit(row, expert, value) for every output in range. 16-bit aligned
+// operands take the cp.async pipeline, anything else the synchronous mma.sync tile.
+template <class T, class Visit>
+__device__ void router_logits_tile(const Params<T>& p, SharedUnion<T>& sm, int64_t t0, int64_t rows, const T* wg,
+                                   int64_t n0, int64_t k0, int64_t kn, Visit visit) {
+  const int64_t E = p.num_experts, H = p.hidden;
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  const bool vec = p.aligned && (H % kVec) == 0;
+  auto in_range = [&](int row, int col, float v) {
+    if (row < rows && n0 + col < E) visit(row, n0 + col, v);
+  };
+  if constexpr (sizeof(T) == 2) {
+    if (vec) {
+      router_tile_pipelined(sm.router_pipe, p.x + t0 * H, rows, wg, n0, E, H, k0, kn, in_range);
+      return;
+    }
+  }
+  const int warp = threadIdx.x / 32, warp_m = warp / 4, warp_n = warp % 4;
+  Frag<T> acc[4][2];
+  mma_tile<T, false>(sm.gemm, p.x + t0 * H + k0, H, rows, kn, vec,
+                     [&](int64_t kk) { load_b_kmajor(sm.gemm, wg + k0, H, n0, E, kk, kn, vec); }, acc);
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) store_frag(sm.gemm, acc[i][j], warp_m * 64 + i * 16, warp_n * 32 + j * 16, in_range);
+  team_sync();
+}
+
 // P1, portable logits of one chunk: x·Wgᵀ (+ bg) on mma.sync tensor cores (fp32), and the noisy
 // gate's noise term.
 template <class T>
@@ -569,41 +598,15 @@ __device__ void router_logits(const Ctx<T>& ctx, SharedUnion<T>& sm, int64_t t0,
   const Params<T>& p = ctx.p;
   const int E = p.num_experts;
   const int64_t H = p.hidden;
-  const int warp = threadIdx.x / 32, warp_m = warp / 4, warp_n = warp % 4;
-  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-  const bool vec = p.aligned && (H % kVec) == 0;
   const bool noisy = p.noise_weight != nullptr;
   for (int pass = 0; pass < (noisy ? 2 : 1); ++pass) {
     const T* wg = pass == 0 ? p.gate_weight : p.noise_weight;
     float* out = pass == 0 ? p.r.logits : p.r.noise_pre;
-    for (int n0 = 0; n0 < E; n0 += kTileN) {
-      if constexpr (sizeof(T) == 2) {
-        if (vec) {
-          router_tile_pipelined(sm.router_pipe, p.x + t0 * H, rows, wg, n0, E, H, 0, H, [&](int row, int col, float v) {
-            const int e = n0 + col;
-            if (row < rows && e < E) {
-              if (pass == 0 && p.gate_bias) v += to_f32(p.gate_bias[e]);
-              out[(t0 + row) * E + e] = v;
-            }
-          });
-          continue;
-        }
-      }
-      Frag<T> acc[4][2];
-      mma_tile<T, false>(sm.gemm, p.x + t0 * H, H, rows, H, vec,
-                         [&](int64_t k0) { load_b_kmajor(sm.gemm, wg, H, n0, E, k0, H, vec); }, acc);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-          store_frag(sm.gemm, acc[i][j], warp_m * 64 + i * 16, warp_n * 32 + j * 16, [&](int row, int col, float v) {
-            const int e = n0 + col;
-            if (row < rows && e < E) {
-              if (pass == 0 && p.gate_bias) v += to_f32(p.gate_bias[e]);
-              out[(t0 + row) * E + e] = v;
-            }
-          });
-    }
+    for (int n0 = 0; n0 < E; n0 += kTileN)
+      router_logits_tile(p, sm, t0, rows, wg, n0, 0, H, [&](int row, int64_t e, float v) {
+        if (pass == 0 && p.gate_bias) v += to_f32(p.gate_bias[e]);
+        out[(t0 + row) * E + e] = v;
+      });
   }
   team_sync();
   if (noisy) {  // logits += eps * softplus(x·Wnᵀ)
@@ -649,9 +652,6 @@ __device__ void router_split_logits(const Ctx<T>& ctx, SharedUnion<T>& sm) {
   const Params<T>& p = ctx.p;
   const int E = p.num_experts, splits = p.router_splits;
   const int64_t H = p.hidden;
-  const int warp = threadIdx.x / 32, warp_m = warp / 4, warp_n = warp % 4;
-  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-  const bool vec = p.aligned && (H % kVec) == 0;
   const int64_t e_tiles = (E + kTileN - 1) / kTileN, units = rank_chunks(ctx) * e_tiles * splits;
   for (int64_t u = ctx.local_block; u < units; u += ctx.blocks_per_rank) {
     const int64_t c = u / (e_tiles * splits), n0 = (u / splits) % e_tiles * kTileN, ks = u % splits;
@@ -660,28 +660,8 @@ __device__ void router_split_logits(const Ctx<T>& ctx, SharedUnion<T>& sm) {
     const int64_t k0 = ks * p.split_k, kn = (H - k0 < p.split_k ? H - k0 : p.split_k);
     if (rows == 0 || kn <= 0) continue;
     float* part = p.logit_parts + ks * p.router.num_tokens * E;
-    if constexpr (sizeof(T) == 2) {
-      if (vec) {
-        router_tile_pipelined(sm.router_pipe, p.x + t0 * H, rows, p.gate_weight, n0, E, H, k0, kn,
-                              [&](int row, int col, float v) {
-                                const int64_t e = n0 + col;
-                                if (row < rows && e < E) part[(t0 + row) * E + e] = v;
-                              });
-        continue;
-      }
-    }
-    Frag<T> acc[4][2];
-    mma_tile<T, false>(sm.gemm, p.x + t0 * H + k0, H, rows, kn, vec,
-                       [&](int64_t kk) { load_b_kmajor(sm.gemm, p.gate_weight + k0, H, n0, E, kk, kn, vec); }, acc);
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        store_frag(sm.gemm, acc[i][j], warp_m * 64 + i * 16, warp_n * 32 + j * 16, [&](int row, int col, float v) {
-          const int64_t e = n0 + col;
-          if (row < rows && e < E) part[(t0 + row) * E + e] = v;
-        });
-    team_sync();
+    router_logits_tile(p, sm, t0, rows, p.gate_weight, n0, k0, kn,
+                       [&](int row, int64_t e, float v) { part[(t0 + row) * E + e] = v; });
   }
 }
 
