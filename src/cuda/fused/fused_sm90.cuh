@@ -212,15 +212,23 @@ struct Sm90Engine {
     pipeline_params.role = warpgroup == 2 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
     pipeline_params.is_leader = threadIdx.x == Tiles::kSchedulerThread;
     pipeline_params.num_consumers = 256;
-    Pipeline pipeline(s.gemm.pipeline, pipeline_params, cute::Shape<cute::_1, cute::_1, cute::_1>{});
+    // One thread initialises every mbarrier of the phase and fences its own initialisation
+    // (fence.mbarrier_init by threads that initialised nothing orders nothing, and racecheck
+    // reports it): the stage pipeline's — what PipelineTmaAsync's constructor would set up for
+    // one producer and 256 consumer threads in a one-CTA cluster — and the task ring's.
     if (threadIdx.x == 0) {
+      for (int i = 0; i < Cfg::kStages; ++i) {
+        s.gemm.pipeline.full_barrier_[i].init(1);
+        s.gemm.pipeline.empty_barrier_[i].init(256);
+      }
       for (int i = 0; i < 2; ++i) {
         Barrier::init(&s.full[i], 1);
         Barrier::init(&s.empty[i], 256);  // every consumer thread: an arrive releases only its own reads
       }
+      cutlass::arch::fence_barrier_init();
     }
-    cutlass::arch::fence_barrier_init();
     __syncthreads();
+    Pipeline pipeline(s.gemm.pipeline, pipeline_params, cute::Shape<cute::_1, cute::_1, cute::_1>{}, cute::false_type{});
 
     if (warpgroup == 2) {
       cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegisters>();
