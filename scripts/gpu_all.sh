@@ -56,6 +56,13 @@ if [ -f "$BUILD_DIR/python/fusedmoe/_fusedmoe_ops.so" ] && python3 -c "import to
   grep -E "^rank|Error" "$OUT/torchrun_nccl.log"
 fi
 
+if [ -f "$BUILD_DIR/python/fusedmoe/_fusedmoe_ops.so" ] && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  step "the layer across the GPUs: fused over NCCL, modular + all_to_all, torch all_to_all + _grouped_mm"
+  FUSEDMOE_OPS_LIBRARY="$PWD/$BUILD_DIR/python/fusedmoe/_fusedmoe_ops.so" PYTHONPATH="$PWD/python" NCCL_NVLS_ENABLE=0 \
+    timeout 600 python3 -m torch.distributed.run --nproc_per_node "$(nvidia-smi -L | wc -l)" scripts/multi_gpu_bench.py \
+    --out "$OUT" 2>&1 | grep -E "^W=|wrote|Error" | tee "$OUT/multi_gpu_bench.txt"
+fi
+
 if [ -x "$BUILD_DIR/tests/gpu/fusedmoe_gemm_tests" ]; then
   step "grouped GEMM engine: tests + benchmark"
   "$BUILD_DIR/tests/gpu/fusedmoe_gemm_tests" --results "$OUT/gemm_ours.txt" >"$OUT/gemm_tests.log" 2>&1 || status=1
