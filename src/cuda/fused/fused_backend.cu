@@ -192,7 +192,7 @@ struct Workspace {
   }
 
   void clear(cudaStream_t stream) {
-    FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(heaps, 0, nccl ? heap_stride : heaps_bytes, stream));
+    FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(heaps, 0, heaps_bytes, stream));
     FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(control, 0, control_bytes, stream));
   }
 

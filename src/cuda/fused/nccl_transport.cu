@@ -91,7 +91,6 @@ struct Transport {
   std::mutex mutex;
   ncclComm_t comm = nullptr;
   int world = 1, rank = 0;
-  int device = -1;
   uint64_t generation = 0;
   int* scratch = nullptr;  // one int on the device (barrier)
 };
@@ -220,7 +219,6 @@ void use_nccl_transport(const NcclUniqueId& id, int world, int rank) {
   }
   FUSEDMOE_CUDA_CHECK(cudaMalloc(&t.scratch, sizeof(int)));
   FUSEDMOE_CUDA_CHECK(cudaMemset(t.scratch, 0, sizeof(int)));
-  FUSEDMOE_CUDA_CHECK(cudaGetDevice(&t.device));
   t.comm = comm;
   t.world = world;
   t.rank = rank;
