@@ -7,7 +7,8 @@
 //   1. dispatch: every kept (token, j) row of r goes to its expert's owner: put the row and its
 //      token·k + j into the owner's recv_rows / recv_meta at layout.recv_row(r, local expert,
 //      psum, slot); then signal the owner's recv_flags[r][local expert] = {ε, count}, count 0
-//      included. Data first, flag second (release): the planted fault flag_before_data swaps them.
+//      included. Data first, flag second (release): the planted fault flag_before_data raises the
+//      flags first and puts the rows only after the rank's own expert phase.
 //   2. experts: for every source s and local expert, wait for its flag (acquire), take the count
 //      from it (offsets = prefix of the counts, in local-expert order), run the FFN over those
 //      rows, put every result row into s's ret_rows[token·k + j], then signal s's
@@ -107,12 +108,21 @@ class ThreadsBackend final : public BackendImpl {
 
     void rank_program(int rank) {
       const cpu::SerialScope serial;  // the rank threads are the parallelism
-      if (rank != options.silent_rank) dispatch(rank);
-      if (!experts(rank)) return;
+      const bool sends = rank != options.silent_rank;
+      // Planted fault flag_before_data: the flags go out first and the rows only after this
+      // rank's own expert phase, which has by then computed on rows that were not there (its
+      // own rows at least, so the wrong output does not depend on thread timing); the rows
+      // other ranks read race with these late puts (ThreadSanitizer reports it).
+      const bool late_rows = options.flag_before_data;
+      if (sends) dispatch(rank, !late_rows, true);
+      const bool ok = experts(rank);
+      if (sends && late_rows) dispatch(rank, true, false);
+      if (!ok) return;
       combine(rank);
     }
 
-    void dispatch(int rank) {
+    // Rows and their metadata into the owners' heaps (rows), then the owners' flags (flags).
+    void dispatch(int rank, bool rows, bool flags) {
       const int64_t E = c.num_experts, k = c.top_k, H = c.hidden_size;
       const T* x = static_cast<const T*>(args.x.data);
       const std::vector<int64_t> psum_before = cpu::dispatch_psum(c, r, rank);
@@ -134,14 +144,8 @@ class ThreadsBackend final : public BackendImpl {
           transport.signal(c.expert_rank(e), recv_flag_offset(rank, c.expert_local_index(e)),
                            make_flag(epoch, static_cast<uint32_t>(r.kept_count[static_cast<size_t>(rank * E + e)])));
       };
-      if (options.flag_before_data) {  // planted fault: the readers may see the flag first
-        raise_flags();
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-        send_rows();
-      } else {
-        send_rows();
-        raise_flags();
-      }
+      if (rows) send_rows();
+      if (flags) raise_flags();
     }
 
     bool experts(int rank) {

@@ -117,8 +117,9 @@ TEST(Protocol, FlagBeforeDataIsCaught) {
   MoeConfig c = world_config(4);
   HostWeights w = HostWeights::random(c, test_seed());
   Inputs in = make_inputs(c, 64, test_seed());
-  // Poisoned receive buffers are not needed: a fresh transport holds zeros, and the readers see
-  // the flags 20 ms before the rows arrive, so they compute on missing rows.
+  // Poisoned receive buffers are not needed: a fresh transport holds zeros, and each rank's rows
+  // arrive only after its own expert phase, so at least the rows a rank sends to itself are
+  // computed while missing.
   Result threads = run_layer(c, w, in, Backend::kThreads, false);
   Result oracle = run_layer(c, w, in, Backend::kCpu, false);
   EXPECT_GT(relative_error(threads.y, oracle.y), 1e-3) << "the broken ordering went unnoticed";
