@@ -208,7 +208,7 @@ void translate_errors(const char* op, F&& body) {
   }
 }
 
-using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 ForwardResult moe_forward(const Tensor& x, const Tensor& gate_weight, const OptTensor& gate_bias,
                           const OptTensor& noise_weight, const OptTensor& selection_bias,
@@ -217,7 +217,8 @@ ForwardResult moe_forward(const Tensor& x, const Tensor& gate_weight, const OptT
                           const OptTensor& shared_b1, const OptTensor& shared_w2,
                           const OptTensor& shared_b2, const OptTensor& forced_topk_idx,
                           std::string_view config, c10::IntArrayRef tokens_per_rank, bool training,
-                          int64_t seed, int64_t token_offset, std::string_view backend) {
+                          int64_t seed, int64_t token_offset, std::string_view backend,
+                          bool save_for_backward) {
   const c10::DeviceGuard device_guard(x.device());
   Call call = make_call(config, backend, x);
   Inputs in = make_inputs(call, x, gate_weight, gate_bias, noise_weight, selection_bias, w1, b1, w2,
@@ -241,9 +242,16 @@ ForwardResult moe_forward(const Tensor& x, const Tensor& gate_weight, const OptT
   }
   // Losses as two doubles where the backend writes them (device memory for CUDA: no sync).
   Tensor losses = at::full({2}, std::numeric_limits<double>::quiet_NaN(), x.options().dtype(at::kDouble));
+  Tensor saved = at::empty({0}, x.options().dtype(at::kByte));
   translate_errors("moe_forward", [&] {
     fusedmoe::MoeLayer layer(call.config, in.weights, call.backend);
     fusedmoe::ForwardOutputs out;
+    // What backward needs, kept by the backends that can (uint8 [saved_bytes(T)]; [0] otherwise).
+    const size_t saved_bytes = save_for_backward ? layer.saved_bytes(T) : 0;
+    if (saved_bytes > 0) {
+      saved = at::empty({static_cast<int64_t>(saved_bytes)}, x.options().dtype(at::kByte));
+      out.saved = saved.data_ptr();
+    }
     out.y = fusedmoe::TensorView{.data = data_or_dummy(y), .dtype = call.config.dtype, .shape = {T, H}};
     out.topk_idx = T == 0 ? nullptr : topk_idx.data_ptr<int32_t>();
     out.topk_weight =
@@ -258,7 +266,7 @@ ForwardResult moe_forward(const Tensor& x, const Tensor& gate_weight, const OptT
   });
   Tensor aux = losses[0].to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);  // outputs must not alias
   Tensor z = losses[1].to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-  return {y, topk_idx, topk_weight, kept, expert_counts, kept_counts, aux, z};
+  return {y, topk_idx, topk_weight, kept, expert_counts, kept_counts, aux, z, saved};
 }
 
 using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
@@ -281,7 +289,7 @@ BackwardResult moe_backward(const Tensor& x, const Tensor& gate_weight, const Op
                             std::string_view config, c10::IntArrayRef tokens_per_rank,
                             bool training, int64_t seed, int64_t token_offset,
                             std::string_view backend, const Tensor& dy, const Tensor& d_aux,
-                            const Tensor& d_z) {
+                            const Tensor& d_z, const OptTensor& saved) {
   const c10::DeviceGuard device_guard(x.device());
   Call call = make_call(config, backend, x);
   Inputs in = make_inputs(call, x, gate_weight, gate_bias, noise_weight, selection_bias, w1, b1, w2,
@@ -290,6 +298,15 @@ BackwardResult moe_backward(const Tensor& x, const Tensor& gate_weight, const Op
   fusedmoe::BackwardArgs args;
   args.forward = in.args;
   args.dy = call.view(dy, "dy");
+  Tensor saved_bytes;  // the forward's saved state (moe_forward's `saved` output), when given
+  if (saved.has_value() && saved->defined() && saved->numel() > 0) {
+    call.check_cpu(*saved, "saved");
+    TORCH_CHECK_VALUE(saved->scalar_type() == at::kByte && saved->dim() == 1,
+                      "fusedmoe: saved: expected the uint8 vector moe_forward returned as `saved`, got ",
+                      saved->scalar_type(), " of shape ", saved->sizes());
+    saved_bytes = saved->contiguous();
+    args.saved = saved_bytes.data_ptr();
+  }
   Tensor d_losses;  // CUDA: the loss gradients stay on the device (read by the kernel)
   if (call.on_cuda()) {
     for (const auto& [t, name] : {std::pair{&d_aux, "d_aux"}, std::pair{&d_z, "d_z"}})
@@ -332,6 +349,12 @@ BackwardResult moe_backward(const Tensor& x, const Tensor& gate_weight, const Op
   Tensor d_shared_b2 = grad_for(shared_b2, grads.d_shared_b2);
   translate_errors("moe_backward", [&] {
     fusedmoe::MoeLayer layer(call.config, in.weights, call.backend);
+    if (args.saved) {
+      const size_t expected = layer.saved_bytes(in.num_tokens);
+      TORCH_CHECK_VALUE(static_cast<size_t>(saved_bytes.numel()) == expected, "fusedmoe: saved: ",
+                        saved_bytes.numel(), " bytes, but a forward of these ", in.num_tokens,
+                        " tokens on this backend saves ", expected, " (pass the `saved` output of the same forward)");
+    }
     layer.backward(args, grads);
   });
   return {dx, d_gate_weight, d_gate_bias, d_noise_weight, d_w1, d_b1, d_w2, d_b2,
@@ -391,10 +414,10 @@ std::vector<int64_t> fused_transport() {
 
 TORCH_LIBRARY(fusedmoe, m) {
   m.def("moe_forward(" FUSEDMOE_OP_INPUTS
-        ") -> (Tensor y, Tensor topk_idx, Tensor topk_weight, Tensor kept, Tensor expert_counts, "
-        "Tensor kept_counts, Tensor aux_loss, Tensor z_loss)");
+        ", bool save_for_backward=False) -> (Tensor y, Tensor topk_idx, Tensor topk_weight, Tensor kept, "
+        "Tensor expert_counts, Tensor kept_counts, Tensor aux_loss, Tensor z_loss, Tensor saved)");
   m.def("moe_backward(" FUSEDMOE_OP_INPUTS
-        ", Tensor dy, Tensor d_aux, Tensor d_z) -> (Tensor dx, Tensor d_gate_weight, "
+        ", Tensor dy, Tensor d_aux, Tensor d_z, Tensor? saved=None) -> (Tensor dx, Tensor d_gate_weight, "
         "Tensor d_gate_bias, Tensor d_noise_weight, Tensor d_w1, Tensor d_b1, Tensor d_w2, "
         "Tensor d_b2, Tensor d_shared_w1, Tensor d_shared_b1, Tensor d_shared_w2, "
         "Tensor d_shared_b2)");

@@ -7,6 +7,7 @@
 #include "fusedmoe/moe_layer.hpp"
 #include "fusedmoe/noise.hpp"
 #include "fusedmoe/planner.hpp"
+#include "fusedmoe/saved_state.hpp"
 #include "fusedmoe/timeline.hpp"
 #include "fusedmoe/transport.hpp"
 #include "fusedmoe/version.hpp"

@@ -63,10 +63,13 @@ struct ForwardOutputs {
   int64_t* kept_counts = nullptr;    // [E] assignments computed
   double* aux_loss = nullptr;      // E · Σ_e f_e · P_e   (Switch / GShard load balancing)
   double* z_loss = nullptr;        // mean_t logsumexp(logits_t)²   (router z-loss)
+  // Device memory of MoeLayer::saved_bytes(T) bytes (when that is > 0): the forward keeps in it
+  // what backward needs (fusedmoe/saved_state.hpp), for BackwardArgs::saved.
+  void* saved = nullptr;
 };
 
 struct BackwardArgs {
-  ForwardArgs forward;  // the same inputs as the forward call (routing is recomputed)
+  ForwardArgs forward;  // the same inputs as the forward call (routing is recomputed unless `saved`)
   TensorView dy;        // [T, H]
   double d_aux = 0.0;   // upstream gradient of aux_loss
   double d_z = 0.0;     // upstream gradient of z_loss
@@ -74,6 +77,9 @@ struct BackwardArgs {
   // training step never synchronises with the host).
   const double* d_aux_device = nullptr;
   const double* d_z_device = nullptr;
+  // ForwardOutputs::saved of the forward call on the same inputs: backward then reads routing,
+  // rows and activations from it instead of recomputing the forward. Null: recomputed.
+  const void* saved = nullptr;
 };
 
 // Every view is optional; given ones are overwritten with the gradient.
@@ -119,6 +125,9 @@ class MoeLayer {
 
   // Bytes of the symmetric workspace of one rank for calls of up to max_tokens_per_rank tokens.
   size_t workspace_size(int64_t max_tokens_per_rank) const;
+  // Bytes of ForwardOutputs::saved for a forward of num_tokens tokens; 0 where this backend's
+  // backward always recomputes (cpu, naive, threads, fused).
+  size_t saved_bytes(int64_t num_tokens) const;
   const MoeConfig& config() const { return config_; }
   const MoeWeights& weights() const { return weights_; }
   Backend backend() const { return backend_; }

@@ -9,6 +9,12 @@
 # forced_topk_idx get no gradient by definition. moe_backward itself is not differentiable
 # (no double backward).
 #
+# Saved state: when any input needs a gradient, the autograd wrapper (and fusedmoe.MoE) pass
+# save_for_backward=True; backends that can (cuda) then return in `saved` what their backward
+# needs (routing, expert-ordered rows, activations: include/fusedmoe/saved_state.hpp), which
+# moe_backward reads instead of recomputing the forward. Its size is fixed + T · per_token bytes
+# (saved_bytes below mirrors SavedLayout::make; a GPU test compares it with the op's).
+#
 # Test: tests/python/test_ops_backward.py (gradcheck, opcheck), test_modules.py (torch.compile).
 from __future__ import annotations
 
@@ -22,15 +28,36 @@ __all__ = ["FORWARD_INPUTS", "FORWARD_OUTPUTS", "BACKWARD_OUTPUTS", "register"]
 FORWARD_INPUTS = (
     "x", "gate_weight", "gate_bias", "noise_weight", "selection_bias", "w1", "b1", "w2", "b2",
     "shared_w1", "shared_b1", "shared_w2", "shared_b2", "forced_topk_idx", "config",
-    "tokens_per_rank", "training", "seed", "token_offset", "backend",
+    "tokens_per_rank", "training", "seed", "token_offset", "backend", "save_for_backward",
 )
 FORWARD_OUTPUTS = ("y", "topk_idx", "topk_weight", "kept", "expert_counts", "kept_counts",
-                   "aux_loss", "z_loss")
+                   "aux_loss", "z_loss", "saved")
 # Inputs that have a gradient, in the order of moe_backward's outputs.
 _GRAD_INPUTS = ("x", "gate_weight", "gate_bias", "noise_weight", "w1", "b1", "w2", "b2",
                 "shared_w1", "shared_b1", "shared_w2", "shared_b2")
 BACKWARD_OUTPUTS = tuple("d" + name if name == "x" else "d_" + name for name in _GRAD_INPUTS)
 _NUM_TENSOR_INPUTS = 14  # x .. forced_topk_idx
+_NUM_CALL_ARGS = 6  # config, tokens_per_rank, training, seed, token_offset, backend
+_DTYPE_BYTES = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.float16: 2}
+
+
+def saved_bytes(c: MoeConfig, num_tokens, element_bytes: int):
+    """Bytes of moe_forward's `saved` output on the cuda backend (SavedLayout::make):
+    fixed + num_tokens · per_token, every section rounded up to 16 B."""
+    def r16(b):
+        return (b + 15) // 16 * 16
+    E, k, H = c.num_experts, c.top_k, c.hidden_size
+    fixed = r16(8 * E) + r16(8 * E) + r16(8 * (E + 1))
+    per_token = [4 * E, 4 * E, 4 * E if c.gate == "noisy" else 0, 12, 4 * k, 4 * k, 4 * k, 4 * k, 4 * k, k,
+                 4 * H if c.gate == "switch" and c.jitter_eps > 0 else 0,
+                 k * H * element_bytes, k * c.ffn_in_width * element_bytes, k * c.ffn_size * element_bytes,
+                 k * H * element_bytes]
+    return fixed + num_tokens * sum(r16(b) for b in per_token)
+
+
+def _saves_state(x, backend: str, save_for_backward: bool) -> bool:
+    """Whether the real op returns a non-empty `saved` (the cuda backend only)."""
+    return save_for_backward and x.device.type == "cuda" and backend in ("auto", "cuda")
 
 _registered = False
 
@@ -44,7 +71,7 @@ def _check_devices(x, **tensors) -> None:
 
 def _moe_forward_fake(x, gate_weight, gate_bias, noise_weight, selection_bias, w1, b1, w2, b2,
                       shared_w1, shared_b1, shared_w2, shared_b2, forced_topk_idx, config,
-                      tokens_per_rank, training, seed, token_offset, backend):
+                      tokens_per_rank, training, seed, token_offset, backend, save_for_backward=False):
     """Output shapes of moe_forward from x [T, H] and the config string (k, E)."""
     c = MoeConfig.from_string(config)
     torch._check(x.dim() == 2, lambda: f"x: expected a 2-D tensor [T, H], got {x.dim()} dims")
@@ -63,12 +90,14 @@ def _moe_forward_fake(x, gate_weight, gate_bias, noise_weight, selection_bias, w
         x.new_empty((E,), dtype=torch.int64),
         x.new_empty(()),
         x.new_empty(()),
+        x.new_empty((saved_bytes(c, T, _DTYPE_BYTES[x.dtype]) if _saves_state(x, backend, save_for_backward) else 0,),
+                    dtype=torch.uint8),
     )
 
 
 def _moe_backward_fake(x, gate_weight, gate_bias, noise_weight, selection_bias, w1, b1, w2, b2,
                        shared_w1, shared_b1, shared_w2, shared_b2, forced_topk_idx, config,
-                       tokens_per_rank, training, seed, token_offset, backend, dy, d_aux, d_z):
+                       tokens_per_rank, training, seed, token_offset, backend, dy, d_aux, d_z, saved=None):
     """Gradient shapes: like each present input, empty [0] for absent ones."""
     _check_devices(x, gate_weight=gate_weight, w1=w1, w2=w2, dy=dy)
     def like(t):
@@ -78,15 +107,16 @@ def _moe_backward_fake(x, gate_weight, gate_bias, noise_weight, selection_bias, 
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:_NUM_TENSOR_INPUTS])
-    ctx.call_args = tuple(inputs[_NUM_TENSOR_INPUTS:])  # config, tokens_per_rank, training, ...
-    _, topk_idx, topk_weight, kept, expert_counts, kept_counts, _, _ = output
-    ctx.mark_non_differentiable(topk_idx, topk_weight, kept, expert_counts, kept_counts)
+    _, topk_idx, topk_weight, kept, expert_counts, kept_counts, _, _, saved = output
+    ctx.save_for_backward(*inputs[:_NUM_TENSOR_INPUTS], saved)
+    ctx.call_args = tuple(inputs[_NUM_TENSOR_INPUTS:_NUM_TENSOR_INPUTS + _NUM_CALL_ARGS])  # config, ...
+    ctx.mark_non_differentiable(topk_idx, topk_weight, kept, expert_counts, kept_counts, saved)
 
 
 def _backward(ctx, dy, d_topk_idx, d_topk_weight, d_kept, d_expert_counts, d_kept_counts,
-              d_aux, d_z):
-    saved = ctx.saved_tensors
+              d_aux, d_z, d_saved):
+    saved = ctx.saved_tensors[:_NUM_TENSOR_INPUTS]
+    state = ctx.saved_tensors[_NUM_TENSOR_INPUTS]
     x = saved[0]
     if dy is None:
         dy = torch.zeros_like(x)
@@ -94,7 +124,8 @@ def _backward(ctx, dy, d_topk_idx, d_topk_weight, d_kept, d_expert_counts, d_kep
         d_aux = x.new_zeros(())
     if d_z is None:
         d_z = x.new_zeros(())
-    grads = torch.ops.fusedmoe.moe_backward(*saved, *ctx.call_args, dy.contiguous(), d_aux, d_z)
+    grads = torch.ops.fusedmoe.moe_backward(*saved, *ctx.call_args, dy.contiguous(), d_aux, d_z,
+                                            state if state.numel() > 0 else None)
     by_name = dict(zip(_GRAD_INPUTS, grads))
     result = []
     for name, tensor in zip(FORWARD_INPUTS, list(saved) + list(ctx.call_args)):
@@ -102,6 +133,8 @@ def _backward(ctx, dy, d_topk_idx, d_topk_weight, d_kept, d_expert_counts, d_kep
             result.append(by_name[name])
         else:
             result.append(None)
+    # save_for_backward (when the caller passed it; extra trailing Nones are allowed)
+    result += [None] * (len(FORWARD_INPUTS) - len(result))
     return tuple(result)
 
 

@@ -115,7 +115,8 @@ def torch_loop(p: Problem, x, gate_weight, w1, w2):
 def fusedmoe_layer(p: Problem, x, gate_weight, w1, w2, backend: str = "auto"):
     """The modular GPU path ("auto"), or the single persistent kernel ("fused")."""
     out = torch.ops.fusedmoe.moe_forward(x, gate_weight, None, None, None, w1, None, w2, None, None, None, None,
-                                         None, None, p.config_string(), [], False, 0, 0, backend)
+                                         None, None, p.config_string(), [], False, 0, 0, backend,
+                                         save_for_backward=torch.is_grad_enabled())
     return out[0]
 
 
@@ -123,14 +124,26 @@ def fusedmoe_fused(p: Problem, x, gate_weight, w1, w2):
     return fusedmoe_layer(p, x, gate_weight, w1, w2, backend="fused")
 
 
+def clear_grads(args) -> None:
+    """Drops the .grad of every tensor argument (as optimizer.zero_grad(set_to_none=True) does
+    between steps), so that a timed backward writes fresh gradients instead of accumulating into
+    the previous repetition's (an elementwise pass over every weight gradient, which is not the
+    layer's work)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            a.grad = None
+
+
 def time_ms(fn, input_sets, warmup=3, repeats=20) -> float:
-    """Median milliseconds of fn(*inputs) with CUDA events, cycling through input sets."""
+    """Median milliseconds of fn(*inputs) with CUDA events, cycling through input sets; every
+    repetition starts from an idle GPU with the inputs' gradients cleared."""
     for i in range(warmup):
         fn(*input_sets[i % len(input_sets)])
     torch.cuda.synchronize()
     times = []
     for i in range(repeats):
         args = input_sets[i % len(input_sets)]
+        clear_grads(args)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn(*args)

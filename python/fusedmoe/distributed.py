@@ -69,7 +69,8 @@ def _local_expert_rows(moe, rows: torch.Tensor, expert: torch.Tensor, w1, b1, w2
     gate_zero = torch.zeros(m, H, dtype=rows.dtype, device=rows.device)
     out = torch.ops.fusedmoe.moe_forward(
         rows, gate_zero, None, None, None, w1, b1, w2, b2, None, None, None, None,
-        expert.reshape(-1, 1), inner.to_string(), [], False, 0, 0, moe.backend)
+        expert.reshape(-1, 1), inner.to_string(), [], False, 0, 0, moe.backend,
+        save_for_backward=torch.is_grad_enabled() and (rows.requires_grad or w1.requires_grad))
     return out[0]
 
 

@@ -26,6 +26,12 @@ __all__ = ["MoE"]
 _BACKENDS = ("auto", "cpu", "naive", "reference")
 
 
+def _needs_grad(args) -> bool:
+    """Whether autograd will call backward for an op on these arguments (then the forward keeps
+    its intermediate results for it instead of backward recomputing them)."""
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
 class MoE(nn.Module):
     """Mixture-of-Experts FFN: y = Σ_j w_j · expert_{e_j}(x) + Σ_s shared_s(x).
 
@@ -212,8 +218,9 @@ class MoE(nn.Module):
         if self.backend == "reference":
             out = reference.moe_forward(*args)
         else:
-            out = torch.ops.fusedmoe.moe_forward(*args, self.backend)
-        y, topk_idx, _, _, expert_counts, kept_counts, aux, z = out
+            out = torch.ops.fusedmoe.moe_forward(*args, self.backend,
+                                                 save_for_backward=_needs_grad(args))
+        y, topk_idx, _, _, expert_counts, kept_counts, aux, z = out[:8]
         self.aux_loss = aux
         self.z_loss = z
         self.last_topk_idx = topk_idx

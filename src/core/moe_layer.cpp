@@ -9,6 +9,7 @@
 #include "fusedmoe/error.hpp"
 #include "fusedmoe/layout.hpp"
 #include "fusedmoe/planner.hpp"
+#include "fusedmoe/saved_state.hpp"
 
 namespace fusedmoe {
 
@@ -248,6 +249,12 @@ void MoeLayer::backward(const BackwardArgs& args, const MoeGrads& g) {
   check_optional(g.d_shared_b1, "d_shared_b1", S > 0 && config_.expert_bias, dt, {S, Ns1});
   check_optional(g.d_shared_b2, "d_shared_b2", S > 0 && config_.expert_bias, dt, {S, H});
   impl_->backward(config_, weights_, args, tokens_per_rank, g);
+}
+
+size_t MoeLayer::saved_bytes(int64_t num_tokens) const {
+  FUSEDMOE_CHECK(num_tokens >= 0, "saved_bytes: num_tokens = " << num_tokens << ": must be >= 0");
+  if (backend_ != Backend::kCuda) return 0;
+  return static_cast<size_t>(SavedLayout::make(config_, num_tokens).total);
 }
 
 size_t MoeLayer::workspace_size(int64_t max_tokens_per_rank) const {

@@ -1,8 +1,10 @@
 // src/cuda/cuda_backend.cu — the modular GPU backend (one GPU, world size 1): router → slots →
 // gather → grouped GEMM0 → activation → grouped GEMM1 → combine, and the backward pass through
 // the same stages in reverse. Every buffer is stream-ordered scratch; nothing synchronises with
-// the host, so forward and backward can be captured in a CUDA graph. Backward recomputes the
-// forward intermediates (routing is deterministic and noise is keyed).
+// the host, so forward and backward can be captured in a CUDA graph. Backward reads the forward's
+// routing, rows and activations from the buffer the forward saved them in
+// (fusedmoe/saved_state.hpp), or recomputes them when it has none (routing is deterministic and
+// noise is keyed).
 // Test: tests/gpu/test_gpu_layer.cpp against the CPU oracle with the same routing.
 #include <algorithm>
 #include <cstdlib>
@@ -10,6 +12,7 @@
 
 #include "core/backend.hpp"
 #include "cuda/common.cuh"
+#include "fusedmoe/saved_state.hpp"
 #include "cuda/stages.cuh"
 #include "cuda/wmma_gemm.cuh"
 #include "gemm/grouped_gemm.hpp"
@@ -144,7 +147,7 @@ struct ForwardState {
   Scratch scratch;
   RouterParams rp;
   RoutingBuffers r;
-  const float* router_input_f32 = nullptr;  // jittered router input (Switch, training)
+  float* router_input_f32 = nullptr;  // jittered router input (Switch, training)
   int64_t capacity = 0, rows_max = 0, rows_per_expert_max = 0;
   T* xperm = nullptr;      // [rows_max, H]
   T* pre = nullptr;        // [rows_max, N1]
@@ -153,47 +156,89 @@ struct ForwardState {
   float* dense = nullptr;  // [T, H] shared experts' sum (fp32), null without shared experts
 };
 
+// Router parameters, sizes and buffers of a forward on args: from scratch, or the sections of a
+// saved-state buffer (SavedLayout) when `saved` is given.
 template <class T>
-void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& args, ForwardState<T>& st,
-                 uint8_t* kept_out, bool keep_pre_activation) {
-  cudaStream_t stream = static_cast<cudaStream_t>(args.stream);
+void prepare_state(const MoeConfig& c, const ForwardArgs& args, ForwardState<T>& st, unsigned char* saved,
+                   uint8_t* kept_out) {
   const int64_t Tn = args.x.shape[0], H = c.hidden_size, E = c.num_experts, k = c.top_k;
   const int64_t I = c.ffn_size, N1 = c.ffn_in_width();
-  const T* x = ptr<T>(args.x);
-  Scratch& s = st.scratch;
-  RouterParams& rp = st.rp;
-  rp = RouterParams{.num_tokens = Tn, .num_experts = E, .top_k = k, .gate = c.gate,
-                    .renormalize = resolved_renormalize(c), .training = args.training, .seed = args.seed,
-                    .token_offset = args.token_offset, .forced_topk_idx = args.forced_topk_idx};
+  st.rp = RouterParams{.num_tokens = Tn, .num_experts = E, .top_k = k, .gate = c.gate,
+                       .renormalize = resolved_renormalize(c), .training = args.training, .seed = args.seed,
+                       .token_offset = args.token_offset, .forced_topk_idx = args.forced_topk_idx};
+  st.capacity = c.capacity(Tn);
+  st.rows_per_expert_max = std::max<int64_t>(st.capacity, 1);
+  st.rows_max = std::min(Tn * k, c.dropless() ? Tn * k : E * st.capacity);
+  const bool noisy = c.gate == GateKind::kNoisyTopK && args.training;
+  const bool jitter = c.gate == GateKind::kSwitchTop1 && args.training && c.jitter_eps > 0;
   RoutingBuffers& r = st.r;
-  const int64_t chunks = ceil_div(Tn, kSlotChunk);
+  Scratch& s = st.scratch;
+  r.chunk_counts = s.alloc<int32_t>(k * ceil_div(Tn, kSlotChunk) * E);
+  if (saved) {
+    const SavedLayout l = SavedLayout::make(c, Tn);
+    auto at = [&](const SavedLayout::Span& span) { return static_cast<void*>(saved + span.offset); };
+    r.routed = static_cast<int64_t*>(at(l.routed));
+    r.kept_count = static_cast<int64_t*>(at(l.kept_count));
+    r.row_offsets = static_cast<int64_t*>(at(l.row_offsets));
+    r.logits = static_cast<float*>(at(l.logits));
+    r.probs = static_cast<float*>(at(l.probs));
+    r.noise_pre = noisy ? static_cast<float*>(at(l.noise_pre)) : nullptr;
+    r.lse = static_cast<float*>(at(l.stats));
+    r.prob_sum = r.lse + Tn;
+    r.renorm_sum = r.lse + 2 * Tn;
+    r.selected = static_cast<int32_t*>(at(l.selected));
+    r.idx = static_cast<int32_t*>(at(l.idx));
+    r.weight = static_cast<float*>(at(l.weight));
+    r.row_of = static_cast<int32_t*>(at(l.row_of));
+    r.row_source = static_cast<int32_t*>(at(l.row_source));
+    r.kept = static_cast<uint8_t*>(at(l.kept));
+    st.router_input_f32 = jitter ? static_cast<float*>(at(l.router_input)) : nullptr;
+    st.xperm = static_cast<T*>(at(l.xperm));
+    st.pre = static_cast<T*>(at(l.pre));
+    st.act = static_cast<T*>(at(l.act));
+    st.out_rows = static_cast<T*>(at(l.out_rows));
+    return;
+  }
   r.logits = s.alloc<float>(Tn * E);
   r.probs = s.alloc<float>(Tn * E);
+  r.noise_pre = noisy ? s.alloc<float>(Tn * E) : nullptr;
   r.lse = s.alloc<float>(Tn);
   r.prob_sum = s.alloc<float>(Tn);
   r.renorm_sum = s.alloc<float>(Tn);
   r.selected = s.alloc<int32_t>(Tn * k);
   r.idx = s.alloc<int32_t>(Tn * k);
   r.weight = s.alloc<float>(Tn * k);
-  r.chunk_counts = s.alloc<int32_t>(k * chunks * E);
   r.routed = s.alloc<int64_t>(E);
   r.kept_count = s.alloc<int64_t>(E);
   r.row_offsets = s.alloc<int64_t>(E + 1);
   r.row_of = s.alloc<int32_t>(Tn * k);
   r.kept = kept_out ? kept_out : s.alloc<uint8_t>(Tn * k);
-  st.capacity = c.capacity(Tn);
-  st.rows_per_expert_max = std::max<int64_t>(st.capacity, 1);
-  st.rows_max = std::min(Tn * k, c.dropless() ? Tn * k : E * st.capacity);
   r.row_source = s.alloc<int32_t>(st.rows_max);
+  st.router_input_f32 = jitter ? s.alloc<float>(Tn * H) : nullptr;
+  st.xperm = s.alloc<T>(st.rows_max * H);
+  st.pre = s.alloc<T>(st.rows_max * N1);
+  st.act = s.alloc<T>(st.rows_max * I);
+  st.out_rows = s.alloc<T>(st.rows_max * H);
+}
+
+// The forward into st (prepared by prepare_state).
+template <class T>
+void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& args, ForwardState<T>& st,
+                 bool keep_pre_activation) {
+  cudaStream_t stream = static_cast<cudaStream_t>(args.stream);
+  const int64_t Tn = args.x.shape[0], H = c.hidden_size, E = c.num_experts, k = c.top_k;
+  const int64_t I = c.ffn_size, N1 = c.ffn_in_width();
+  const T* x = ptr<T>(args.x);
+  Scratch& s = st.scratch;
+  RouterParams& rp = st.rp;
+  RoutingBuffers& r = st.r;
 
   // Router logits (fp32) = router input · Wgᵀ + bg.
   std::optional<RouterScope> router_scope(std::in_place);
-  const bool jitter = c.gate == GateKind::kSwitchTop1 && args.training && c.jitter_eps > 0;
   const Operand gate_b{ptr<T>(w.gate_weight), 0, 1, H};  // B(k = h, n = e) = Wg[e, h]
-  if (jitter) {
-    float* xr = s.alloc<float>(Tn * H);
+  if (st.router_input_f32) {  // Switch jitter (training)
+    float* xr = st.router_input_f32;
     jitter_router_input<T>(x, xr, Tn, H, c.jitter_eps, args.seed, args.token_offset, stream);
-    st.router_input_f32 = xr;
     gemm<float, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, E, H, {xr, 0, H, 1}, gate_b, r.logits, 0, E);
   } else if (use_hopper_engine<T>(c, w) && Tn > 0 && E % 8 == 0 && aligned16(w.gate_weight.data)) {
     // One group of all tokens; Wg [E, H] is B stored K-major. fp32 logits.
@@ -207,8 +252,7 @@ void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& arg
     gemm<T, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, E, H, {x, 0, H, 1}, gate_b, r.logits, 0, E);
   }
   if (w.gate_bias.defined()) add_group_bias<float, T>(r.logits, ptr<T>(w.gate_bias), nullptr, 1, Tn, E, stream);
-  if (c.gate == GateKind::kNoisyTopK && args.training) {
-    r.noise_pre = s.alloc<float>(Tn * E);
+  if (r.noise_pre) {
     gemm<T, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, E, H, {x, 0, H, 1}, {ptr<T>(w.noise_weight), 0, 1, H},
                       r.noise_pre, 0, E);
     add_gate_noise(rp, r, stream);
@@ -218,10 +262,6 @@ void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& arg
   assign_slots(rp, st.capacity, r, stream);
 
   // Dispatch (local): rows in expert order; expert FFN as grouped GEMMs.
-  st.xperm = s.alloc<T>(st.rows_max * H);
-  st.pre = s.alloc<T>(st.rows_max * N1);
-  st.act = s.alloc<T>(st.rows_max * I);
-  st.out_rows = s.alloc<T>(st.rows_max * H);
   gather_rows<T>(x, r, false, st.xperm, Tn, k, H, stream);
   if (use_hopper_engine<T>(c, w) && st.rows_max > 0) {
     // GEMM0 with the activation (gated: both halves in one tile) fused; GEMM1 plain.
@@ -271,8 +311,13 @@ class CudaBackend final : public BackendImpl {
     cudaStream_t stream = static_cast<cudaStream_t>(args.stream);
     const int64_t Tn = args.x.shape[0], H = c.hidden_size, E = c.num_experts, k = c.top_k;
     ForwardState<T> st(stream);
-    run_forward<T>(c, w, args, st, out.kept, /*keep_pre_activation=*/false);
+    // With a saved-state buffer the routing, rows and activations land there (for backward).
+    auto* saved = static_cast<unsigned char*>(out.saved);
+    prepare_state<T>(c, args, st, saved, out.kept);
+    run_forward<T>(c, w, args, st, /*keep_pre_activation=*/saved != nullptr);
     combine_rows<T>(st.out_rows, st.r, false, st.dense, mut<T>(out.y), Tn, k, H, stream);
+    if (saved && out.kept && Tn > 0)
+      FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(out.kept, st.r.kept, sizeof(uint8_t) * Tn * k, cudaMemcpyDeviceToDevice, stream));
     if (out.topk_idx && Tn > 0)
       FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(out.topk_idx, st.r.idx, sizeof(int32_t) * Tn * k, cudaMemcpyDeviceToDevice, stream));
     if (out.topk_weight.defined()) convert<T>(st.r.weight, mut<T>(out.topk_weight), Tn * k, stream);
@@ -292,7 +337,10 @@ class CudaBackend final : public BackendImpl {
     const T* x = ptr<T>(fa.x);
     const T* dy = ptr<T>(args.dy);
     ForwardState<T> st(stream);
-    run_forward<T>(c, w, fa, st, nullptr, /*keep_pre_activation=*/true);
+    // The forward's state: read from its saved-state buffer, or recomputed.
+    auto* saved = static_cast<unsigned char*>(const_cast<void*>(args.saved));
+    prepare_state<T>(c, fa, st, saved, nullptr);
+    if (!saved) run_forward<T>(c, w, fa, st, /*keep_pre_activation=*/true);
     Scratch& s = st.scratch;
     RoutingBuffers& r = st.r;
 

@@ -108,6 +108,7 @@ struct GpuCase {
   std::vector<int64_t> tokens_per_rank;  // W > 1: each rank's share (empty = even split)
   Backend backend = Backend::kCuda;
   bool with_backward = true;
+  bool saved = false;  // backward reads the forward's saved state (ForwardOutputs::saved)
 };
 
 struct GpuRun {
@@ -151,12 +152,19 @@ GpuRun run_gpu(const GpuCase& gc, uint64_t seed) {
   if (!gc.forced.empty()) cudaMemcpy(forced.ptr, gc.forced.data(), sizeof(int32_t) * T * k, cudaMemcpyHostToDevice);
   cudaMemset(idx.ptr, 0xff, sizeof(int32_t) * T * k);
   MoeLayer layer(cg, views, gc.backend);
+  // Saved state: poisoned (all bits set) so that a section the forward forgets shows up.
+  const size_t saved_bytes = gc.saved ? layer.saved_bytes(T) : 0;
+  if (gc.saved && gc.backend == Backend::kCuda) EXPECT_GT(saved_bytes, 0u);
+  DeviceMemory saved(saved_bytes);
+  if (saved_bytes) cudaMemset(saved.ptr, 0xff, saved_bytes);
+  void* saved_ptr = saved_bytes ? saved.ptr : nullptr;
   ForwardArgs fa{.x = dx_in.view, .tokens_per_rank = gc.tokens_per_rank, .training = gc.training,
                  .seed = in.noise_seed, .forced_topk_idx = gc.forced.empty() ? nullptr : static_cast<int32_t*>(forced.ptr)};
   layer.forward(fa, ForwardOutputs{.y = y.view, .topk_idx = static_cast<int32_t*>(idx.ptr), .topk_weight = weight.view,
                                    .kept = static_cast<uint8_t*>(kept.ptr), .expert_counts = static_cast<int64_t*>(routed.ptr),
                                    .kept_counts = static_cast<int64_t*>(kept_counts.ptr),
-                                   .aux_loss = static_cast<double*>(losses.ptr), .z_loss = static_cast<double*>(losses.ptr) + 1});
+                                   .aux_loss = static_cast<double*>(losses.ptr), .z_loss = static_cast<double*>(losses.ptr) + 1,
+                                   .saved = saved_ptr});
   // Backward: every gradient poisoned.
   HostWeights gshape = HostWeights::zeros_like(c64);
   std::vector<DeviceTensor> dev_g;
@@ -167,7 +175,8 @@ GpuRun run_gpu(const GpuCase& gc, uint64_t seed) {
                  .d_b2 = dev_g[7].view, .d_shared_w1 = dev_g[8].view, .d_shared_b1 = dev_g[9].view,
                  .d_shared_w2 = dev_g[10].view, .d_shared_b2 = dev_g[11].view};
   if (gc.with_backward)
-    layer.backward(BackwardArgs{.forward = fa, .dy = ddy.view, .d_aux = in.d_aux, .d_z = in.d_z}, grads);
+    layer.backward(BackwardArgs{.forward = fa, .dy = ddy.view, .d_aux = in.d_aux, .d_z = in.d_z, .saved = saved_ptr},
+                   grads);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 
   Result gpu;
@@ -252,7 +261,10 @@ class GpuKinds : public ::testing::TestWithParam<KindCase> {};
 TEST_P(GpuKinds, ForwardBackwardMatchOracle) {
   REQUIRE_GPU();
   for (bool training : {false, true}) {
-    GpuCase gc{.config = small(GetParam().gate, GetParam().ffn, GetParam().dtype), .tokens = 77, .training = training};
+    // Training runs keep the forward's state for backward (as the torch op under autograd
+    // does); eval runs recompute it.
+    GpuCase gc{.config = small(GetParam().gate, GetParam().ffn, GetParam().dtype), .tokens = 77, .training = training,
+               .saved = training};
     gc.config.gate_bias = true;
     gc.config.expert_bias = true;
     check_case(gc, test_seed() + training);
@@ -275,12 +287,49 @@ INSTANTIATE_TEST_SUITE_P(All, GpuKinds, ::testing::ValuesIn(kind_cases()), [](co
 TEST(GpuLayer, CapacityAndSharedExperts) {
   REQUIRE_GPU();
   for (DType dt : {DType::kFloat32, DType::kBFloat16}) {
-    GpuCase gc{.config = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, dt), .tokens = 300, .gate_scale = 6.0};
+    GpuCase gc{.config = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, dt), .tokens = 300, .gate_scale = 6.0,
+               .saved = true};
     gc.config.capacity_factor = 0.75;
     gc.config.num_shared_experts = 2;
     gc.config.shared_ffn_size = 48;
     gc.config.expert_bias = true;
     check_case(gc, test_seed());
+  }
+}
+
+// Backward from the forward's saved state equals backward recomputing the forward, bit for bit
+// (same kernels on the same inputs), across the gates whose state has extra sections (noise,
+// jitter), capacity drops, shared experts, biases and the Hopper-sized shapes.
+TEST(GpuLayer, SavedStateEqualsRecomputedBackward) {
+  REQUIRE_GPU();
+  struct Variant {
+    GateKind gate;
+    FfnKind ffn;
+    DType dtype;
+    int64_t tokens, hidden, ffn_size;
+    double capacity;
+    int64_t shared;
+  };
+  const Variant variants[] = {
+      {GateKind::kNoisyTopK, FfnKind::kSwiGlu, DType::kBFloat16, 300, 256, 128, 0.0, 0},
+      {GateKind::kSwitchTop1, FfnKind::kGeluMlp, DType::kFloat32, 77, 96, 80, 0.0, 0},
+      {GateKind::kGShardTop2, FfnKind::kGeGlu, DType::kFloat16, 257, 128, 192, 1.0, 0},
+      {GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16, 1031, 512, 256, 0.75, 2},
+      {GateKind::kSigmoidTopK, FfnKind::kReluMlp, DType::kBFloat16, 1, 128, 64, 0.0, 0},
+  };
+  for (const Variant& v : variants) {
+    GpuCase gc{.config = small(v.gate, v.ffn, v.dtype), .tokens = v.tokens, .training = true};
+    gc.config.hidden_size = v.hidden;
+    gc.config.ffn_size = v.ffn_size;
+    gc.config.capacity_factor = v.capacity;
+    gc.config.num_shared_experts = v.shared;
+    gc.config.gate_bias = true;
+    gc.config.expert_bias = true;
+    const uint64_t seed = test_seed() + static_cast<uint64_t>(v.tokens);
+    GpuRun recomputed = run_gpu(gc, seed);
+    gc.saved = true;
+    GpuRun saved = run_gpu(gc, seed);
+    expect_same(saved.gpu, recomputed.gpu, 0.0, gc.config.summary() + ": saved state vs recomputed");
   }
 }
 
@@ -585,6 +634,39 @@ TEST(FusedKernel, SilentRankIsReportedWithinFiveSeconds) {
   }
   FusedOptionsScope sync({.sync_check = true});
   check_case(fused_case(c, 400), test_seed() + 1);
+}
+
+// The in-block waits of the Hopper engine are bounded too: a scheduler thread that never
+// publishes a task is reported by its consumers' task-ring wait; one that publishes a task but
+// never loads its stages by the stage wait (or by a peer waiting for that task's results). The
+// kernel returns, the error names the wait, and the next forward is correct.
+TEST(FusedKernel, StalledSchedulerIsReported) {
+  REQUIRE_GPU();
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
+  if (major != 9 || minor != 0) GTEST_SKIP() << "the Hopper engine (sm_90) has the task ring and stage pipeline";
+  MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
+  c.world_size = 2;
+  using cuda::fused::FusedOptions;
+  for (int stall : {FusedOptions::kStallScheduler, FusedOptions::kStallProducer}) {
+    FusedOptionsScope fault({.timeout_ms = 300, .sync_check = true, .stall = stall});
+    const auto start = std::chrono::steady_clock::now();
+    std::string message;
+    try {
+      run_gpu(fused_case(c, 1000), test_seed());
+    } catch (const Error& e) {
+      message = e.what();
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_NE(message.find("timed out"), std::string::npos) << message;
+    if (stall == FusedOptions::kStallScheduler)
+      EXPECT_NE(message.find("task ring"), std::string::npos) << message;
+    EXPECT_LT(seconds, 5.0);
+    std::printf("stall %d reported after %.2f s: %s\n", stall, seconds, message.c_str());
+  }
+  FusedOptionsScope sync({.sync_check = true});
+  check_case(fused_case(c, 1000), test_seed() + 1);
 }
 
 // The planted ordering bug (every dispatch flag raised before its rows are written) must be

@@ -24,7 +24,7 @@ def run_op(layer, x, dtype, device, forced=None):
     args = (x, params["gate.weight"], get(g.bias, "gate.bias"), get(g.noise_weight, "gate.noise_weight"), None,
             params["experts.w1"], get(ex.b1, "experts.b1"), params["experts.w2"], get(ex.b2, "experts.b2"),
             None, None, None, None, forced, cfg, [], False, 0, 0, "auto")
-    y, idx, w, kept, counts, kept_counts, aux, z = torch.ops.fusedmoe.moe_forward(*args)
+    y, idx, w, kept, counts, kept_counts, aux, z = torch.ops.fusedmoe.moe_forward(*args)[:8]
     loss = (y.double() * torch.linspace(-1, 1, y.numel(), device=device, dtype=torch.float64).view_as(y)).sum()
     loss = loss + 0.1 * aux.double() + 0.01 * z.double()
     loss.backward()
@@ -85,6 +85,89 @@ def test_module_on_cuda_and_graph_capture():
     torch.cuda.synchronize()
     assert torch.equal(y_static, eager), "graph replay differs from eager"
     assert torch.isfinite(static_x.grad.float()).all()
+
+
+@pytest.mark.parametrize("gate,ffn,dtype,capacity", [("softmax", "swiglu", torch.bfloat16, 0.0),
+                                                     ("noisy", "gelu", torch.float16, 1.25),
+                                                     ("switch", "relu", torch.float32, 0.0)])
+def test_saved_state_size_and_gradients(gate, ffn, dtype, capacity):
+    """moe_forward(save_for_backward=True) on CUDA returns the state its backward reads: its size
+    is what the fake kernel predicts (torch.compile relies on it), and the gradients through it
+    equal the gradients of a backward that recomputes the forward, bit for bit."""
+    from fusedmoe import _ops
+
+    layer = make_layer(gate=gate, ffn=ffn, top_k=1 if gate == "switch" else 2, gate_bias=True,
+                       capacity_factor=capacity)
+    cfg = layer.config_for(dtype)
+    x0 = torch.randn(301, 128, device="cuda", dtype=dtype)
+    results = []
+    for save in (False, True):
+        params = {n: t.detach().to("cuda", dtype).requires_grad_(True) for n, t in layer.named_parameters()}
+        g = layer.gate
+        x = x0.clone().requires_grad_(True)
+        out = torch.ops.fusedmoe.moe_forward(
+            x, params["gate.weight"], params["gate.bias"],
+            None if g.noise_weight is None else params["gate.noise_weight"], None,
+            params["experts.w1"], None, params["experts.w2"], None, None, None, None, None, None,
+            cfg.to_string(), [], True, 7, 0, "auto", save_for_backward=save)
+        saved = out[8]
+        if save:
+            assert saved.dtype == torch.uint8
+            assert saved.numel() == _ops.saved_bytes(cfg, x.shape[0], x.element_size()) > 0
+        else:
+            assert saved.numel() == 0
+        y = out[0]
+        (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().add(out[6].float()).backward()
+        results.append([x.grad] + [p.grad for p in params.values()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_fused_op_captured_on_torch_graph_stream():
+    """The fused op warmed up on one stream, then captured by torch.cuda.graph (which captures
+    on a stream of its own, whose first forward therefore allocates the kernel's workspace under
+    capture): replays equal the eager output."""
+    layer = make_layer(experts=8, top_k=2)
+    cfg = layer.config_for(torch.bfloat16).to_string()
+    p = {n: t.detach().to("cuda", torch.bfloat16) for n, t in layer.named_parameters()}
+    static_x = torch.randn(333, 128, device="cuda", dtype=torch.bfloat16)
+
+    def forward(x):
+        return torch.ops.fusedmoe.moe_forward(x, p["gate.weight"], None, None, None, p["experts.w1"], None,
+                                              p["experts.w2"], None, None, None, None, None, None, cfg, [], False,
+                                              0, 0, "fused")[0]
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        eager = forward(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = forward(static_x)
+    for _ in range(3):
+        y_static.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_static, eager), "graph replay differs from eager"
+    static_x.copy_(torch.randn_like(static_x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_static, forward(static_x))
+    # A larger shape captured later on the same stream grows its workspace under capture; the
+    # first graph keeps its (retired, still allocated) buffers.
+    big_x = torch.randn(4000, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.cuda.stream(s):
+        big_eager = forward(big_x)
+    torch.cuda.current_stream().wait_stream(s)
+    big_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(big_graph):
+        y_big = forward(big_x)
+    for g, y, expected in ((big_graph, y_big, big_eager), (graph, y_static, forward(static_x))):
+        y.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, expected)
 
 
 def test_fused_op_through_nccl_transport_of_a_one_rank_group(tmp_path):
