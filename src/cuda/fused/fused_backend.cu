@@ -18,6 +18,7 @@
 #include <memory>
 #include <mutex>
 #include <sstream>
+#include <vector>
 
 #include "core/backend.hpp"
 #include "cuda/common.cuh"
@@ -101,6 +102,24 @@ std::string describe(const ErrorRecord& e) {
   return os.str();
 }
 
+// Switches this thread to relaxed stream-capture mode for its lifetime (when `on`): allocations
+// are then allowed while a stream captures (they are not stream work and stay out of the graph).
+class RelaxedCaptureMode {
+ public:
+  explicit RelaxedCaptureMode(bool on) : on_(on) {
+    if (on_) FUSEDMOE_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode_));
+  }
+  ~RelaxedCaptureMode() {
+    if (on_) cudaThreadExchangeStreamCaptureMode(&mode_);
+  }
+  RelaxedCaptureMode(const RelaxedCaptureMode&) = delete;
+  RelaxedCaptureMode& operator=(const RelaxedCaptureMode&) = delete;
+
+ private:
+  bool on_;
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
+};
+
 // Everything that persists between launches, on one device.
 // Heaps: local/emulated transport, W heaps of one cudaMalloc (heap q at heaps + q * heap_stride);
 // NCCL transport, this rank's heap in an NCCL symmetric window (`shared`: the peers' mappings).
@@ -134,6 +153,19 @@ struct Workspace {
 
   TimelineRecord* timeline = nullptr;  // [timeline_blocks][kTimelineCapacity], then counts
   int timeline_blocks = 0;
+
+  // Buffers that captured graphs may still use (see ensure).
+  bool captured = false;
+  std::vector<void*> retired;
+  void retire() {
+    if (nccl) {
+      release();  // another transport generation: the old window's graphs are invalid anyway
+      return;
+    }
+    for (void* p : {static_cast<void*>(heaps), static_cast<void*>(control)})
+      if (p) retired.push_back(p);
+    heaps = control = nullptr;
+  }
 
   void release() {
     if (nccl) nccl_free_heaps(shared);
@@ -196,9 +228,13 @@ struct Workspace {
     FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(control, 0, control_bytes, stream));
   }
 
+  static std::array<int64_t, 6> sections_of(const WorkspaceLayout& l) {
+    return {l.recv_flags.offset, l.recv_flags.bytes, l.ret_flags.offset,
+            l.ret_flags.bytes,  l.counters.offset,   l.counters.bytes};
+  }
+
   void use_layout(const WorkspaceLayout& l, cudaStream_t stream) {
-    const std::array<int64_t, 6> sections{l.recv_flags.offset, l.recv_flags.bytes, l.ret_flags.offset,
-                                          l.ret_flags.bytes,  l.counters.offset,   l.counters.bytes};
+    const std::array<int64_t, 6> sections = sections_of(l);
     if (sections == protocol_sections) return;
     for (int q = 0; q < own_heaps(); ++q)
       for (const Section& section : {l.recv_flags, l.ret_flags, l.counters})
@@ -209,26 +245,45 @@ struct Workspace {
     protocol_sections = sections;
   }
 
-  // (Re)allocates when the sizes grow or the shape of the problem changes.
-  void ensure(int dev, size_t stride, int64_t tasks, int W, int E, int segs, cudaStream_t stream) {
+  // (Re)allocates when the sizes grow or the shape of the problem changes; `l` is the layout
+  // of this launch (a fresh workspace is all zeros, so its flag sections need no clearing).
+  void ensure(int dev, size_t stride, int64_t tasks, int W, int E, int segs, const WorkspaceLayout& l,
+              cudaStream_t stream) {
+    // Capacities: a smaller problem runs in a larger workspace (every index stays in range).
+    const TransportState transport = transport_state();
+    const uint64_t gen = transport_generation();
+    if (host_record && heaps && dev == device && gen == generation && stride <= heap_stride &&
+        tasks <= task_capacity && W <= world && E <= experts && segs <= segments)
+      return;
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    FUSEDMOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    const bool capturing = capture != cudaStreamCaptureStatusNone;
+    // A stream's first forward may come under capture (torch.cuda.graph captures on a stream of
+    // its own, after a warm-up on another): the new workspace is allocated outside the graph.
+    // Growing one is not possible there (the old buffers may still be in use by queued work),
+    // nor is a collective allocation of the NCCL window.
+    // The NCCL window is allocated collectively, which capture cannot do; and a window that a
+    // captured graph uses cannot be replaced.
+    FUSEDMOE_CHECK(!capturing || !transport.nccl,
+                   "fused backend: the NCCL window of this stream's workspace must be allocated during CUDA-graph "
+                   "capture; run one eager forward of the largest shape on the capturing stream before capturing");
+    FUSEDMOE_CHECK(!(nccl && captured && gen == generation),
+                   "fused backend: the NCCL workspace of this stream must grow, but a captured CUDA graph uses it; "
+                   "run the largest shape eagerly before capturing");
+    RelaxedCaptureMode relaxed(capturing);
     if (!host_record) {
       FUSEDMOE_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_record), sizeof(ErrorRecord), cudaHostAllocDefault));
       *host_record = ErrorRecord{};
       FUSEDMOE_CUDA_CHECK(cudaEventCreateWithFlags(&record_copied, cudaEventDisableTiming));
     }
-    // Capacities: a smaller problem runs in a larger workspace (every index stays in range).
-    const TransportState transport = transport_state();
-    const uint64_t gen = transport_generation();
-    if (heaps && dev == device && gen == generation && stride <= heap_stride && tasks <= task_capacity &&
-        W <= world && E <= experts && segs <= segments)
-      return;
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    FUSEDMOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    FUSEDMOE_CHECK(capture == cudaStreamCaptureStatusNone,
-                   "fused backend: the workspace must grow during CUDA-graph capture; run one eager forward of "
-                   "the largest shape before capturing");
-    FUSEDMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-    release();
+    if (captured || capturing) {
+      // A graph captured with the old buffers may be replayed later, and under capture the
+      // stream may still run eager work on them: they stay allocated (for the process's life).
+      retire();
+    } else {
+      FUSEDMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+      release();
+    }
     if (gen != generation) heap_stride = task_capacity = world = experts = segments = 0;
     generation = gen;
     device = dev;
@@ -239,7 +294,6 @@ struct Workspace {
     segments = std::max(segs, segments);
     heaps_bytes = heap_stride * world;
     control_bytes = total();
-    protocol_sections = {};
     if (transport.nccl) {
       // Collective: every rank reaches this with the same sizes (same config and token count).
       nccl_allocate_heaps(shared, heap_stride, stream);
@@ -251,7 +305,17 @@ struct Workspace {
       FUSEDMOE_CUDA_CHECK(cudaMalloc(&heaps, heaps_bytes));
     }
     FUSEDMOE_CUDA_CHECK(cudaMalloc(&control, control_bytes));
-    clear(stream);
+    if (capturing) {
+      // Cleared on a private stream and waited for: nothing of it enters the graph.
+      cudaStream_t side = nullptr;
+      FUSEDMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+      clear(side);
+      FUSEDMOE_CUDA_CHECK(cudaStreamSynchronize(side));
+      FUSEDMOE_CUDA_CHECK(cudaStreamDestroy(side));
+    } else {
+      clear(stream);
+    }
+    protocol_sections = sections_of(l);
     if (nccl) nccl_barrier(stream);
   }
 };
@@ -313,8 +377,9 @@ class FusedBackend {
     const int64_t task_capacity =
         W * (ceil_div(W * layout.rows_per_source, kTileM) + W * max_local) * (n0 + n1) + 1;
     ws.ensure(device, static_cast<size_t>(WorkspaceLayout::align_up(layout.total_bytes, 256)), task_capacity, W,
-               static_cast<int>(E), static_cast<int>(W * max_local), stream);
+              static_cast<int>(E), static_cast<int>(W * max_local), layout, stream);
     ws.use_layout(layout, stream);
+    if (capturing) ws.captured = true;
 
     Params<T> p{};
     p.world = W;
@@ -407,6 +472,7 @@ class FusedBackend {
     p.timeout_ns = static_cast<uint64_t>(timeout_ms * 1e6);
     p.silent_rank = options.silent_rank;
     p.flag_before_data = options.flag_before_data;
+    p.stall = options.stall;
 
     bool timeline = false;
     {

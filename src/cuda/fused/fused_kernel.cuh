@@ -184,6 +184,7 @@ struct Params {
   // Faults (tests)
   int silent_rank;
   bool flag_before_data;
+  int stall;  // FusedOptions::Stall (Hopper engine, block 0)
 };
 
 // ------------------------------------------------------------------------- memory order --

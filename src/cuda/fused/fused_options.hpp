@@ -1,5 +1,5 @@
 // src/cuda/fused/fused_options.hpp — options of the fused persistent-kernel backend
-// (Backend::kFused): the bounded-wait timeout, when launch errors are checked, and two planted
+// (Backend::kFused): the bounded-wait timeout, when launch errors are checked, and planted
 // faults for tests. Process-wide; read at the start of every forward.
 #pragma once
 
@@ -18,6 +18,13 @@ struct FusedOptions {
   bool portable_engine = false;
   int silent_rank = -1;           // fault: this rank never dispatches (its peers must time out)
   bool flag_before_data = false;  // fault: raise every dispatch flag before writing the rows
+  // Faults of the Hopper engine's in-block waits: kStallScheduler — the scheduler thread of
+  // block 0 never publishes a task (its consumers' task-ring wait must time out);
+  // kStallProducer — every block's scheduler publishes its first task but never loads its
+  // stages (the consumers' stage wait, or a peer waiting for that task's results, must time
+  // out). Either way the stalled thread gives up when the launch aborts.
+  enum Stall { kNoStall = 0, kStallScheduler = 1, kStallProducer = 2 };
+  int stall = kNoStall;
 };
 
 void set_fused_options(const FusedOptions& options);

@@ -35,6 +35,7 @@
 #pragma once
 
 #include "cuda/fused/fused_kernel.cuh"
+#include "cuda/fused/fused_options.hpp"
 #include "grouped_gemm_sm90.cuh"
 
 namespace fusedmoe::cuda::fused {
@@ -124,6 +125,13 @@ struct BoundedWait {
                    kPipelineStage, 0, state.phase());
   }
 };
+
+// Planted faults (FusedOptions::stall): the thread idles until the launch aborts (a wait it
+// starves records the timeout and raises the abort word).
+template <class T>
+__device__ void stall_until_abort(const Ctx<T>& ctx) {
+  while (!ctx.aborted()) __nanosleep(1000);
+}
 
 template <class T>
 struct Sm90Engine {
@@ -236,7 +244,14 @@ struct Sm90Engine {
         auto write_state = cutlass::make_producer_start_state<Pipeline>();
         int slot = 0;
         uint32_t phase = 0;
+        // Planted faults: the scheduler of block 0 stalls, or every block's after its first task.
+        const int stall = blockIdx.x == 0 || ctx.p.stall == FusedOptions::kStallProducer ? ctx.p.stall
+                                                                                         : FusedOptions::kNoStall;
         for (;;) {
+          if (stall == FusedOptions::kStallScheduler) {
+            stall_until_abort(ctx);
+            break;
+          }
           Task task{};
           int32_t step;
           do step = next_step(ctx, &task);
@@ -251,6 +266,10 @@ struct Sm90Engine {
           Barrier::arrive(&s.full[slot]);
           if (++slot == 2) { slot = 0; phase ^= 1u; }
           if (step == kExit) break;
+          if (stall == FusedOptions::kStallProducer) {
+            stall_until_abort(ctx);
+            break;
+          }
           fence_proxy_async();  // the task's rows were published by generic stores
           produce(ctx, s, pipeline, write_state, task);
         }
