@@ -54,6 +54,13 @@ if [ -f "$BUILD_DIR/python/fusedmoe/_fusedmoe_ops.so" ] && python3 -c "import to
     timeout 300 python3 -m torch.distributed.run --nproc_per_node "$ranks" examples/fused_torchrun.py \
     >"$OUT/torchrun_nccl.log" 2>&1 || status=1
   grep -E "^rank|Error" "$OUT/torchrun_nccl.log"
+  step "a training step across the GPUs (expert parallel; x data parallel from 4 GPUs) equals one process"
+  for dtype in fp32 bf16; do
+    FUSEDMOE_OPS_LIBRARY="$PWD/$BUILD_DIR/python/fusedmoe/_fusedmoe_ops.so" PYTHONPATH="$PWD/python" NCCL_NVLS_ENABLE=0 \
+      timeout 300 python3 -m torch.distributed.run --nproc_per_node "$ranks" scripts/multi_gpu_train_check.py \
+      --dtype "$dtype" >"$OUT/train_check_$dtype.log" 2>&1 || status=1
+    grep -E "PASS|FAIL|Error" "$OUT/train_check_$dtype.log"
+  done
 fi
 
 if [ -f "$BUILD_DIR/python/fusedmoe/_fusedmoe_ops.so" ] && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then

@@ -6,12 +6,15 @@
 #   modular   fusedmoe.MoE(group=world): routing, torch all_to_all of the kept rows, fusedmoe's
 #             expert kernels on the local experts, all_to_all back, combine;
 #   torch     router → all_to_all (split sizes exchanged first) → torch._grouped_mm over the local
-#             experts → activation → _grouped_mm → all_to_all back → weighted sum.
+#             experts → activation → _grouped_mm → all_to_all back → weighted sum;
+#   a2a       the torch path's communication alone (split sizes, rows to the experts' ranks and
+#             back, for the same routing): the dispatch + combine time the fused kernel hides.
 # Every rank holds E / W experts' weights for the modular and torch paths (the fused op is given
 # all E and reads only its own); inputs and weights are drawn from the same seed on every rank.
 #
 #   NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node W scripts/multi_gpu_bench.py \
 #       [--tokens 4096,8192,16384] [--dtypes bf16,fp32] [--out DIR]
+#   decode:  ... --tokens 128 --hidden 7168 --ffn 2048 --experts 256 --top-k 8 --dtypes bf16
 #
 # Rank 0 prints a table (median ms of --iters calls, each timed with CUDA events after a barrier;
 # the slowest rank's time counts) and writes DIR/multi_gpu_bench.csv.
@@ -30,6 +33,28 @@ import fusedmoe
 from fusedmoe import distributed as fd
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def a2a_dispatch_combine(x, gate_weight, experts, top_k, world):
+    """A function running the all-to-all path's communication for x's routing: the split sizes,
+    the routed rows to their experts' ranks and the same number of rows back."""
+    per_rank = experts // world
+    idx = (x @ gate_weight.t()).float().topk(top_k, dim=-1).indices
+    flat = idx.reshape(-1)
+    order = flat.argsort(stable=True)
+    rows = x.index_select(0, order // top_k)
+    send_counts = torch.bincount(flat // per_rank, minlength=world)
+
+    def run():
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts)
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        got = x.new_empty(sum(recv), x.shape[1])
+        dist.all_to_all_single(got, rows, recv, send)
+        back = x.new_empty(rows.shape[0], x.shape[1])
+        dist.all_to_all_single(back, got, send, recv)
+        return back
+    return run
 
 
 def torch_ep_forward(x, gate_weight, w1_local, w2_local, experts, top_k, ffn, world):
@@ -128,10 +153,12 @@ def main() -> int:
                 row["modular_ms"] = timed(lambda: ep(x), args.iters)
                 row["torch_ms"] = timed(lambda: torch_ep_forward(x, gate_w, w1_local, w2_local, E, k, I, world),
                                         args.iters)
+                row["a2a_ms"] = timed(a2a_dispatch_combine(x, gate_w, E, k, world), args.iters)
             results.append(row)
             if rank == 0:
                 print(f"W={world} {dtype_name} T/GPU={tokens}: fused {row['fused_ms']:.3f} ms, "
-                      f"modular {row['modular_ms']:.3f} ms, torch {row['torch_ms']:.3f} ms "
+                      f"modular {row['modular_ms']:.3f} ms, torch {row['torch_ms']:.3f} ms, "
+                      f"all-to-all alone {row['a2a_ms']:.3f} ms "
                       f"(fused {row['torch_ms'] / row['fused_ms']:.2f}x torch, "
                       f"{row['modular_ms'] / row['fused_ms']:.2f}x modular)", flush=True)
     if rank == 0:
