@@ -137,14 +137,20 @@ def test_fused_op_captured_on_torch_graph_stream():
                                               p["experts.w2"], None, None, None, None, None, None, cfg, [], False,
                                               0, 0, "fused")[0]
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        eager = forward(static_x)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y_static = forward(static_x)
+    side = torch.cuda.Stream()
+
+    def warm_up_and_capture(x):
+        """An eager forward on a side stream, then a capture with torch.cuda.graph."""
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            eager = forward(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = forward(x)
+        return eager, graph, y
+
+    eager, graph, y_static = warm_up_and_capture(static_x)
     for _ in range(3):
         y_static.fill_(float("nan"))
         graph.replay()
@@ -157,12 +163,7 @@ def test_fused_op_captured_on_torch_graph_stream():
     # A larger shape captured later on the same stream grows its workspace under capture; the
     # first graph keeps its (retired, still allocated) buffers.
     big_x = torch.randn(4000, 128, device="cuda", dtype=torch.bfloat16)
-    with torch.cuda.stream(s):
-        big_eager = forward(big_x)
-    torch.cuda.current_stream().wait_stream(s)
-    big_graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(big_graph):
-        y_big = forward(big_x)
+    big_eager, big_graph, y_big = warm_up_and_capture(big_x)
     for g, y, expected in ((big_graph, y_big, big_eager), (graph, y_static, forward(static_x))):
         y.fill_(float("nan"))
         g.replay()
