@@ -86,16 +86,6 @@ ElementType element_type() {
   return std::is_same_v<T, __nv_bfloat16> ? ElementType::kBF16 : std::is_same_v<T, __half> ? ElementType::kF16 : ElementType::kF32;
 }
 
-Epilogue epilogue_of(FfnKind kind) {
-  switch (kind) {
-    case FfnKind::kReluMlp: return Epilogue::kRelu;
-    case FfnKind::kGeluMlp: return Epilogue::kGelu;
-    case FfnKind::kSwiGlu: return Epilogue::kSwiGlu;
-    case FfnKind::kGeGlu: return Epilogue::kGeGlu;
-  }
-  return Epilogue::kIdentity;
-}
-
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // Switches for isolating a kernel in the field: FUSEDMOE_NO_HOPPER_BACKWARD=1 runs the backward
@@ -173,7 +163,6 @@ void prepare_state(const MoeConfig& c, const ForwardArgs& args, ForwardState<T>&
   const bool jitter = c.gate == GateKind::kSwitchTop1 && args.training && c.jitter_eps > 0;
   RoutingBuffers& r = st.r;
   Scratch& s = st.scratch;
-  r.chunk_counts = s.alloc<int32_t>(k * ceil_div(Tn, kSlotChunk) * E);
   if (saved) {
     const SavedLayout l = SavedLayout::make(c, Tn);
     auto at = [&](const SavedLayout::Span& span) { return static_cast<void*>(saved + span.offset); };
@@ -232,6 +221,7 @@ void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& arg
   Scratch& s = st.scratch;
   RouterParams& rp = st.rp;
   RoutingBuffers& r = st.r;
+  r.chunk_counts = s.alloc<int32_t>(k * ceil_div(Tn, kSlotChunk) * E);  // slot assignment only
 
   // Router logits (fp32) = router input · Wgᵀ + bg.
   std::optional<RouterScope> router_scope(std::in_place);

@@ -625,19 +625,9 @@ class FusedBackend {
         .b0 = Tiles::Plain::make_tma_b(reinterpret_cast<const Element*>(p.w1), N1, H, E),
         .b1 = Tiles::Plain::make_tma_b(reinterpret_cast<const Element*>(p.w2), H, I, E),
         .rows_cap = rows_cap,
-        .act = activation_of(c.ffn),
+        .act = epilogue_of(c.ffn),
     };
     cooperative_launch(fused_moe_kernel_sm90<T>, grid, Tiles::kThreads, Sm90Engine<T>::smem_bytes(), stream, p, tma);
-  }
-
-  static Epilogue activation_of(FfnKind kind) {
-    switch (kind) {
-      case FfnKind::kReluMlp: return Epilogue::kRelu;
-      case FfnKind::kGeluMlp: return Epilogue::kGelu;
-      case FfnKind::kSwiGlu: return Epilogue::kSwiGlu;
-      case FfnKind::kGeGlu: return Epilogue::kGeGlu;
-    }
-    return Epilogue::kIdentity;
   }
 
   static void check_pending_error(Workspace& ws, cudaStream_t stream) {

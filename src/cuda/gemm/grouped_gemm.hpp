@@ -27,6 +27,8 @@
 
 #include <cuda_runtime.h>
 
+#include "fusedmoe/config.hpp"
+
 namespace fusedmoe::cuda {
 
 // Epilogue applied to the fp32 accumulator.
@@ -35,6 +37,17 @@ namespace fusedmoe::cuda {
 //     [I, 2I) the up half u. C[row, i] = act(g_i) * u_i with C of width I = n/2;
 //     act = silu for kSwiGlu, exact-erf gelu for kGeGlu.
 enum class Epilogue { kIdentity, kRelu, kGelu, kSwiGlu, kGeGlu };
+
+// The GEMM0 epilogue of an expert FFN kind (its activation; gated kinds: both halves).
+inline Epilogue epilogue_of(FfnKind kind) {
+  switch (kind) {
+    case FfnKind::kReluMlp: return Epilogue::kRelu;
+    case FfnKind::kGeluMlp: return Epilogue::kGelu;
+    case FfnKind::kSwiGlu: return Epilogue::kSwiGlu;
+    case FfnKind::kGeGlu: return Epilogue::kGeGlu;
+  }
+  return Epilogue::kIdentity;
+}
 enum class ElementType { kBF16, kF16, kF32 };
 
 constexpr bool is_gated(Epilogue e) { return e == Epilogue::kSwiGlu || e == Epilogue::kGeGlu; }
