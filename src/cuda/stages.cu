@@ -4,6 +4,7 @@
 
 #include "cuda/router_device.cuh"
 #include "cuda/stages.cuh"
+#include "gemm/epilogue_math.cuh"
 #include "fusedmoe/noise.hpp"
 
 namespace fusedmoe::cuda {
@@ -12,24 +13,11 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 
-__device__ __forceinline__ float gelu_f(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
-__device__ __forceinline__ float gelu_grad_f(float x) {
-  return 0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.39894228040143268f * expf(-0.5f * x * x);
-}
-__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
 __device__ __forceinline__ float act_f(FfnKind kind, float x) {
-  switch (kind) {
-    case FfnKind::kReluMlp: return x > 0.f ? x : 0.f;
-    case FfnKind::kSwiGlu: return x * sigmoid_f(x);
-    default: return gelu_f(x);
-  }
+  return epilogue_math::activation_value(epilogue_of(kind), x);
 }
 __device__ __forceinline__ float act_grad_f(FfnKind kind, float x) {
-  switch (kind) {
-    case FfnKind::kReluMlp: return x > 0.f ? 1.f : 0.f;
-    case FfnKind::kSwiGlu: { const float s = sigmoid_f(x); return s * (1.f + x * (1.f - s)); }
-    default: return gelu_grad_f(x);
-  }
+  return epilogue_math::activation_grad(epilogue_of(kind), x);
 }
 __device__ __forceinline__ bool is_gated(FfnKind kind) { return kind == FfnKind::kSwiGlu || kind == FfnKind::kGeGlu; }
 
@@ -381,7 +369,7 @@ __global__ void router_backward_kernel(RouterParams p, RoutingBuffers r, const f
     dlogits[t * E + e] = dl;
     if (dnoise) {
       const double eps = noise::normal(p.seed, noise::kNoisyGate, static_cast<uint64_t>(p.token_offset + t), static_cast<uint64_t>(e));
-      dnoise[t * E + e] = dl * static_cast<float>(eps) * sigmoid_f(r.noise_pre[t * E + e]);
+      dnoise[t * E + e] = dl * static_cast<float>(eps) * epilogue_math::sigmoid_precise(r.noise_pre[t * E + e]);
     }
   }
 }

@@ -30,6 +30,32 @@ __device__ __forceinline__ float gate_up(Epilogue epilogue, float gate, float up
   return (epilogue == Epilogue::kGeGlu ? gelu(gate) : silu(gate)) * up;
 }
 
+// Backward of the activations (the modular path's activation backward uses the same functions).
+__device__ __forceinline__ float sigmoid_precise(float x) { return 1.f / (1.f + expf(-x)); }
+__device__ __forceinline__ float gelu_grad(float x) {
+  return 0.5f * (1.f + erff(x * 0.70710678118654752f)) + x * 0.39894228040143268f * expf(-0.5f * x * x);
+}
+// act(x) of a forward epilogue's activation (gated: of the gate), accurate exp.
+__device__ __forceinline__ float activation_value(Epilogue act, float x) {
+  switch (act) {
+    case Epilogue::kRelu: return x > 0.f ? x : 0.f;
+    case Epilogue::kSwiGlu: return x * sigmoid_precise(x);
+    case Epilogue::kGelu:
+    case Epilogue::kGeGlu: return gelu(x);
+    default: return x;
+  }
+}
+// act'(x), same convention.
+__device__ __forceinline__ float activation_grad(Epilogue act, float x) {
+  switch (act) {
+    case Epilogue::kRelu: return x > 0.f ? 1.f : 0.f;
+    case Epilogue::kSwiGlu: { const float s = sigmoid_precise(x); return s * (1.f + x * (1.f - s)); }
+    case Epilogue::kGelu:
+    case Epilogue::kGeGlu: return gelu_grad(x);
+    default: return 1.f;
+  }
+}
+
 // Scalar conversions / stores of one output element.
 template <class T>
 __device__ __forceinline__ T from_float(float x);

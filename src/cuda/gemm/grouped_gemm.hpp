@@ -36,10 +36,19 @@ namespace fusedmoe::cuda {
 //   kSwiGlu / kGeGlu (gated): B has n = 2*I columns; columns [0, I) are the gate half g and
 //     [I, 2I) the up half u. C[row, i] = act(g_i) * u_i with C of width I = n/2;
 //     act = silu for kSwiGlu, exact-erf gelu for kGeGlu.
-enum class Epilogue { kIdentity, kRelu, kGelu, kSwiGlu, kGeGlu };
+//   k*Backward (the dgrad of GEMM1 fused with the activation's backward; b_k_major only): the
+//     accumulator is dact [rows, n]; activation_input is the forward's pre-activation and C is
+//     dpre, both of width n (kReluBackward, kGeluBackward) or 2n (gated: gate half, up half):
+//     C[row, j] = dact * act'(pre[row, j]), resp. C[row, j] = dact * up * act'(gate) and
+//     C[row, n + j] = dact * act(gate). c_type == a_type; no row_scale, pre_activation or
+//     accumulate.
+enum class Epilogue {
+  kIdentity, kRelu, kGelu, kSwiGlu, kGeGlu,
+  kReluBackward, kGeluBackward, kSwiGluBackward, kGeGluBackward
+};
 
 // The GEMM0 epilogue of an expert FFN kind (its activation; gated kinds: both halves).
-inline Epilogue epilogue_of(FfnKind kind) {
+constexpr Epilogue epilogue_of(FfnKind kind) {
   switch (kind) {
     case FfnKind::kReluMlp: return Epilogue::kRelu;
     case FfnKind::kGeluMlp: return Epilogue::kGelu;
@@ -47,6 +56,19 @@ inline Epilogue epilogue_of(FfnKind kind) {
     case FfnKind::kGeGlu: return Epilogue::kGeGlu;
   }
   return Epilogue::kIdentity;
+}
+constexpr bool is_activation_backward(Epilogue e) { return e >= Epilogue::kReluBackward; }
+// The forward epilogue whose backward a k*Backward epilogue is (others: themselves).
+constexpr Epilogue forward_of(Epilogue e) {
+  return is_activation_backward(e)
+             ? static_cast<Epilogue>(static_cast<int>(e) - static_cast<int>(Epilogue::kReluBackward) +
+                                     static_cast<int>(Epilogue::kRelu))
+             : e;
+}
+// The fused dgrad-of-GEMM1 epilogue of an expert FFN kind.
+constexpr Epilogue backward_epilogue_of(FfnKind kind) {
+  return static_cast<Epilogue>(static_cast<int>(epilogue_of(kind)) - static_cast<int>(Epilogue::kRelu) +
+                               static_cast<int>(Epilogue::kReluBackward));
 }
 enum class ElementType { kBF16, kF16, kF32 };
 
@@ -79,6 +101,8 @@ struct GroupedGemmArgs {
   bool b_k_major = false;              // B stored [num_groups, n, k] (k contiguous) and the
                                        // product uses B_gᵀ: C_g = A_g · B_gᵀ (dgrad). Not
                                        // with the gated epilogues.
+  const void* activation_input = nullptr;  // k*Backward epilogues: the forward's pre-activation
+                                           // (a_type, C's shape), 16-B aligned
 };
 
 // Largest num_groups the Hopper kernel accepts (per-group tables live in shared memory).

@@ -63,6 +63,20 @@ __global__ void reference_kernel(GroupedGemmArgs args) {
       if (gated)
         acc1 += av * epilogue_math::to_float(b_g[kk * b_stride_k + (n_out + col) * b_stride_n]);
     }
+    if (is_activation_backward(args.epilogue)) {  // acc0 = dact (see Epilogue)
+      const Epilogue act = forward_of(args.epilogue);
+      const auto* input = static_cast<const TOut*>(args.activation_input);
+      if (is_gated(act)) {
+        const int64_t at = row * 2 * args.n + col;
+        const float g = epilogue_math::to_float(input[at]), u = epilogue_math::to_float(input[at + args.n]);
+        c[at] = epilogue_math::from_float<TOut>(acc0 * u * epilogue_math::activation_grad(act, g));
+        c[at + args.n] = epilogue_math::from_float<TOut>(acc0 * epilogue_math::activation_value(act, g));
+      } else {
+        const int64_t at = row * args.n + col;
+        c[at] = epilogue_math::from_float<TOut>(acc0 * epilogue_math::activation_grad(act, epilogue_math::to_float(input[at])));
+      }
+      continue;
+    }
     float out;
     if (gated) {
       out = epilogue_math::gate_up(args.epilogue, acc0, acc1);
@@ -174,6 +188,16 @@ void validate_grouped_gemm_args(const GroupedGemmArgs& args, const char* caller)
     fail(caller, "accumulate = true requires c_type = kF32");
   if (args.b_k_major && gated)
     fail(caller, "b_k_major = true is not supported with the gated epilogues (kSwiGlu, kGeGlu)");
+  if (is_activation_backward(args.epilogue)) {
+    if (!args.b_k_major) fail(caller, "the activation-backward epilogues need b_k_major = true (dgrad)");
+    if (args.c_type != args.a_type) fail(caller, "the activation-backward epilogues need c_type == a_type");
+    if (args.activation_input == nullptr || misaligned(args.activation_input, 16))
+      fail(caller, "the activation-backward epilogues need activation_input, 16-byte aligned");
+    if (args.row_scale != nullptr || args.pre_activation != nullptr || args.accumulate)
+      fail(caller, "the activation-backward epilogues take no row_scale, pre_activation or accumulate");
+  } else if (args.activation_input != nullptr) {
+    fail(caller, "activation_input is only read by the activation-backward epilogues");
+  }
 }
 
 void validate_grouped_wgrad_args(const GroupedWgradArgs& args, const char* caller) {

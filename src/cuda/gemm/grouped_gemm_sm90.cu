@@ -4,6 +4,7 @@
 // non-gated; wgrad {bf16, fp16}. The activation and output type are runtime arguments of the
 // epilogue.
 #include <algorithm>
+#include <cstdlib>
 #include <sstream>
 #include <stdexcept>
 
@@ -21,6 +22,11 @@ void check_cuda(cudaError_t err, const char* what) {
        << cudaGetErrorString(err) << ")";
     throw std::runtime_error(os.str());
   }
+}
+
+bool env_flag_set(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && value[0] != '\0' && value[0] != '0';
 }
 
 int current_sm_count() {
@@ -84,6 +90,7 @@ void launch(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream) {
       .pre_activation = args.pre_activation,
       .row_scale = args.row_scale,
       .accumulate = args.accumulate,
+      .activation_input = args.activation_input,
   };
 
   const size_t smem_bytes =
@@ -107,6 +114,10 @@ void launch_wgrad(const GroupedWgradArgs& args, cudaStream_t stream) {
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(current_sm_count(), total_tiles)));
   const auto* a = static_cast<const ElementAB*>(args.a);
   const auto* b = static_cast<const ElementAB*>(args.b);
+  // The TMA-store epilogue writes C in the operands' type; other outputs (f32, accumulation, the
+  // other 16-bit type) go through the register epilogue. FUSEDMOE_NO_WGRAD_TMA_STORE=1 forces it.
+  const bool tma_store = !args.accumulate && args.c_type == args.a_type &&
+                         !env_flag_set("FUSEDMOE_NO_WGRAD_TMA_STORE");
   sm90::WgradParams<Cfg> params{
       .base = {
           .tma_a = Cfg::make_tma_a(a, m, rows_bound),       // (m, rows), m contiguous
@@ -127,7 +138,11 @@ void launch_wgrad(const GroupedWgradArgs& args, cudaStream_t stream) {
           .pre_activation = nullptr,
           .row_scale = nullptr,
           .accumulate = args.accumulate,
+          .activation_input = nullptr,
       },
+      .tma_c = tma_store ? sm90::WgradStore<Cfg>::make_tma_c(static_cast<ElementAB*>(args.c), m, n,
+                                                             args.num_groups)
+                         : typename sm90::WgradStore<Cfg>::TmaC{},
       .m = m,
       .rows_bound = rows_bound,
       .m_tiles = m_tiles,
@@ -135,7 +150,7 @@ void launch_wgrad(const GroupedWgradArgs& args, cudaStream_t stream) {
   };
   const size_t smem_bytes =
       sizeof(sm90::SharedStorage<Cfg>) + sm90::wgrad_table_bytes(args.num_groups);
-  auto* kernel = &sm90::grouped_wgrad_kernel<Cfg>;
+  auto* kernel = tma_store ? &sm90::grouped_wgrad_kernel<Cfg, true> : &sm90::grouped_wgrad_kernel<Cfg, false>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   int(smem_bytes)),
              "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");

@@ -98,7 +98,9 @@ struct Config {
   static constexpr int kBlockK = 64;
   static constexpr int kHalfN = 128;   // B is loaded as two halves of 128 columns
   static constexpr int kOutBlockN = kGated ? 128 : 256;  // output columns per tile
-  static constexpr int kStages = 4;
+  // wgrad: 3 stages, the fourth stage's shared memory holds the output tile of the TMA-store
+  // epilogue (grouped_gemm_wgrad_sm90.cuh).
+  static constexpr int kStages = kOperands == Operands::kWgrad ? 3 : 4;
   static constexpr int kNumConsumerWarpgroups = 2;
   static constexpr int kNumThreads = 128 * (1 + kNumConsumerWarpgroups);
   static constexpr int kProducerRegisters = 40;
@@ -188,7 +190,13 @@ struct SharedStorage {
     cute::array_aligned<typename Cfg::ElementAB, cosize_v<typename Cfg::SmemLayoutB>, 1024> b;
   } tensors;
   alignas(128) cute::TmaDescriptor tensormap_a;  // this CTA's copy, before publishing
-  alignas(128) char staging[kNumConsumerWarps][kStagingBytesPerWarp];  // epilogue
+  // Epilogue: the per-warp staging of store_tile; a wgrad kernel also has the whole 128 x 256
+  // 16-bit output tile of its TMA-store epilogue, over the same bytes (one or the other per run).
+  static constexpr bool kOutputTile = Cfg::kOperands == Operands::kWgrad;
+  union {
+    alignas(128) char staging[kNumConsumerWarps][kStagingBytesPerWarp];
+    alignas(kOutputTile ? 1024 : 128) char output_tile[kOutputTile ? Cfg::kBlockM * Cfg::kBlockN * 2 : 1];
+  };
   typename Cfg::Pipeline::SharedStorage pipeline;
   // Followed in dynamic shared memory by the group tables (see GroupTables).
 };
@@ -223,6 +231,7 @@ struct Params {
   void* pre_activation;
   const float* row_scale;
   bool accumulate;
+  const void* activation_input;  // k*Backward epilogues (kDgrad kernels)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -453,12 +462,14 @@ struct TileStore {
   const int32_t* row_index;  // destination row of each row of the tile's rows, or null (same row)
   int64_t n, n_out;
   bool accumulate;           // f32 output only: c += result
+  const void* activation_input = nullptr;  // k*Backward: the pre-activation (type of c)
 };
 
 template <class Cfg>
 __device__ __forceinline__ TileStore tile_store_of(Params<Cfg> const& params) {
   return TileStore{params.epilogue, params.c_type, params.c, params.pre_activation,
-                   params.row_scale, nullptr, nullptr, params.n, params.n_out, params.accumulate};
+                   params.row_scale, nullptr, nullptr, params.n, params.n_out, params.accumulate,
+                   params.activation_input};
 }
 
 template <class Cfg, class TOut, class Accumulator>
@@ -579,10 +590,146 @@ __device__ __forceinline__ void store_tile_typed(TileStore const& params, TileCo
   }
 }
 
+// The k*Backward epilogues (dgrad of GEMM1 + activation backward; see Epilogue): the fp32 dact
+// chunk goes through the staging buffer as in store_tile_typed, then each lane takes 4
+// consecutive columns of one row (a pass covers 4 rows x 32 columns: 64-B row segments): reads
+// the pre-activation there (and the up half at + n), stores dpre (both halves). The reads hit
+// L2 (prefetch_activation_input at the start of the tile) and all of a chunk's reads are issued
+// before its dact is staged: a read per pass, waited for one after the other, left this
+// epilogue 5x slower than the GEMM.
+template <class Cfg>
+__device__ __forceinline__ void prefetch_activation_input(TileStore const& params, TileCoord const& tc,
+                                                          int consumer_thread) {
+  // Thread t: row t / 2 of the tile; gated: the gate (t even) or up (t odd) half of the tile's
+  // 256 columns, else columns [128 (t % 2), + 128). One bulk L2 prefetch of up to 512 B.
+  const bool gated = is_gated(forward_of(params.epilogue));
+  const int64_t n = params.n, width = gated ? 2 * n : n;
+  const int64_t row = tc.row_begin + consumer_thread / 2;
+  const int piece = consumer_thread % 2;
+  int64_t col = int64_t(tc.n_tile) * Cfg::kOutBlockN + (gated ? 0 : 128 * piece);
+  const int64_t cols = std::min<int64_t>(gated ? Cfg::kOutBlockN : 128, n - col);
+  if (gated) col += piece * n;
+  if (row >= tc.row_end || cols <= 0) return;
+  const char* src = static_cast<const char*>(params.activation_input) + (row * width + col) * 2;
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(uint32_t(cols * 2)) : "memory");
+}
+
+// act(x) and act'(x) of a compile-time activation, fast intrinsics (the epilogue is unrolled over
+// a whole chunk: with a runtime activation every element carried all of them, and the kernel
+// stalled on instruction fetch).
+template <Epilogue kAct>
+__device__ __forceinline__ float2 activation_and_grad(float x) {
+  if constexpr (kAct == Epilogue::kRelu) {
+    return make_float2(fmaxf(x, 0.f), x > 0.f ? 1.f : 0.f);
+  } else if constexpr (kAct == Epilogue::kSwiGlu) {
+    const float s = __fdividef(1.f, 1.f + __expf(-x));
+    return make_float2(x * s, s * (1.f + x * (1.f - s)));
+  } else {  // kGelu, kGeGlu (exact erf)
+    const float cdf = 0.5f * (1.f + erff(x * 0.70710678118654752f));
+    return make_float2(x * cdf, cdf + x * 0.39894228040143268f * __expf(-0.5f * x * x));
+  }
+}
+
+template <class Cfg, class T, Epilogue kAct, class Accumulator>
+__device__ __forceinline__ void store_tile_activation_backward(TileStore const& params,
+                                                               TileCoord const& tc,
+                                                               int consumer_thread,
+                                                               Accumulator const& accum,
+                                                               char* staging) {
+  using namespace epilogue_math;
+  using SS = StagingShape<float>;
+  typename Cfg::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(consumer_thread);
+  Tensor coord = thr_mma.partition_C(
+      make_identity_tensor(make_shape(typename Cfg::BlockM{}, typename Cfg::BlockN{})));
+  constexpr bool gated = is_gated(kAct);
+  const int64_t n = params.n;
+  const int64_t width = gated ? 2 * n : n;
+  const int col_base = tc.n_tile * Cfg::kOutBlockN;
+  const int lane = consumer_thread % 32;
+  const int warp_row0 = (consumer_thread / 32) * SS::kRows;
+  const T* input = static_cast<const T*>(params.activation_input);
+  T* out = static_cast<T*>(params.c);
+  constexpr int kChunks = Cfg::kOutBlockN / SS::kChunkCols;
+  constexpr int kRegsPerChunk = 16;
+  CUTE_UNROLL
+  for (int chunk = 0; chunk < kChunks; ++chunk) {
+    if (col_base + chunk * SS::kChunkCols >= n) break;
+    // This lane's reads of the chunk, all in flight at once.
+    uint2 gate_raw[SS::kPasses], up_raw[SS::kPasses];
+    CUTE_UNROLL
+    for (int pass = 0; pass < SS::kPasses; ++pass) {
+      const int64_t row = tc.row_begin + warp_row0 + pass * SS::kRowsPerPass + lane / SS::kLanesPerRow;
+      const int64_t col = col_base + chunk * SS::kChunkCols + (lane % SS::kLanesPerRow) * 4;
+      gate_raw[pass] = up_raw[pass] = make_uint2(0, 0);
+      if (row < tc.row_end && col < n) {
+        gate_raw[pass] = *reinterpret_cast<const uint2*>(input + row * width + col);
+        if constexpr (gated) up_raw[pass] = *reinterpret_cast<const uint2*>(input + row * width + col + n);
+      }
+    }
+    CUTE_UNROLL
+    for (int q = 0; q < kRegsPerChunk; q += 2) {
+      const int i = chunk * kRegsPerChunk + q;
+      const int r = get<0>(coord(i)) - warp_row0;
+      const int tile_col = get<1>(coord(i));
+      store_pair(reinterpret_cast<float*>(staging + r * SS::kPitch) + (tile_col - chunk * SS::kChunkCols),
+                 accum(i), accum(i + 1));
+    }
+    __syncwarp();
+    CUTE_UNROLL
+    for (int pass = 0; pass < SS::kPasses; ++pass) {
+      const int r = pass * SS::kRowsPerPass + lane / SS::kLanesPerRow;
+      const int segment = lane % SS::kLanesPerRow;
+      const int64_t row = tc.row_begin + warp_row0 + r;
+      const int64_t col = col_base + chunk * SS::kChunkCols + segment * 4;
+      if (row < tc.row_end && col < n) {
+        const float4 da = *reinterpret_cast<const float4*>(staging + r * SS::kPitch + segment * 16);
+        const float dact[4] = {da.x, da.y, da.z, da.w};
+        const T* gate = reinterpret_cast<const T*>(&gate_raw[pass]);
+        const T* up = reinterpret_cast<const T*>(&up_raw[pass]);
+        float d0[4], d1[4];
+        CUTE_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const float2 ag = activation_and_grad<kAct>(to_float(gate[e]));
+          d0[e] = dact[e] * ag.y * (gated ? to_float(up[e]) : 1.0f);
+          d1[e] = dact[e] * ag.x;
+        }
+        T* dst = out + row * width + col;
+        store_pair(dst, d0[0], d0[1]);
+        store_pair(dst + 2, d0[2], d0[3]);
+        if constexpr (gated) {
+          store_pair(dst + n, d1[0], d1[1]);
+          store_pair(dst + n + 2, d1[2], d1[3]);
+        }
+      }
+    }
+    __syncwarp();
+  }
+}
+
 template <class Cfg, class Accumulator>
 __device__ __forceinline__ void store_tile(TileStore const& params, TileCoord const& tc,
                                            int consumer_thread, Accumulator const& accum,
                                            char* staging) {
+  if constexpr (Cfg::kOperands == Operands::kDgrad) {
+    if (is_activation_backward(params.epilogue)) {
+      auto with_type = [&]<class T>(T*) {
+        switch (forward_of(params.epilogue)) {
+          case Epilogue::kRelu:
+            return store_tile_activation_backward<Cfg, T, Epilogue::kRelu>(params, tc, consumer_thread, accum, staging);
+          case Epilogue::kGelu:
+            return store_tile_activation_backward<Cfg, T, Epilogue::kGelu>(params, tc, consumer_thread, accum, staging);
+          case Epilogue::kSwiGlu:
+            return store_tile_activation_backward<Cfg, T, Epilogue::kSwiGlu>(params, tc, consumer_thread, accum, staging);
+          default:
+            return store_tile_activation_backward<Cfg, T, Epilogue::kGeGlu>(params, tc, consumer_thread, accum, staging);
+        }
+      };
+      if (params.c_type == ElementType::kBF16) with_type(static_cast<__nv_bfloat16*>(nullptr));
+      else with_type(static_cast<__half*>(nullptr));
+      return;
+    }
+  }
   switch (params.c_type) {
     case ElementType::kBF16:
       store_tile_typed<Cfg, __nv_bfloat16>(params, tc, consumer_thread, accum, staging);
@@ -679,6 +826,9 @@ __global__ void __launch_bounds__(Cfg::kNumThreads, 1)
     typename Cfg::PipelineState read_state;
     for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
       const TileCoord tc = decode_tile<Cfg::kBlockM>(tables, params.num_groups, tile);
+      if constexpr (Cfg::kOperands == Operands::kDgrad)
+        if (is_activation_backward(params.epilogue))
+          prefetch_activation_input<Cfg>(tile_store_of(params), tc, consumer_thread);
       consume_tile<Cfg>(smem, pipeline, read_state, params.k_tiles, consumer_thread, accum);
       store_tile(params, tc, consumer_thread, accum,
                  smem.staging[consumer_thread / 32]);

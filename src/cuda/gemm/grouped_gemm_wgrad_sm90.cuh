@@ -31,15 +31,49 @@
 
 namespace fusedmoe::cuda::sm90 {
 
+// TMA-store epilogue (16-bit C of the operands' type, no accumulation): the consumers write
+// the tile's accumulators, converted, into SharedStorage::output_tile (128 x 256, four 64-column
+// blocks of 128 rows x 128 B, 128-B swizzle: the K-major SW128 atom of GMMA, so a warp's 4-B
+// stores of one accumulator register hit 32 different banks), and one thread hands the tile to
+// the TMA unit (cp.async.bulk.tensor store, bounds-clipped per group by a 3-D view (m, n,
+// groups)). The consumers go straight on to the next tile's wgmmas while the store drains: with
+// few k steps per tile (~512 rows per expert) a synchronous epilogue, in step on every SM, left
+// the tensor cores idle for about as long as the mainloop (the whole GPU writing 64 KiB per SM
+// at once). Before the buffer is written again its previous store must have been read
+// (cp.async.bulk.wait_group.read by the issuing thread, then a consumer barrier).
+template <class Cfg>
+struct WgradStore {
+  using Element = typename Cfg::ElementAB;
+  using SmemLayoutC = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                             make_shape(typename Cfg::BlockM{}, typename Cfg::BlockN{}),
+                                             Step<_1, _2>{}));
+  static_assert(cosize_v<SmemLayoutC> * sizeof(Element) == sizeof(SharedStorage<Cfg>::output_tile));
+  // C as (m, n, groups) : (n, 1, m * n).
+  static auto make_gmem_c(Element* ptr, int m, int n, int groups) {
+    return make_tensor(make_gmem_ptr(ptr), make_shape(m, n, groups),
+                       make_stride(int64_t(n), _1{}, int64_t(m) * n));
+  }
+  static auto make_tma_c(Element* ptr, int m, int n, int groups) {
+    return make_tma_copy(SM90_TMA_STORE{}, make_gmem_c(ptr, m, n, groups), SmemLayoutC{},
+                         make_shape(typename Cfg::BlockM{}, typename Cfg::BlockN{}), _1{});
+  }
+  using TmaC = decltype(make_tma_c(nullptr, 128, 256, 1));
+};
+
 template <class Cfg>
 struct WgradParams {
   Params<Cfg> base;  // tma_a: A as (m, rows) MN-major; tma_b: B as (n, rows, 1) MN-major;
                      // row_offsets, num_groups; epilogue fields with n = n_out = N, kIdentity
+  typename WgradStore<Cfg>::TmaC tma_c;  // the TMA-store epilogue's C (kTmaStore kernels)
   int m;             // M (rows of each C_g)
   int rows_bound;    // extent of the rows dimension in the TMA views (>= row_offsets[G])
   int m_tiles;       // ceil(M / 128)
   int n_tiles;       // ceil(N / 256)
 };
+
+// Named barrier of the 256 consumer threads around the output tile (ids 0 = __syncthreads,
+// kWgradMaskBarrierId.. = the masking barriers).
+inline constexpr int kWgradEpilogueBarrierId = 2;
 
 struct WgradTile {
   int group, m_tile, n_tile;
@@ -219,9 +253,64 @@ __device__ __forceinline__ void consume_wgrad_tile(SharedStorage<Cfg>& smem,
 }
 
 // ---------------------------------------------------------------------------------------------
+// TMA-store epilogue of one tile (256 consumer threads; see WgradStore)
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ void wgrad_epilogue_barrier() {
+  asm volatile("bar.sync %0, %1;" ::"r"(kWgradEpilogueBarrierId), "r"(256) : "memory");
+}
+
+// Byte offset of element (row, col) of the output tile in SmemLayoutC (128-B rows of 64
+// columns, 16-B chunks XOR-ed with row % 8, 64-column blocks of 16 KiB; checked against CuTe's
+// layout in tests/gpu/gemm/layout_probe.cu).
+__host__ __device__ __forceinline__ uint32_t output_tile_byte_offset(int row, int col) {
+  return uint32_t((col / 64) * 16384 + row * 128 + ((((col % 64) / 8) ^ (row % 8)) << 4) + (col % 8) * 2);
+}
+
+template <class Cfg, class Accumulator>
+__device__ __forceinline__ void store_wgrad_tile_tma(WgradParams<Cfg> const& params,
+                                                     SharedStorage<Cfg>& smem, WgradTile const& t,
+                                                     int consumer_thread, Accumulator const& accum) {
+  using Store = WgradStore<Cfg>;
+  using Element = typename Store::Element;
+  using Native = std::conditional_t<std::is_same_v<Element, cute::bfloat16_t>, __nv_bfloat16, __half>;
+  // The previous tile's store has read the buffer.
+  if (consumer_thread == 0) tma_store_wait<0>();
+  wgrad_epilogue_barrier();
+  // Accumulator register i of consumer thread ct (wgmma 64 x 256 per warpgroup, see
+  // store_tile_typed): row 16 * (ct / 32) + lane / 4 + 8 * ((i / 2) % 2), column
+  // 8 * (i / 4) + 2 * (lane % 4) + i % 2. Registers i, i + 1 (i even) are one 4-B store; the
+  // row's swizzle phase row % 8 = lane / 4 is the same for all of a thread's registers.
+  const int lane = consumer_thread % 32;
+  char* tile = smem.output_tile;
+  const int row0 = 16 * (consumer_thread / 32) + lane / 4;
+  CUTE_UNROLL
+  for (int i = 0; i < size(accum); i += 2) {
+    const int row = row0 + 8 * ((i / 2) % 2);
+    const int col = 8 * (i / 4) + 2 * (lane % 4);
+    epilogue_math::store_pair(reinterpret_cast<Native*>(tile + output_tile_byte_offset(row, col)),
+                              accum(i), accum(i + 1));
+  }
+  tma_store_fence();  // generic-proxy writes -> visible to the TMA unit
+  wgrad_epilogue_barrier();
+  if (consumer_thread == 0) {
+    Tensor sC = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(tile)),
+                            typename Store::SmemLayoutC{});
+    Tensor mC = params.tma_c.get_tma_tensor(make_shape(params.m, params.base.n, params.base.num_groups));
+    Tensor gC = local_tile(mC(_, _, t.group),
+                           make_shape(typename Cfg::BlockM{}, typename Cfg::BlockN{}),
+                           make_coord(t.m_tile, t.n_tile));
+    auto thr_tma = params.tma_c.get_slice(Int<0>{});
+    copy(params.tma_c, thr_tma.partition_S(sC), thr_tma.partition_D(gC));
+    tma_store_arrive();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------------
-template <class Cfg>
+// kTmaStore: the TMA-store epilogue (launch_wgrad picks it), else store_tile's (a template argument,
+// not a runtime branch: both epilogues in one body cost the consumers spills).
+template <class Cfg, bool kTmaStore>
 __global__ void __launch_bounds__(Cfg::kNumThreads, 1)
     grouped_wgrad_kernel(CUTE_GRID_CONSTANT WgradParams<Cfg> const params) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -294,6 +383,10 @@ __global__ void __launch_bounds__(Cfg::kNumThreads, 1)
     for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
       const WgradTile t = decode_wgrad_tile(row_offsets, params.m_tiles, tiles_per_group, tile);
       consume_wgrad_tile<Cfg>(smem, pipeline, read_state, t, consumer_thread, accum);
+      if constexpr (kTmaStore) {
+        store_wgrad_tile_tma(params, smem, t, consumer_thread, accum);
+        continue;
+      }
       // C_g is rows [g*M, (g+1)*M) of one [G*M, N] row-major matrix.
       TileCoord tc;
       tc.group = t.group;
@@ -303,6 +396,8 @@ __global__ void __launch_bounds__(Cfg::kNumThreads, 1)
       tc.row_end = int64_t(t.group + 1) * params.m;
       store_tile(params.base, tc, consumer_thread, accum, smem.staging[consumer_thread / 32]);
     }
+    // The last tile's store complete (not only read) before the block exits.
+    if (kTmaStore && consumer_thread == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
   }
 #elif defined(__CUDA_ARCH__)
   if (threadIdx.x == 0 && blockIdx.x == 0)

@@ -15,7 +15,7 @@ if [[ ! -f "${CUTLASS_INCLUDE}/cute/tensor.hpp" ]]; then
 fi
 mkdir -p "$out"
 flags=(-std=c++20 -gencode=arch=compute_90a,code=sm_90a -DNDEBUG --expt-relaxed-constexpr
-       -lineinfo -Xptxas=-warn-spills -O3 -I"$CUTLASS_INCLUDE" -I"$root/src/cuda/gemm")
+       -lineinfo -Xptxas=-warn-spills -O3 -I"$CUTLASS_INCLUDE" -I"$root/src/cuda/gemm" -I"$root/include")
 for src in grouped_gemm_sm90 grouped_gemm_reference; do
   if [[ ! -f "$out/$src.o" || "$root/src/cuda/gemm/$src.cu" -nt "$out/$src.o" ||
         "$root/src/cuda/gemm/grouped_gemm_sm90.cuh" -nt "$out/$src.o" ||

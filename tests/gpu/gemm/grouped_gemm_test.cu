@@ -60,6 +60,10 @@ const char* name_of(Epilogue e) {
     case Epilogue::kGelu: return "gelu";
     case Epilogue::kSwiGlu: return "swiglu";
     case Epilogue::kGeGlu: return "geglu";
+    case Epilogue::kReluBackward: return "relu-bwd";
+    case Epilogue::kGeluBackward: return "gelu-bwd";
+    case Epilogue::kSwiGluBackward: return "swiglu-bwd";
+    case Epilogue::kGeGluBackward: return "geglu-bwd";
   }
   return "?";
 }
@@ -166,6 +170,7 @@ struct Problem {
   int64_t total = 0, rows_alloc = 0, n_out = 0;
   std::vector<int64_t> offsets;
   std::unique_ptr<DeviceBuffer> a, b, offs, scale, c_fast, c_ref, pre_fast, pre_ref, workspace;
+  std::unique_ptr<DeviceBuffer> act_in;  // k*Backward epilogues: the pre-activation, C's shape
   std::vector<uint8_t> c_init;  // accumulate: initial C
 
   GroupedGemmArgs args(void* c, void* pre) const {
@@ -185,6 +190,7 @@ struct Problem {
     g.accumulate = cs.accumulate;
     g.pre_activation = cs.pre_activation ? pre : nullptr;
     g.b_k_major = cs.b_k_major;
+    g.activation_input = is_activation_backward(cs.epilogue) ? act_in->ptr : nullptr;
     return g;
   }
 };
@@ -196,7 +202,8 @@ std::unique_ptr<Problem> make_problem(const Case& cs, std::mt19937_64& rng) {
   for (int64_t c : cs.counts) p->offsets.push_back(p->offsets.back() + c);
   p->total = p->offsets.back();
   p->rows_alloc = p->total + cs.extra_rows;
-  p->n_out = is_gated(cs.epilogue) ? cs.n / 2 : cs.n;
+  // Width of C: n / 2 for the gated forward epilogues, 2n for the gated backward ones.
+  p->n_out = is_gated(cs.epilogue) ? cs.n / 2 : is_gated(forward_of(cs.epilogue)) ? 2 * cs.n : cs.n;
   const int64_t groups = int64_t(cs.counts.size());
   // Fast uniform(-1, 1) stream (splitmix64) seeded from rng: the benchmark draws ~10^9 values.
   uint64_t state = rng();
@@ -229,6 +236,13 @@ std::unique_ptr<Problem> make_problem(const Case& cs, std::mt19937_64& rng) {
   p->c_ref = std::make_unique<DeviceBuffer>(c_bytes);
   p->pre_fast = std::make_unique<DeviceBuffer>(pre_bytes);
   p->pre_ref = std::make_unique<DeviceBuffer>(pre_bytes);
+  if (is_activation_backward(cs.epilogue)) {
+    std::vector<float> act_in(size_t(p->rows_alloc * p->n_out));
+    for (auto& x : act_in) x = 2.0f * uni(rng);  // both sides of relu / the gates' curvature
+    auto bytes = to_bytes(act_in, cs.c);
+    p->act_in = std::make_unique<DeviceBuffer>(bytes.size());
+    p->act_in->upload(bytes.data(), bytes.size());
+  }
   p->workspace = std::make_unique<DeviceBuffer>(grouped_gemm_workspace_size(p->args(nullptr, nullptr)));
   if (cs.accumulate) {
     // Owned rows start from random values, the rest stays poisoned.
@@ -388,6 +402,11 @@ void run_bad_args_test() {
       {"misaligned a", [](GroupedGemmArgs& g) { g.a = static_cast<const char*>(g.a) + 2; }},
       {"b_k_major with a gated epilogue",
        [](GroupedGemmArgs& g) { g.b_k_major = true; g.n = 64; g.epilogue = Epilogue::kSwiGlu; }},
+      {"activation backward without b_k_major",
+       [](GroupedGemmArgs& g) { g.epilogue = Epilogue::kSwiGluBackward; g.activation_input = g.a; }},
+      {"activation backward without its input",
+       [](GroupedGemmArgs& g) { g.b_k_major = true; g.epilogue = Epilogue::kGeluBackward; }},
+      {"activation input with a forward epilogue", [](GroupedGemmArgs& g) { g.activation_input = g.a; }},
   };
   for (auto& b : bad) {
     ++g_cases;
@@ -780,6 +799,13 @@ int main(int argc, char** argv) {
         f32.c = ElementType::kF32;
         f32.accumulate = (variant % 2) == 0;
         run_case(f32, rng, verbose);
+        // dgrad of GEMM1 with the activation backward in the epilogue (C = dpre).
+        for (Epilogue e : {Epilogue::kReluBackward, Epilogue::kGeluBackward, Epilogue::kSwiGluBackward,
+                           Epilogue::kGeGluBackward}) {
+          Case bwd = base;
+          bwd.epilogue = e;
+          run_case(bwd, rng, verbose);
+        }
       }
     }
     // wgrad (varying K): adversarial group sizes, m/n not multiples of the 128 x 256 tile.
@@ -843,6 +869,7 @@ int main(int argc, char** argv) {
     //   wgrad dW2 = actᵀ · g (M = I, N = H); wgrad dW1 = xᵀ · dpre (M = H, N = 2I)
     bench("paper64_dgrad_gemm1", uniform, 2048, 2048, Epilogue::kIdentity, rng, results, true);
     bench("paper64_dgrad_gemm0", uniform, 2048, 4096, Epilogue::kIdentity, rng, results, true);
+    bench("paper64_dgrad_gemm1_swiglu_bwd", uniform, 2048, 2048, Epilogue::kSwiGluBackward, rng, results, true);
     bench_wgrad("paper64_wgrad_dw2", uniform, 2048, 2048, rng, results);
     bench_wgrad("paper64_wgrad_dw1", uniform, 2048, 4096, rng, results);
     bench_wgrad("skewed64_wgrad_dw2", skewed, 2048, 2048, rng, results);

@@ -8,7 +8,10 @@
 //      the dgrad config, B K-major);
 //   6. wgrad config (A and B MN-major): mn_sw128_byte_offset (the masking threads' address
 //      function, grouped_gemm_wgrad_sm90.cuh) equals CuTe's swizzled address of (mn, k) for
-//      every element of stage 0 and 1 of A and B.
+//      every element of stage 0 and 1 of A and B;
+//   7. the accumulator register i of consumer thread t is row 16 (t / 32) + lane / 4 +
+//      8 ((i / 2) % 2), column 8 (i / 4) + 2 (lane % 4) + i % 2 (the wgrad TMA-store epilogue),
+//      and output_tile_byte_offset equals CuTe's address in WgradStore's SmemLayoutC.
 // Built and run by tests/gpu/gemm/build.sh. Exit code 0 when all hold.
 #include <cstdio>
 
@@ -30,6 +33,7 @@ bool check() {
       if (i < half && (get<0>(c(i + half)) != m || get<1>(c(i + half)) != n + 128)) ok = false;
       if (m - warp_row0 != lane / 4 && m - warp_row0 != lane / 4 + 8) ok = false;
       if (n / 32 != i / 16) ok = false;
+      if (m != warp_row0 + lane / 4 + 8 * ((i / 2) % 2) || n != 8 * (i / 4) + 2 * (lane % 4) + i % 2) ok = false;
     }
   }
   auto sB = make_tensor(make_smem_ptr((typename Cfg::ElementAB*)nullptr), typename Cfg::SmemLayoutB{});
@@ -66,6 +70,21 @@ bool check_wgrad_offsets() {
   return ok;
 }
 
+template <class Cfg>
+bool check_output_tile_offsets() {
+  using T = typename Cfg::ElementAB;
+  alignas(1024) static T buffer[128 * 256];
+  auto sC = make_tensor(make_smem_ptr(buffer), typename fusedmoe::cuda::sm90::WgradStore<Cfg>::SmemLayoutC{});
+  bool ok = true;
+  for (int m = 0; m < 128; ++m)
+    for (int n = 0; n < 256; ++n) {
+      const auto off = uint32_t(reinterpret_cast<char*>(&sC(m, n)) - reinterpret_cast<char*>(buffer));
+      if (off != fusedmoe::cuda::sm90::output_tile_byte_offset(m, n)) ok = false;
+    }
+  if (!ok) std::printf("layout_probe: output_tile_byte_offset differs from CuTe's layout\n");
+  return ok;
+}
+
 int main() {
   using namespace fusedmoe::cuda::sm90;
   const bool ok = check<Config<cute::bfloat16_t, true>>() && check<Config<cute::bfloat16_t, false>>() &&
@@ -74,7 +93,9 @@ int main() {
                   check<Config<cute::half_t, false, Operands::kDgrad>>() &&
                   check<Config<cute::bfloat16_t, false, Operands::kWgrad>>() &&
                   check_wgrad_offsets<Config<cute::bfloat16_t, false, Operands::kWgrad>>() &&
-                  check_wgrad_offsets<Config<cute::half_t, false, Operands::kWgrad>>();
+                  check_wgrad_offsets<Config<cute::half_t, false, Operands::kWgrad>>() &&
+                  check_output_tile_offsets<Config<cute::bfloat16_t, false, Operands::kWgrad>>() &&
+                  check_output_tile_offsets<Config<cute::half_t, false, Operands::kWgrad>>();
   std::printf("layout_probe: %s\n", ok ? "all layout assumptions hold" : "LAYOUT ASSUMPTION VIOLATED");
   return ok ? 0 : 1;
 }
