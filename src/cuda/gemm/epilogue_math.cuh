@@ -16,18 +16,34 @@ __device__ __forceinline__ float gelu(float x) {
   return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
 }
 
-// Non-gated activation; `epilogue` is warp-uniform so the switch does not diverge.
+// Non-gated activation of a compile-time epilogue (the GEMM epilogues are instantiated per
+// activation: a runtime switch inside an epilogue unrolled over a whole tile puts the code of
+// every activation into the instruction stream of every element).
+template <Epilogue kEpilogue>
+__device__ __forceinline__ float activate(float x) {
+  if constexpr (kEpilogue == Epilogue::kRelu) return fmaxf(x, 0.0f);
+  else if constexpr (kEpilogue == Epilogue::kGelu) return gelu(x);
+  else return x;
+}
+
+// Gated activation act(gate) * up, compile-time epilogue (kSwiGlu or kGeGlu).
+template <Epilogue kEpilogue>
+__device__ __forceinline__ float gate_up(float gate, float up) {
+  if constexpr (kEpilogue == Epilogue::kGeGlu) return gelu(gate) * up;
+  else return silu(gate) * up;
+}
+
+// The same functions of a runtime epilogue (the reference kernel).
 __device__ __forceinline__ float activate(Epilogue epilogue, float x) {
   switch (epilogue) {
-    case Epilogue::kRelu: return fmaxf(x, 0.0f);
-    case Epilogue::kGelu: return gelu(x);
+    case Epilogue::kRelu: return activate<Epilogue::kRelu>(x);
+    case Epilogue::kGelu: return activate<Epilogue::kGelu>(x);
     default: return x;
   }
 }
-
-// Gated activation act(gate) * up.
 __device__ __forceinline__ float gate_up(Epilogue epilogue, float gate, float up) {
-  return (epilogue == Epilogue::kGeGlu ? gelu(gate) : silu(gate)) * up;
+  return epilogue == Epilogue::kGeGlu ? gate_up<Epilogue::kGeGlu>(gate, up)
+                                      : gate_up<Epilogue::kSwiGlu>(gate, up);
 }
 
 // Backward of the activations (the modular path's activation backward uses the same functions).

@@ -472,8 +472,12 @@ __device__ __forceinline__ TileStore tile_store_of(Params<Cfg> const& params) {
                    params.activation_input};
 }
 
-template <class Cfg, class TOut, class Accumulator>
-__device__ __forceinline__ void store_tile_typed(TileStore const& params, TileCoord const& tc,
+// One instantiation per (output type, activation, pre-activation stored or not): see
+// store_tile_typed below for why the activation is a template argument. kRuntime: activation
+// and pre-activation store read from `params` instead (the rarely used dgrad epilogues).
+template <class Cfg, class TOut, Epilogue kEpilogue, bool kStorePre, class Accumulator,
+          bool kRuntime = false>
+__device__ __forceinline__ void store_tile_fixed(TileStore const& params, TileCoord const& tc,
                                                  int consumer_thread, Accumulator const& accum,
                                                  char* staging) {
   using namespace epilogue_math;
@@ -489,7 +493,6 @@ __device__ __forceinline__ void store_tile_typed(TileStore const& params, TileCo
   const int64_t n_out = params.n_out;
   const int64_t n = params.n;
   const int col_base = tc.n_tile * Cfg::kOutBlockN;
-  const Epilogue epilogue = params.epilogue;
   const auto* bias = static_cast<const TOut*>(params.bias);
   const int lane = consumer_thread % 32;
   const int warp_row0 = (consumer_thread / 32) * SS::kRows;
@@ -538,7 +541,7 @@ __device__ __forceinline__ void store_tile_typed(TileStore const& params, TileCo
       if constexpr (Cfg::kGated) {
         const float g0 = accum(i) + bias0, g1 = accum(i + 1) + bias1;
         const float u0 = accum(i + kHalf) + bias_up0, u1 = accum(i + kHalf + 1) + bias_up1;
-        if (pre != nullptr) {
+        if constexpr (kStorePre) {
           const int64_t row = tc.row_begin + warp_row0 + r;
           const int col = col_base + tile_col;
           if (row < tc.row_end && col < n_out) {
@@ -546,17 +549,17 @@ __device__ __forceinline__ void store_tile_typed(TileStore const& params, TileCo
             store_pair(pre + row * n + n_out + col, u0, u1);
           }
         }
-        out0 = gate_up(epilogue, g0, u0);
-        out1 = gate_up(epilogue, g1, u1);
+        out0 = gate_up<kEpilogue>(g0, u0);
+        out1 = gate_up<kEpilogue>(g1, u1);
       } else {
         const float v0 = accum(i) + bias0, v1 = accum(i + 1) + bias1;
-        if (pre != nullptr) {
+        if (kStorePre || (kRuntime && pre != nullptr)) {
           const int64_t row = tc.row_begin + warp_row0 + r;
           const int col = col_base + tile_col;
           if (row < tc.row_end && col < n_out) store_pair(pre + row * n + col, v0, v1);
         }
-        out0 = activate(epilogue, v0);
-        out1 = activate(epilogue, v1);
+        out0 = kRuntime ? activate(params.epilogue, v0) : activate<kEpilogue>(v0);
+        out1 = kRuntime ? activate(params.epilogue, v1) : activate<kEpilogue>(v1);
       }
       TOut* slot = reinterpret_cast<TOut*>(staging + r * SS::kPitch) +
                    (tile_col - chunk * SS::kChunkCols);
@@ -588,6 +591,45 @@ __device__ __forceinline__ void store_tile_typed(TileStore const& params, TileCo
     }
     __syncwarp();
   }
+}
+
+// The epilogue of one tile with output type TOut: dispatches once per tile to the instantiation
+// of its activation and pre-activation store. With the activation a runtime switch inside the
+// unrolled tile loop, the forward kernels were 240-300 KB of code (the instruction cache holds a
+// fraction of that) and paid ~8 us per tile in the epilogue.
+template <class Cfg, class TOut, class Accumulator>
+__device__ __forceinline__ void store_tile_typed(TileStore const& params, TileCoord const& tc,
+                                                 int consumer_thread, Accumulator const& accum,
+                                                 char* staging) {
+  if constexpr (Cfg::kOperands != Operands::kForward) {
+    // dgrad / wgrad: only the plain product (identity, no pre-activation) gets its own
+    // instantiation; more inlined variants made ptxas serialise the dgrad kernel's wgmmas.
+    if (params.epilogue == Epilogue::kIdentity && params.pre_activation == nullptr)
+      store_tile_fixed<Cfg, TOut, Epilogue::kIdentity, false>(params, tc, consumer_thread, accum, staging);
+    else
+      store_tile_fixed<Cfg, TOut, Epilogue::kIdentity, false, Accumulator, true>(params, tc, consumer_thread,
+                                                                               accum, staging);
+    return;
+  }
+  auto with_pre = [&]<bool kStorePre>() {
+    if constexpr (Cfg::kGated) {
+      if (params.epilogue == Epilogue::kGeGlu)
+        store_tile_fixed<Cfg, TOut, Epilogue::kGeGlu, kStorePre>(params, tc, consumer_thread, accum, staging);
+      else
+        store_tile_fixed<Cfg, TOut, Epilogue::kSwiGlu, kStorePre>(params, tc, consumer_thread, accum, staging);
+    } else {
+      switch (params.epilogue) {
+        case Epilogue::kRelu:
+          return store_tile_fixed<Cfg, TOut, Epilogue::kRelu, kStorePre>(params, tc, consumer_thread, accum, staging);
+        case Epilogue::kGelu:
+          return store_tile_fixed<Cfg, TOut, Epilogue::kGelu, kStorePre>(params, tc, consumer_thread, accum, staging);
+        default:
+          return store_tile_fixed<Cfg, TOut, Epilogue::kIdentity, kStorePre>(params, tc, consumer_thread, accum, staging);
+      }
+    }
+  };
+  if (params.pre_activation != nullptr) with_pre.template operator()<true>();
+  else with_pre.template operator()<false>();
 }
 
 // The k*Backward epilogues (dgrad of GEMM1 + activation backward; see Epilogue): the fp32 dact

@@ -74,6 +74,8 @@ def grouped(counts, k, n, swiglu, gen):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--ours", help="results file of grouped_gemm_test --results")
+    parser.add_argument("--scan", action="store_true",
+                        help="the problems of grouped_gemm_test --scan (K scan, mixtral)")
     args = parser.parse_args()
     gen = torch.Generator(device="cuda")
     gen.manual_seed(1234)
@@ -85,6 +87,10 @@ def main():
             for line in f:
                 name, ms, tflops = line.split()
                 ours[name] = (float(ms), float(tflops))
+
+    if args.scan:
+        scan(ours, gen)
+        return
 
     # Skewed split like the test program's (exponential weights), torch's own draw.
     w = torch.distributions.Exponential(1.0).sample((64,))
@@ -117,6 +123,29 @@ def main():
     ms = median_ms(lambda: a @ b)
     print(f"dense bf16 matmul 32768x2048x4096: {ms:.4f} ms, "
           f"{2 * 32768 * 2048 * 4096 / (ms * 1e-3) / 1e12:.1f} TFLOP/s")
+
+
+def scan(ours, gen):
+    """torch._grouped_mm and a dense matmul of the same FLOPs on grouped_gemm_test --scan's
+    problems (GEMM only: the SwiGLU of ours is not added to torch's time here)."""
+    problems = [(f"scan_gemm1_k{k}", [512] * 64, k, 2048) for k in (1024, 2048, 4096, 8192)]
+    problems += [("scan_gemm0_swiglu_k8192", [512] * 64, 8192, 4096),
+                 ("mixtral_gemm0_swiglu", [2048] * 8, 4096, 2 * 14336),
+                 ("mixtral_gemm1_identity", [2048] * 8, 14336, 4096)]
+    print(f"{'problem':28s} {'torch ms':>9s} {'torch TF/s':>10s} {'dense TF/s':>10s} "
+          f"{'ours ms':>8s} {'ours TF/s':>9s} {'ours/torch':>10s}")
+    for name, counts, k, n in problems:
+        rows, ms, _ = grouped(counts, k, n, False, gen)
+        flops = 2 * rows * k * n
+        tflops = flops / (ms * 1e-3) / 1e12
+        a = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16, generator=gen)
+        dense = flops / (median_ms(lambda: a @ b) * 1e-3) / 1e12
+        del a, b
+        o = ours.get(name)
+        ratio = f"{o[1] / tflops:10.3f}" if o else f"{'-':>10s}"
+        ostr = f"{o[0]:8.4f} {o[1]:9.1f}" if o else f"{'-':>8s} {'-':>9s}"
+        print(f"{name:28s} {ms:9.4f} {tflops:10.1f} {dense:10.1f} {ostr} {ratio}")
 
 
 def backward(ours, gen):

@@ -630,20 +630,28 @@ void run_wgrad_bad_args_test() {
 // ------------------------------------------------------------------------------------------
 struct BenchResult { double ms, tflops, rel; };
 
+// --only NAME restricts the benchmark to one problem (e.g. for a profiler); empty: all.
+std::string g_only;
+
 BenchResult bench(const char* name, std::vector<int64_t> counts, int64_t n, int64_t k,
-                  Epilogue epi, std::mt19937_64& rng, FILE* results, bool b_k_major = false) {
+                  Epilogue epi, std::mt19937_64& rng, FILE* results, bool b_k_major = false,
+                  bool check = true) {
+  if (!g_only.empty() && g_only != name) return {};
   Case cs{.shape_name = name, .counts = std::move(counts), .n = n, .k = k, .epilogue = epi,
           .b_k_major = b_k_major};
   auto p = make_problem(cs, rng);
   reset_outputs(*p);
   auto args = p->args(p->c_fast->ptr, nullptr);
-  // Correctness of the benchmarked configuration itself.
-  grouped_gemm(args, p->workspace->ptr, nullptr);
-  grouped_gemm_reference(p->args(p->c_ref->ptr, nullptr), nullptr);
-  CHECK_CUDA(cudaDeviceSynchronize());
-  Stats s = compare(p->c_fast->download(), p->c_ref->download(), cs.c, p->rows_alloc, p->n_out,
-                    0, p->total);
-  report(std::string("bench ") + name, "C", s, 1e-2);
+  Stats s;
+  if (check) {  // correctness of the benchmarked configuration itself (the scan's large
+                // problems skip it: the CUDA-core reference would take minutes)
+    grouped_gemm(args, p->workspace->ptr, nullptr);
+    grouped_gemm_reference(p->args(p->c_ref->ptr, nullptr), nullptr);
+    CHECK_CUDA(cudaDeviceSynchronize());
+    s = compare(p->c_fast->download(), p->c_ref->download(), cs.c, p->rows_alloc, p->n_out, 0,
+                p->total);
+    report(std::string("bench ") + name, "C", s, 1e-2);
+  }
 
   for (int i = 0; i < 5; ++i) grouped_gemm(args, p->workspace->ptr, nullptr);
   const int iters = 30;
@@ -677,6 +685,7 @@ BenchResult bench(const char* name, std::vector<int64_t> counts, int64_t n, int6
 
 BenchResult bench_wgrad(const char* name, std::vector<int64_t> counts, int64_t m, int64_t n,
                         std::mt19937_64& rng, FILE* results) {
+  if (!g_only.empty() && g_only != name) return {};
   WgradCase cs{.shape_name = name, .counts = std::move(counts), .m = m, .n = n};
   auto p = make_wgrad_problem(cs, rng);
   reset_wgrad_outputs(*p);
@@ -720,7 +729,7 @@ int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   uint64_t seed = std::random_device{}();
   bool do_tests = true, do_bench = true, verbose = false;
-  bool wgrad_tests_only = false, backward_bench_only = false;
+  bool wgrad_tests_only = false, backward_bench_only = false, scan = false;
   const char* results_path = nullptr;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
@@ -731,6 +740,8 @@ int main(int argc, char** argv) {
     else if (arg == "--wgrad-tests-only") wgrad_tests_only = true;
     else if (arg == "--backward-bench-only") backward_bench_only = true;
     else if (arg == "--results" && i + 1 < argc) results_path = argv[++i];
+    else if (arg == "--only" && i + 1 < argc) g_only = argv[++i];
+    else if (arg == "--scan") scan = true, do_tests = false;
     else { std::fprintf(stderr, "unknown argument %s\n", arg.c_str()); return 2; }
   }
   cudaDeviceProp prop;
@@ -841,6 +852,23 @@ int main(int argc, char** argv) {
                 g_failures, g_max_rel);
   }
 
+  if (scan) {
+    // Where the time goes: paper-64's GEMM1 over K (time = epilogue + K x mainloop rate per
+    // tile), and mixtral's two forward GEMMs (8 experts x 2048 rows, H 4096, I 14336).
+    FILE* results = results_path ? std::fopen(results_path, "w") : nullptr;
+    std::vector<int64_t> uniform(64, 512), mixtral(8, 2048);
+    for (int64_t k : {1024, 2048, 4096, 8192})
+      bench(("scan_gemm1_k" + std::to_string(k)).c_str(), uniform, 2048, k, Epilogue::kIdentity,
+            rng, results, false, false);
+    bench("scan_gemm0_swiglu_k8192", uniform, 4096, 8192, Epilogue::kSwiGlu, rng, results, false,
+          false);
+    bench("mixtral_gemm0_swiglu", mixtral, 2 * 14336, 4096, Epilogue::kSwiGlu, rng, results,
+          false, false);
+    bench("mixtral_gemm1_identity", mixtral, 4096, 14336, Epilogue::kIdentity, rng, results,
+          false, false);
+    if (results) std::fclose(results);
+    do_bench = false;
+  }
   if (do_bench) {
     FILE* results = results_path ? std::fopen(results_path, "w") : nullptr;
     std::vector<int64_t> uniform(64, 512);
