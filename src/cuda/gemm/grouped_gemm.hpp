@@ -113,8 +113,8 @@ inline constexpr int kMaxGroups = 1024;
 size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args);
 
 // Hopper (sm_90a) grouped GEMM. Preconditions (checked, std::runtime_error naming the argument):
-// k % 8 == 0, n % 8 == 0 (n % 16 == 0 for gated), k > 0, a/b/c 16-B aligned, pre_activation
-// 8-B aligned, accumulate only with c_type kF32, a_type kBF16 or kF16, the current device is
+// k % 8 == 0, n % 8 == 0 (n % 16 == 0 for gated), k > 0, a/b/c and pre_activation 16-B
+// aligned, accumulate only with c_type kF32, a_type kBF16 or kF16, the current device is
 // sm_90. Asynchronous on `stream`; CUDA errors at launch are thrown.
 void grouped_gemm(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream);
 

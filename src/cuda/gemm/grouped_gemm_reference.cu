@@ -182,8 +182,8 @@ void validate_grouped_gemm_args(const GroupedGemmArgs& args, const char* caller)
     fail(caller, "a and b must be 16-byte aligned (TMA)");
   if (misaligned(args.c, 16))
     fail(caller, "c must be 16-byte aligned (16-B vector stores)");
-  if (misaligned(args.pre_activation, 8))
-    fail(caller, "pre_activation must be 8-byte aligned");
+  if (misaligned(args.pre_activation, 16))
+    fail(caller, "pre_activation must be 16-byte aligned (16-B vector stores)");
   if (args.accumulate && args.c_type != ElementType::kF32)
     fail(caller, "accumulate = true requires c_type = kF32");
   if (args.b_k_major && gated)

@@ -30,6 +30,11 @@ for src in grouped_gemm_sm90 grouped_gemm_reference; do
       echo "build.sh: register spills in $src (treated as a failure)" >&2
       exit 1
     fi
+    if grep -qE "C7514|C7520" "$out/$src.ptxas.log"; then
+      grep -E "C7514|C7520" "$out/$src.ptxas.log" >&2
+      echo "build.sh: ptxas serialised the wgmmas of a kernel in $src (treated as a failure)" >&2
+      exit 1
+    fi
     grep -i "warning" "$out/$src.ptxas.log" >&2 || true
   fi
 done
