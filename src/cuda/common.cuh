@@ -46,7 +46,7 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The memory pool of the scratch buffers of `device`: a pool of its own whose release threshold
 // is unlimited, so memory freed at the end of a call is kept for the next one instead of being

@@ -355,6 +355,17 @@ class CudaBackend final : public BackendImpl {
         if (g.d_gate_weight.defined()) {
           const int splits = static_cast<int>(std::clamp<int64_t>(Tn / 1024, 1, 32));
           float* partials = s.alloc<float>(splits * E * H);
+          if (use_hopper_engine<T>(c, w) && E % 8 == 0 && aligned16(dlogits_16) && aligned16(x)) {
+            // The Hopper weight-gradient kernel with each split of the tokens as one group: the
+            // split-K partials are its per-group outputs (the wmma kernel ran at ~13 TFLOP/s here).
+            int64_t* splits_at = s.alloc<int64_t>(splits + 1);
+            set_even_split(splits_at, splits, Tn, stream);
+            run_grouped_wgrad(GroupedWgradArgs{.num_groups = splits, .row_offsets = splits_at, .max_total_rows = Tn,
+                                               .m = E, .n = H, .a = dlogits_16, .b = x, .c = partials,
+                                               .a_type = element_type<T>(), .c_type = ElementType::kF32},
+                              s, stream);
+            sum_partials<T>(partials, splits, mut<T>(g.d_gate_weight), E * H, stream);
+          } else {
           SimpleGemmParams p;
           p.m = E; p.n = H; p.k = Tn;
           p.a = dlogits_16; p.a_sm = 1; p.a_sk = E;
@@ -365,9 +376,22 @@ class CudaBackend final : public BackendImpl {
           const bool launched = wmma_gemm<T, float>(p, stream);
           FUSEDMOE_CHECK(launched, "internal: router weight gradient layout");
           sum_partials<T>(partials, splits, mut<T>(g.d_gate_weight), E * H, stream);
+          }
         }
-        gemm<T, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, H, E, {dlogits_16, 0, E, 1},
-                          {ptr<T>(w.gate_weight), 0, H, 1}, dx_acc, 0, H, true);
+        if (use_hopper_engine<T>(c, w) && E % 8 == 0 && aligned16(dlogits_16) && aligned16(w.gate_weight.data)) {
+          // dx += dlogits · Wg on the Hopper engine: one group of all tokens, K = E, fp32
+          // accumulate (the generic kernel took 0.32 ms of paper-64's backward here).
+          int64_t* all_rows = s.alloc<int64_t>(2);
+          set_range(all_rows, Tn, stream);
+          run_grouped_gemm(GroupedGemmArgs{.num_groups = 1, .row_offsets = all_rows, .max_total_rows = Tn, .n = H,
+                                           .k = E, .a = dlogits_16, .b = w.gate_weight.data, .c = dx_acc,
+                                           .a_type = element_type<T>(), .c_type = ElementType::kF32,
+                                           .accumulate = true},
+                           s, stream);
+        } else {
+          gemm<T, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, H, E, {dlogits_16, 0, E, 1},
+                            {ptr<T>(w.gate_weight), 0, H, 1}, dx_acc, 0, H, true);
+        }
         router_done = true;
       }
     }

@@ -1,4 +1,5 @@
 // src/cuda/stages.cu — kernels of the GPU stages; see stages.cuh.
+#include <algorithm>
 #include <cfloat>
 #include <climits>
 
@@ -209,6 +210,11 @@ __global__ void combine_rows_kernel(const T* rows, RoutingBuffers r, bool unit_w
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
   if (t >= num_tokens) return;
+  // Column slice blockIdx.y of gridDim.y (few tokens, e.g. decode: one warp per token alone
+  // left most SMs idle), in whole 32-lane steps.
+  const int64_t step = 32 * (vector ? kVec<T> : 1);
+  const int64_t slice = ceil_div(ceil_div(hidden, step), static_cast<int64_t>(gridDim.y)) * step;
+  const int64_t h_begin = blockIdx.y * slice, h_end = h_begin + slice < hidden ? h_begin + slice : hidden;
   if (vector) {
     // Rows and weights of this token once; then 16-B vectors, fp32 accumulation, fixed j order.
     int32_t row_j[32];
@@ -217,7 +223,7 @@ __global__ void combine_rows_kernel(const T* rows, RoutingBuffers r, bool unit_w
       row_j[j] = r.row_of[t * top_k + j];
       w_j[j] = unit_weights ? 1.f : r.weight[t * top_k + j];
     }
-    for (int64_t h = lane * kVec<T>; h < hidden; h += 32 * kVec<T>) {
+    for (int64_t h = h_begin + lane * kVec<T>; h < h_end; h += 32 * kVec<T>) {
       float acc[kVec<T>];
 #pragma unroll
       for (int e = 0; e < kVec<T>; ++e) acc[e] = dense ? dense[t * hidden + h + e] : 0.f;
@@ -236,7 +242,7 @@ __global__ void combine_rows_kernel(const T* rows, RoutingBuffers r, bool unit_w
     }
     return;
   }
-  for (int64_t h = lane; h < hidden; h += 32) {
+  for (int64_t h = h_begin + lane; h < h_end; h += 32) {
     float acc = dense ? dense[t * hidden + h] : 0.f;
     for (int64_t j = 0; j < top_k; ++j) {  // fixed order over j: deterministic
       const int32_t row = r.row_of[t * top_k + j];
@@ -427,9 +433,8 @@ __global__ void fill_nan_kernel(T* dst, int64_t n) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-__global__ void set_range_kernel(int64_t* offsets, int64_t count) {
-  offsets[0] = 0;
-  offsets[1] = count;
+__global__ void set_even_split_kernel(int64_t* offsets, int64_t groups, int64_t count) {
+  for (int64_t g = threadIdx.x; g <= groups; g += blockDim.x) offsets[g] = count * g / groups;
 }
 
 unsigned blocks_for(int64_t n, int64_t per_block) { return static_cast<unsigned>(ceil_div(n > 0 ? n : 1, per_block)); }
@@ -520,8 +525,12 @@ void combine_rows(const T* rows, const RoutingBuffers& r, bool unit_weights, con
                   int64_t num_tokens, int64_t top_k, int64_t hidden, cudaStream_t stream) {
   if (num_tokens == 0) return;
   const bool vector = hidden % kVec<T> == 0 && top_k <= 32 && aligned16(rows) && aligned16(y) && (!dense || aligned16(dense));
-  combine_rows_kernel<T><<<blocks_for(num_tokens, kWarpsPerBlock), 32 * kWarpsPerBlock, 0, stream>>>(
-      rows, r, unit_weights, dense, y, num_tokens, top_k, hidden, vector);
+  // Enough warps for the whole GPU: with few tokens, split each token's columns over blockIdx.y.
+  const int64_t steps = ceil_div(hidden, int64_t{32} * (vector ? kVec<T> : 1));
+  const int64_t slices = std::clamp<int64_t>(ceil_div(int64_t{4096}, num_tokens), 1, std::min<int64_t>(steps, 64));
+  const dim3 grid(blocks_for(num_tokens, kWarpsPerBlock), static_cast<unsigned>(slices));
+  combine_rows_kernel<T><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(rows, r, unit_weights, dense, y, num_tokens,
+                                                                    top_k, hidden, vector);
   FUSEDMOE_LAUNCH_CHECK();
 }
 
@@ -581,10 +590,12 @@ void convert(const float* src, T* dst, int64_t n, cudaStream_t stream) {
   FUSEDMOE_LAUNCH_CHECK();
 }
 
-void set_range(int64_t* offsets, int64_t count, cudaStream_t stream) {
-  set_range_kernel<<<1, 1, 0, stream>>>(offsets, count);
+void set_even_split(int64_t* offsets, int64_t groups, int64_t count, cudaStream_t stream) {
+  set_even_split_kernel<<<1, 128, 0, stream>>>(offsets, groups, count);
   FUSEDMOE_LAUNCH_CHECK();
 }
+
+void set_range(int64_t* offsets, int64_t count, cudaStream_t stream) { set_even_split(offsets, 1, count, stream); }
 
 template <class T>
 void sum_partials(const float* partials, int splits, T* dst, int64_t n, cudaStream_t stream) {

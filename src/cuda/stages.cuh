@@ -106,5 +106,7 @@ template <class T>
 void fill_nan(T* dst, int64_t n, cudaStream_t stream);
 // offsets[0] = 0, offsets[1] = count: the row offsets of a single group, on the device.
 void set_range(int64_t* offsets, int64_t count, cudaStream_t stream);
+// offsets[g] = count * g / groups for g = 0 .. groups: `groups` near-equal row ranges.
+void set_even_split(int64_t* offsets, int64_t groups, int64_t count, cudaStream_t stream);
 
 }  // namespace fusedmoe::cuda
