@@ -437,7 +437,8 @@ __device__ __forceinline__ void consume_tile(SharedStorage<Cfg>& smem,
 // padded rows: conflict-free) and is then stored with 16-B vectors, 4 (bf16/f16) or 8 (f32)
 // lanes per row, predicated on rows (< the group's end) and columns (< n_out; n_out % 8 == 0 so
 // a 16-B segment is all in or all out). Only __syncwarp, no block barrier.
-// pre_activation (backward only) is stored directly from registers.
+// The pre-activation (kept for backward) of a gated tile goes through the staging buffer too; a
+// non-gated tile's is stored directly from registers.
 template <class TOut>
 struct StagingShape {
   static constexpr int kChunkCols = 32;
@@ -509,7 +510,7 @@ __device__ __forceinline__ void flush_staged_chunk(TileStore const& params, Tile
 // One instantiation per (output type, activation, pre-activation stored or not): see
 // store_tile_typed below for why the activation is a template argument. kRuntime: activation
 // and pre-activation store read from `params` instead (the rarely used dgrad epilogues).
-// The pre-activation (both halves when gated) goes through the staging buffer like the output:
+// The gated pre-activation (both halves) goes through the staging buffer like the output:
 // stored from registers, its 4-B writes to rows 2n apart took 2.5 of mixtral's 7.9 ms GEMM0.
 template <class Cfg, class TOut, Epilogue kEpilogue, bool kStorePre, class Accumulator,
           bool kRuntime = false>
@@ -562,36 +563,29 @@ __device__ __forceinline__ void store_tile_fixed(TileStore const& params, TileCo
   auto slot = [&](int r, int col_in_chunk) {
     return reinterpret_cast<TOut*>(staging + r * SS::kPitch) + col_in_chunk;
   };
-  // Phase 2: flush_staged_chunk (a function, not a lambda: an outlined lambda call made ptxas
-  // keep the accumulator on the stack and serialise the wgmmas).
-  auto flush = [&]<bool kOutput>(TOut* dst_base, int64_t pitch, int col0) {
-    flush_staged_chunk<SS, TOut, kOutput>(params, tc, staging, lane, warp_row0, dst_base, pitch, col0);
-  };
+  // Phase 2: flush_staged_chunk.
 
-  // The raw result (+ bias) at its original columns, gate half [0, n_out) and up half + n_out,
-  // in passes of their own (one loop with all three made the compiler keep the accumulator in
-  // local memory).
-  // Gated only: the non-gated kernels kept the accumulator in local memory with these passes
-  // (their pre-activation is stored from registers in the output loop below).
+  // Gated: the raw result (+ bias) at its original columns, gate half [0, n_out) and up half
+  // + n_out, in passes of their own (one loop with the output pass made the compiler keep the
+  // accumulator in local memory; so did these passes in the non-gated kernels, whose
+  // pre-activation is stored from registers in the output loop below).
   if constexpr (Cfg::kGated && kStorePre) {
-    {
+    CUTE_UNROLL
+    for (int half = 0; half < 2; ++half) {
       CUTE_UNROLL
-      for (int half = 0; half < 2; ++half) {
-        CUTE_UNROLL
-        for (int chunk = 0; chunk < kChunks; ++chunk) {
-          const int col0 = col_base + chunk * SS::kChunkCols;
-          if (col0 < n_out) {  // warp-uniform
-            CUTE_UNROLL
-            for (int q = 0; q < kRegsPerChunk; q += 2) {
-              const int i = chunk * kRegsPerChunk + q + half * kHalf;
-              const int tile_col = get<1>(coord(i)) - half * Cfg::kHalfN;
-              const float2 b = bias_pair(tile_col, half * n_out);
-              store_pair(slot(get<0>(coord(i)) - warp_row0, tile_col - chunk * SS::kChunkCols),
-                         accum(i) + b.x, accum(i + 1) + b.y);
-            }
-            __syncwarp();
-            flush.template operator()<false>(pre + half * n_out, n, col0);
+      for (int chunk = 0; chunk < kChunks; ++chunk) {
+        const int col0 = col_base + chunk * SS::kChunkCols;
+        if (col0 < n_out) {  // warp-uniform
+          CUTE_UNROLL
+          for (int q = 0; q < kRegsPerChunk; q += 2) {
+            const int i = chunk * kRegsPerChunk + q + half * kHalf;
+            const int tile_col = get<1>(coord(i)) - half * Cfg::kHalfN;
+            const float2 b = bias_pair(tile_col, half * n_out);
+            store_pair(slot(get<0>(coord(i)) - warp_row0, tile_col - chunk * SS::kChunkCols),
+                       accum(i) + b.x, accum(i + 1) + b.y);
           }
+          __syncwarp();
+          flush_staged_chunk<SS, TOut, false>(params, tc, staging, lane, warp_row0, pre + half * n_out, n, col0);
         }
       }
     }
@@ -626,7 +620,7 @@ __device__ __forceinline__ void store_tile_fixed(TileStore const& params, TileCo
       store_pair(slot(r, tile_col - chunk * SS::kChunkCols), out0 * scale, out1 * scale);
     }
     __syncwarp();
-    flush.template operator()<true>(c, n_out, col0);
+    flush_staged_chunk<SS, TOut, true>(params, tc, staging, lane, warp_row0, c, n_out, col0);
   }
 }
 
