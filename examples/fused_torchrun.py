@@ -7,8 +7,9 @@
 #   NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node W examples/fused_torchrun.py [--tokens T] [--iters N]
 #
 # Every rank draws the same weights and the same W x T tokens, runs the fused op on its T tokens
-# over NCCL, and compares its rows with the same layer computed in this process with W ranks
-# emulated on its own GPU (fusedmoe's local transport). Prints each rank's error and time;
+# over NCCL with the weights of its own E / W experts only, and compares its rows with the same
+# layer computed in this process with W ranks emulated on its own GPU (fusedmoe's local
+# transport, all E experts' weights). Prints each rank's error and time;
 # exits 1 if a rank's rows differ beyond the tolerance.
 from __future__ import annotations
 
@@ -55,21 +56,26 @@ def main() -> int:
         device="cuda").manual_seed(1))
     mine = slice(rank * args.tokens, (rank + 1) * args.tokens)
 
-    def fused(x):
-        return torch.ops.fusedmoe.moe_forward(x, *weights, config, [], False, 0, 0, "fused")
+    per_rank = args.experts // world
+    experts = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's experts (default placement)
+    local_weights = (g.weight.detach(), None, None, None, ex.w1.detach()[experts].contiguous(), None,
+                     ex.w2.detach()[experts].contiguous(), None, None, None, None, None, None)
+
+    def fused(x, w=weights):
+        return torch.ops.fusedmoe.moe_forward(x, *w, config, [], False, 0, 0, "fused")
 
     with torch.no_grad():
         # Reference: the whole layer with W ranks emulated on this GPU (local transport).
         y_ref, idx_ref = (t[mine] for t in fused(x_all)[:2])
         fd.init_fused_transport()
         x = x_all[mine].contiguous()
-        y, idx = fused(x)[:2]
+        y, idx = fused(x, local_weights)[:2]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         for _ in range(3):
-            fused(x)
+            fused(x, local_weights)
         start.record()
         for _ in range(args.iters):
-            fused(x)
+            fused(x, local_weights)
         end.record()
         torch.cuda.synchronize()
         fd.close_fused_transport()

@@ -9,8 +9,8 @@
 #             experts → activation → _grouped_mm → all_to_all back → weighted sum;
 #   a2a       the torch path's communication alone (split sizes, rows to the experts' ranks and
 #             back, for the same routing): the dispatch + combine time the fused kernel hides.
-# Every rank holds E / W experts' weights for the modular and torch paths (the fused op is given
-# all E and reads only its own); inputs and weights are drawn from the same seed on every rank.
+# Every rank holds only its E / W experts' weights (all three paths); inputs and weights are
+# drawn from the same seed on every rank.
 #
 #   NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node W scripts/multi_gpu_bench.py \
 #       [--tokens 4096,8192,16384] [--dtypes bf16,fp32] [--out DIR]
@@ -147,7 +147,7 @@ def main() -> int:
             with torch.no_grad():
                 fd.init_fused_transport()
                 row["fused_ms"] = timed(lambda: torch.ops.fusedmoe.moe_forward(
-                    x, gate_w, None, None, None, w1, None, w2, None, None, None, None, None, None, config, [],
+                    x, gate_w, None, None, None, w1_local, None, w2_local, None, None, None, None, None, None, config, [],
                     False, 0, 0, "fused"), args.iters)
                 fd.close_fused_transport()
                 row["modular_ms"] = timed(lambda: ep(x), args.iters)

@@ -79,9 +79,22 @@ void check_optional(const TensorView& view, const char* name, bool allowed, DTyp
   check_view(view, name, allowed, dtype, shape, "this config has no such tensor");
 }
 
-void check_weights(const MoeConfig& c, const MoeWeights& w) {
+// Experts held by the expert weights: all E, or — with the fused backend and several ranks —
+// the local experts of one rank (the NCCL transport: each process holds only its own experts;
+// the fused backend checks that the count is its rank's).
+int64_t weight_experts(const MoeConfig& c, const MoeWeights& w, Backend backend) {
+  const int64_t E = c.num_experts;
+  if (!w.w1.defined() || w.w1.shape.size() != 3 || w.w1.shape[0] == E) return E;
+  if (backend != Backend::kFused || c.world_size == 1) return E;
+  for (int r = 0; r < c.world_size; ++r)
+    if (w.w1.shape[0] == c.num_local_experts(r)) return w.w1.shape[0];
+  return E;
+}
+
+void check_weights(const MoeConfig& c, const MoeWeights& w, Backend backend) {
   const DType dt = c.dtype;
   const int64_t E = c.num_experts, H = c.hidden_size, I = c.ffn_size, N1 = c.ffn_in_width();
+  const int64_t Ew = weight_experts(c, w, backend);
   const int64_t S = c.num_shared_experts, Is = c.shared_size(), Ns1 = c.shared_in_width();
   check_view(w.gate_weight, "gate_weight", true, dt, {E, H});
   check_view(w.gate_bias, "gate_bias", c.gate_bias, dt, {E}, "config.gate_bias is off");
@@ -90,10 +103,10 @@ void check_weights(const MoeConfig& c, const MoeWeights& w) {
   if (w.selection_bias.defined())
     check_view(w.selection_bias, "selection_bias", c.gate == GateKind::kSigmoidTopK, dt, {E},
                "only the sigmoid gate has a selection bias");
-  check_view(w.w1, "w1", true, dt, {E, H, N1});
-  check_view(w.w2, "w2", true, dt, {E, I, H});
-  check_view(w.b1, "b1", c.expert_bias, dt, {E, N1}, "config.expert_bias is off");
-  check_view(w.b2, "b2", c.expert_bias, dt, {E, H}, "config.expert_bias is off");
+  check_view(w.w1, "w1", true, dt, {Ew, H, N1});
+  check_view(w.w2, "w2", true, dt, {Ew, I, H});
+  check_view(w.b1, "b1", c.expert_bias, dt, {Ew, N1}, "config.expert_bias is off");
+  check_view(w.b2, "b2", c.expert_bias, dt, {Ew, H}, "config.expert_bias is off");
   check_view(w.shared_w1, "shared_w1", S > 0, dt, {S, H, Ns1}, "config.num_shared_experts is 0");
   check_view(w.shared_w2, "shared_w2", S > 0, dt, {S, Is, H}, "config.num_shared_experts is 0");
   check_view(w.shared_b1, "shared_b1", S > 0 && c.expert_bias, dt, {S, Ns1},
@@ -168,7 +181,7 @@ MoeLayer::MoeLayer(MoeLayer&&) noexcept = default;
 MoeLayer& MoeLayer::operator=(MoeLayer&&) noexcept = default;
 
 void MoeLayer::set_weights(MoeWeights weights) {
-  check_weights(config_, weights);
+  check_weights(config_, weights, backend_);
   weights_ = std::move(weights);
 }
 

@@ -669,6 +669,40 @@ TEST(FusedKernel, StalledSchedulerIsReported) {
   check_case(fused_case(c, 1000), test_seed() + 1);
 }
 
+// Expert weights of one rank only ([E_local, ...]) are for the NCCL transport, where each
+// process runs its own rank: the layer accepts that shape for the fused backend, and the fused
+// forward refuses it with emulated ranks (they run every rank's experts in one process) with an
+// error that says why; other backends and other leading dimensions are refused by the layer.
+TEST(FusedKernel, LocalExpertWeightsNeedTheNcclTransport) {
+  REQUIRE_GPU();
+  MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
+  c.world_size = 2;
+  const int64_t E = c.num_experts, H = c.hidden_size, I = c.ffn_size, N1 = c.ffn_in_width(), T = 64;
+  const int64_t El = c.num_local_experts(0);
+  ASSERT_LT(El, E);
+  DeviceTensor gate = poisoned_device(c.dtype, {E, H}), w1 = poisoned_device(c.dtype, {El, H, N1}),
+               w2 = poisoned_device(c.dtype, {El, I, H}), x = poisoned_device(c.dtype, {T, H}),
+               y = poisoned_device(c.dtype, {T, H});
+  MoeWeights local{.gate_weight = gate.view, .w1 = w1.view, .w2 = w2.view};
+  auto message_of = [](auto&& f) {
+    try {
+      f();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  MoeLayer layer(c, local, Backend::kFused);  // accepted: the shape of rank 0's experts
+  const std::string fused = message_of([&] { layer.forward(ForwardArgs{.x = x.view}, ForwardOutputs{.y = y.view}); });
+  EXPECT_NE(fused.find("NCCL transport"), std::string::npos) << fused;
+  const std::string modular = message_of([&] { MoeLayer cuda_layer(c, local, Backend::kCuda); });
+  EXPECT_NE(modular.find("w1: shape"), std::string::npos) << modular;
+  DeviceTensor w1_bad = poisoned_device(c.dtype, {El + 1, H, N1});
+  MoeWeights bad{.gate_weight = gate.view, .w1 = w1_bad.view, .w2 = w2.view};
+  const std::string shape = message_of([&] { MoeLayer bad_layer(c, bad, Backend::kFused); });
+  EXPECT_NE(shape.find("w1: shape"), std::string::npos) << shape;
+}
+
 // The planted ordering bug (every dispatch flag raised before its rows are written) must be
 // caught by the oracle comparison.
 TEST(FusedKernel, FlagBeforeDataIsCaught) {

@@ -417,6 +417,16 @@ class FusedBackend {
     }
     p.max_chunks = static_cast<int>(max_chunks);
 
+    // Expert weights of every expert, or of this rank's local experts only (NCCL transport).
+    const int64_t weight_experts = w.w1.shape[0];
+    p.weights_local = weight_experts != E;
+    FUSEDMOE_CHECK(!p.weights_local || transport.nccl, "fused backend: w1 holds " << weight_experts
+                   << " experts, not all " << E << ": one rank's experts only work with the NCCL transport (each "
+                   "process runs its own rank); emulated ranks run every rank's experts in this process");
+    FUSEDMOE_CHECK(!p.weights_local || weight_experts == c.num_local_experts(rank_base),
+                   "fused backend: w1 holds " << weight_experts << " experts; rank " << rank_base << " of the NCCL "
+                   "transport owns " << c.num_local_experts(rank_base) << " (pass those, or all " << E << ")");
+    p.weight_experts = static_cast<int>(weight_experts);
     p.x = cptr<T>(args.x);
     p.y = static_cast<T*>(out.y.data);
     p.gate_weight = cptr<T>(w.gate_weight);
@@ -526,14 +536,27 @@ class FusedBackend {
       if (options.portable_engine) return false;
       const char* env = std::getenv("FUSEDMOE_FUSED_PORTABLE");
       if (env && env[0] == '1') return false;
-      int major = 0, minor = 0;
-      FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-      FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-      if (major != 9 || minor != 0) return false;
+      if (!is_sm90(device)) return false;
       return c.hidden_size % 8 == 0 && c.ffn_size % 8 == 0 && aligned16(args.x.data) && aligned16(out.y.data) &&
              aligned16(w.w1.data) && aligned16(w.w2.data) && aligned16(w.gate_weight.data) &&
              aligned16(w.noise_weight.defined() ? w.noise_weight.data : nullptr);
     }
+  }
+
+  // Compute capability 9.0, queried once per device (this runs before every launch).
+  static bool is_sm90(int device) {
+    constexpr int kMaxDevices = 64;
+    static int8_t known[kMaxDevices] = {};  // 0 unknown, 1 sm_90, -1 other
+    static std::mutex mutex;
+    FUSEDMOE_CHECK(device >= 0 && device < kMaxDevices, "device " << device << ": at most " << kMaxDevices);
+    std::lock_guard<std::mutex> lock(mutex);
+    if (known[device] == 0) {
+      int major = 0, minor = 0;
+      FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+      FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+      known[device] = major == 9 && minor == 0 ? 1 : -1;
+    }
+    return known[device] == 1;
   }
 
   // Split routing (Params::router_splits): when the rank's chunks times 128-expert tiles would
@@ -611,7 +634,7 @@ class FusedBackend {
     using Element = typename Tiles::Element;
     static_assert(sizeof(Params<T>) + sizeof(Sm90Tma<T>) <= 32000, "kernel parameters too large");
     const int W = p.world, H = static_cast<int>(p.hidden), I = static_cast<int>(p.ffn), N1 = static_cast<int>(p.ffn_in);
-    const int E = p.num_experts;
+    const int E = p.weight_experts;  // experts held by w1 / w2 (all, or this rank's)
     const int rows_cap = static_cast<int>(std::max<int64_t>(1, W * layout.rows_per_source));
     FUSEDMOE_CHECK(p.heap_stride % 16 == 0 && layout.recv_rows.offset % 16 == 0 && layout.hidden.offset % 16 == 0,
                    "fused backend: heap sections must be 16-B aligned for TMA");

@@ -134,6 +134,10 @@ struct Params {
   int16_t owner[kMaxExperts];            // owning rank of each expert
   int16_t local_index[kMaxExperts];      // index among the owner's experts
   int16_t global_expert[kMaxSegments];   // [W][max_local] (-1 past a rank's experts)
+  // Expert weights (w1, w2, b1, b2) of every expert, indexed by global expert, or — NCCL
+  // transport — of this process's rank only, indexed by local expert.
+  bool weights_local;
+  int weight_experts;            // leading dimension of w1 / w2
   int32_t num_local[kMaxWorld];
   int max_chunks;                // chunks of the largest rank (>= 1)
   int tile_n0, tile_n1;          // output columns of one GEMM0 / GEMM1 tile (engine's tile widths)
@@ -954,7 +958,7 @@ __device__ __forceinline__ TaskView view_of(const Ctx<T>& ctx, const Task& task)
   TaskView v;
   v.source = seg / p.max_local;
   v.local = seg % p.max_local;
-  v.expert = p.global_expert[ctx.rank * p.max_local + v.local];
+  v.expert = p.weights_local ? v.local : p.global_expert[ctx.rank * p.max_local + v.local];
   v.m_tile = task.tile >> 16;
   v.n_tile = task.tile & 0xffff;
   v.gemm1 = (task.seg & kGemm1Bit) != 0;
@@ -1296,6 +1300,7 @@ __device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char*
   RankControl& ctl = p.control[ctx.rank];
 
   uint64_t start = global_ns();
+  engine.init_barriers(smem_raw);
   engine.router_phase(ctx, smem_raw);
   // The one barrier: rank r's P1 (counts of every chunk) before its slots.
   __threadfence();
@@ -1336,6 +1341,7 @@ __device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char*
 
 template <class T>
 struct PortableEngine {
+  __device__ void init_barriers(unsigned char*) const {}
   __device__ void router_phase(const Ctx<T>& ctx, unsigned char* smem_raw) const {
     fusedmoe::cuda::fused::router_phase(ctx, *reinterpret_cast<SharedUnion<T>*>(smem_raw));
   }

@@ -149,7 +149,7 @@ struct Sm90Engine {
     const Params<T>& p = ctx.p;
     const TaskView v = view_of(ctx, task);
     const int H = static_cast<int>(p.hidden), I = static_cast<int>(p.ffn), N1 = static_cast<int>(p.ffn_in);
-    const int E = p.num_experts;
+    const int E = p.weight_experts;  // w1 / w2 hold all experts, or this rank's (Params::weights_local)
     auto a_tiles = [&](auto const& tma_a, int k) {
       Tensor mA = tma_a.get_tma_tensor(make_shape(tma.rows_cap, k, p.grid_ranks))(_, _, ctx.rank - p.rank_base);
       return local_tile(domain_offset(make_coord(task.row_begin, 0), mA),
@@ -202,6 +202,34 @@ struct Sm90Engine {
     }
   }
 
+  // At the start of the launch, before any other shared-memory traffic: one thread initialises
+  // every mbarrier of the expert phase and fences its own initialisation (fence.mbarrier_init by
+  // threads that initialised nothing orders nothing) — the stage pipeline's, what
+  // PipelineTmaAsync's constructor would set up for one producer and 256 consumer threads in a
+  // one-CTA cluster, and the task ring's. They lie past the bytes that P1, P2 and P4 use
+  // (static_assert below), so the __syncthreads() after routing orders the initialisation before
+  // every use. (Initialised at the start of the expert phase instead, after P1 and P2 had run
+  // their named barriers on threads 0-255 only, compute-sanitizer racecheck reported the
+  // scheduler thread's first arrive as a hazard against the initialisation.)
+  __device__ void init_barriers(unsigned char* smem_raw) const {
+    using Cfg = typename Sm90Tiles<T>::Plain;
+    using Barrier = cutlass::arch::ClusterBarrier;
+    static_assert(sizeof(SharedUnion<T>) <= sizeof(typename sm90::SharedStorage<Cfg>::Tensors),
+                  "P1/P2/P4 shared memory must not reach the expert phase's mbarriers");
+    auto& s = *reinterpret_cast<Sm90Smem<T>*>(smem_raw);
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < Cfg::kStages; ++i) {
+        s.gemm.pipeline.full_barrier_[i].init(1);
+        s.gemm.pipeline.empty_barrier_[i].init(256);
+      }
+      for (int i = 0; i < 2; ++i) {
+        Barrier::init(&s.full[i], 1);
+        Barrier::init(&s.empty[i], 256);  // every consumer thread: an arrive releases only its own reads
+      }
+      cutlass::arch::fence_barrier_init();
+    }
+  }
+
   // P1 on the consumer warpgroups with the portable router (the producer warpgroup waits).
   __device__ void router_phase(const Ctx<T>& ctx, unsigned char* smem_raw) const {
     if (threadIdx.x < kThreads) fusedmoe::cuda::fused::router_phase(ctx, *reinterpret_cast<SharedUnion<T>*>(smem_raw));
@@ -220,22 +248,8 @@ struct Sm90Engine {
     pipeline_params.role = warpgroup == 2 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
     pipeline_params.is_leader = threadIdx.x == Tiles::kSchedulerThread;
     pipeline_params.num_consumers = 256;
-    // One thread initialises every mbarrier of the phase and fences its own initialisation
-    // (fence.mbarrier_init by threads that initialised nothing orders nothing, and racecheck
-    // reports it): the stage pipeline's — what PipelineTmaAsync's constructor would set up for
-    // one producer and 256 consumer threads in a one-CTA cluster — and the task ring's.
-    if (threadIdx.x == 0) {
-      for (int i = 0; i < Cfg::kStages; ++i) {
-        s.gemm.pipeline.full_barrier_[i].init(1);
-        s.gemm.pipeline.empty_barrier_[i].init(256);
-      }
-      for (int i = 0; i < 2; ++i) {
-        Barrier::init(&s.full[i], 1);
-        Barrier::init(&s.empty[i], 256);  // every consumer thread: an arrive releases only its own reads
-      }
-      cutlass::arch::fence_barrier_init();
-    }
-    __syncthreads();
+    // The mbarriers were initialised at the start of the launch (init_barriers); the barriers
+    // of P1 and P2 since order that before any use here.
     Pipeline pipeline(s.gemm.pipeline, pipeline_params, cute::Shape<cute::_1, cute::_1, cute::_1>{}, cute::false_type{});
 
     if (warpgroup == 2) {

@@ -5,6 +5,8 @@
 // epilogue.
 #include <algorithm>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 
@@ -29,29 +31,59 @@ bool env_flag_set(const char* name) {
   return value != nullptr && value[0] != '\0' && value[0] != '0';
 }
 
-int current_sm_count() {
+// Facts of a device, queried once per device: a launch of these kernels is on the host's
+// critical path (the first GEMM of a forward waits for it), and each attribute query or
+// cudaFuncSetAttribute call costs microseconds of driver time.
+struct DeviceFacts {
+  int sm_count = 0;
+  int major = 0;
+  int minor = 0;
+};
+
+const DeviceFacts& current_device_facts() {
+  constexpr int kMaxDevices = 64;
+  static DeviceFacts facts[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  int sm_count = 0;
-  check_cuda(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device),
-             "cudaDeviceGetAttribute(MultiProcessorCount)");
-  return sm_count;
+  if (device < 0 || device >= kMaxDevices) throw std::runtime_error("grouped_gemm: device index out of range");
+  std::call_once(once[device], [device] {
+    DeviceFacts& f = facts[device];
+    check_cuda(cudaDeviceGetAttribute(&f.sm_count, cudaDevAttrMultiProcessorCount, device),
+               "cudaDeviceGetAttribute(MultiProcessorCount)");
+    check_cuda(cudaDeviceGetAttribute(&f.major, cudaDevAttrComputeCapabilityMajor, device),
+               "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+    check_cuda(cudaDeviceGetAttribute(&f.minor, cudaDevAttrComputeCapabilityMinor, device),
+               "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
+  });
+  return facts[device];
 }
 
+int current_sm_count() { return current_device_facts().sm_count; }
+
 void check_device_is_sm90() {
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  int major = 0, minor = 0;
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
-             "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
-  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
-             "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
-  if (major != 9 || minor != 0) {
+  const DeviceFacts& f = current_device_facts();
+  if (f.major != 9 || f.minor != 0) {
     std::ostringstream os;
-    os << "grouped_gemm: needs an sm_90 (Hopper) GPU, the current device is sm_" << major
-       << minor << "; use grouped_gemm_reference or another backend";
+    os << "grouped_gemm: needs an sm_90 (Hopper) GPU, the current device is sm_" << f.major
+       << f.minor << "; use grouped_gemm_reference or another backend";
     throw std::runtime_error(os.str());
   }
+}
+
+// Raises a kernel's dynamic shared memory limit on the current device only when a launch needs
+// more than any earlier one (the attribute is per (function, device) and persists).
+void allow_dynamic_smem(const void* kernel, size_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> allowed;
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mutex);
+  size_t& current = allowed[{kernel, device}];
+  if (bytes <= current) return;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  current = bytes;
 }
 
 template <class ElementAB, bool kGated, sm90::Operands kOperands = sm90::Operands::kForward>
@@ -96,9 +128,7 @@ void launch(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream) {
   const size_t smem_bytes =
       sizeof(sm90::SharedStorage<Cfg>) + sm90::GroupTables::bytes(args.num_groups);
   auto* kernel = &sm90::grouped_gemm_kernel<Cfg>;
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  int(smem_bytes)),
-             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes);
   kernel<<<grid, Cfg::kNumThreads, smem_bytes, stream>>>(params);
   check_cuda(cudaGetLastError(), "kernel launch");
 }
@@ -151,9 +181,7 @@ void launch_wgrad(const GroupedWgradArgs& args, cudaStream_t stream) {
   const size_t smem_bytes =
       sizeof(sm90::SharedStorage<Cfg>) + sm90::wgrad_table_bytes(args.num_groups);
   auto* kernel = tma_store ? &sm90::grouped_wgrad_kernel<Cfg, true> : &sm90::grouped_wgrad_kernel<Cfg, false>;
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  int(smem_bytes)),
-             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes);
   kernel<<<grid, Cfg::kNumThreads, smem_bytes, stream>>>(params);
   check_cuda(cudaGetLastError(), "wgrad kernel launch");
 }
