@@ -73,7 +73,7 @@ enum ErrorCode : uint32_t { kNoError = 0, kTimeout = 1, kCountMismatch = 2 };
 enum EventKind : int32_t { kEventRouter = 0, kEventDispatch = 1, kEventGemm0 = 2, kEventGemm1 = 3, kEventCombine = 4 };
 enum WaitWhat : uint32_t {
   kDispatchFlag = 1, kReturnFlag = 2, kRankBarrier = 3, kQueueSlot = 4,
-  kTaskRing = 5,      // Hopper engine: the consumers wait for the scheduler's next task (a = ring slot)
+  kTaskRing = 5,      // Hopper engine: a task ring slot (a = 0, 1: scheduler -> consumers; 2, 3: consumers -> finisher)
   kPipelineStage = 6  // Hopper engine: a TMA stage (a = 0 consumer wait, 1 producer acquire)
 };
 
@@ -280,12 +280,16 @@ struct Ctx {
   // suspend the thread for a while); false on abort, or on timeout after recording it. The
   // limit is twice the launch's timeout: these waits sit behind the cross-block waits, which
   // report first.
+  // The abort word and the clock (a load from L2 and a timer read) are looked at every 16th
+  // unsuccessful try: a thread that checked them after every try could be reading the abort
+  // word when its mbarrier phase completes, and wake late.
   template <class Ready>
   __device__ bool wait_local(Ready ready, uint32_t what, int64_t a, uint32_t expected) const {
     if (ready()) return true;
     const uint64_t start = global_ns();
-    for (;;) {
+    for (uint32_t spins = 0;; ++spins) {
       if (ready()) return true;
+      if ((spins & 15u) != 15u) continue;
       if (aborted()) return false;
       const uint64_t waited = global_ns() - start;
       if (waited > 2 * p.timeout_ns) {
@@ -339,9 +343,12 @@ struct DispatchSmem {
 // The router's logits tile loop for 16-bit types: three stages of cp.async (the next two k
 // steps' operands are in flight while this one computes; the router reads x once, from HBM, so
 // its loads must overlap its tensor-core work). A and B both K-contiguous: x rows, gate weight rows.
-template <class T>
+// The portable kernel keeps it small (32-wide k steps, 3 stages: ~71 KB for bf16, within the
+// shared memory of every sm_80+ GPU); the Hopper kernel, whose expert phase has ~200 KB of
+// shared memory anyway, runs 64-wide k steps with 4 stages (three steps, 48 KB, in flight).
+template <class T, int kKSteps = 32, int kStageCount = 3>
 struct RouterPipeSmem {
-  static constexpr int kK = 32, kPad = 8, kStages = 3;
+  static constexpr int kK = kKSteps, kPad = 8, kStages = kStageCount;
   T a[kStages][kTileM][kK + kPad];
   T b[kStages][kTileN][kK + kPad];
   float stage[kWarps][16][16 + 4];
@@ -496,15 +503,15 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // logits tile (rows of x from `a`, experts [n0, n0 + 128) of `wg`) over columns
 // [k_begin, k_begin + k_len) of H, visit(row, col, value) per output. 16-bit types, 16-B aligned
 // rows, k_len and H multiples of 8. All kThreads threads.
-template <class T, class Visit>
-__device__ void router_tile_pipelined(RouterPipeSmem<T>& s, const T* a, int64_t rows, const T* wg, int64_t n0,
+template <class P, class T, class Visit>
+__device__ void router_tile_pipelined(P& s, const T* a, int64_t rows, const T* wg, int64_t n0,
                                       int64_t E, int64_t H, int64_t k_begin, int64_t k_len, Visit visit) {
   using namespace nvcuda;
-  using P = RouterPipeSmem<T>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warp_m = warp / 4, warp_n = warp % 4;
   constexpr int kChunksPerRow = P::kK / 8;  // 16-B chunks
   const int nk = static_cast<int>((k_len + P::kK - 1) / P::kK);
   auto load = [&](int kt, int buf) {
+#pragma unroll 1
     for (int c = threadIdx.x; c < 2 * kTileM * kChunksPerRow; c += kThreads) {
       const bool is_b = c >= kTileM * kChunksPerRow;
       const int cc = is_b ? c - kTileM * kChunksPerRow : c;
@@ -570,7 +577,7 @@ __device__ void router_tile_pipelined(RouterPipeSmem<T>& s, const T* a, int64_t 
 // One logits tile: rows [t0, t0 + rows) of x times experts [n0, n0 + 128) of wg over columns
 // [k0, k0 + kn) of H; visit(row, expert, value) for every output in range. 16-bit aligned
 // operands take the cp.async pipeline, anything else the synchronous mma.sync tile.
-template <class T, class Visit>
+template <class Pipe, class T, class Visit>
 __device__ void router_logits_tile(const Params<T>& p, SharedUnion<T>& sm, int64_t t0, int64_t rows, const T* wg,
                                    int64_t n0, int64_t k0, int64_t kn, Visit visit) {
   const int64_t E = p.num_experts, H = p.hidden;
@@ -581,7 +588,8 @@ __device__ void router_logits_tile(const Params<T>& p, SharedUnion<T>& sm, int64
   };
   if constexpr (sizeof(T) == 2) {
     if (vec) {
-      router_tile_pipelined(sm.router_pipe, p.x + t0 * H, rows, wg, n0, E, H, k0, kn, in_range);
+      // The pipeline's buffers start at the union's first byte, like its other members.
+      router_tile_pipelined(*reinterpret_cast<Pipe*>(&sm), p.x + t0 * H, rows, wg, n0, E, H, k0, kn, in_range);
       return;
     }
   }
@@ -598,7 +606,7 @@ __device__ void router_logits_tile(const Params<T>& p, SharedUnion<T>& sm, int64
 
 // P1, portable logits of one chunk: x·Wgᵀ (+ bg) on mma.sync tensor cores (fp32), and the noisy
 // gate's noise term.
-template <class T>
+template <class Pipe, class T>
 __device__ void router_logits(const Ctx<T>& ctx, SharedUnion<T>& sm, int64_t t0, int64_t rows) {
   const Params<T>& p = ctx.p;
   const int E = p.num_experts;
@@ -608,7 +616,7 @@ __device__ void router_logits(const Ctx<T>& ctx, SharedUnion<T>& sm, int64_t t0,
     const T* wg = pass == 0 ? p.gate_weight : p.noise_weight;
     float* out = pass == 0 ? p.r.logits : p.r.noise_pre;
     for (int n0 = 0; n0 < E; n0 += kTileN)
-      router_logits_tile(p, sm, t0, rows, wg, n0, 0, H, [&](int row, int64_t e, float v) {
+      router_logits_tile<Pipe>(p, sm, t0, rows, wg, n0, 0, H, [&](int row, int64_t e, float v) {
         if (pass == 0 && p.gate_bias) v += to_f32(p.gate_bias[e]);
         out[(t0 + row) * E + e] = v;
       });
@@ -652,7 +660,7 @@ __device__ void router_gate(const Ctx<T>& ctx, RouterSmem& rs, int64_t c, int64_
 
 // P1 with split routing, step 1: partial logits of (chunk, 128 experts, H slice) units over all
 // of the rank's blocks (a decode batch is one chunk: one block would run the whole gate GEMM).
-template <class T>
+template <class Pipe, class T>
 __device__ void router_split_logits(const Ctx<T>& ctx, SharedUnion<T>& sm) {
   const Params<T>& p = ctx.p;
   const int E = p.num_experts, splits = p.router_splits;
@@ -665,7 +673,7 @@ __device__ void router_split_logits(const Ctx<T>& ctx, SharedUnion<T>& sm) {
     const int64_t k0 = ks * p.split_k, kn = (H - k0 < p.split_k ? H - k0 : p.split_k);
     if (rows == 0 || kn <= 0) continue;
     float* part = p.logit_parts + ks * p.router.num_tokens * E;
-    router_logits_tile(p, sm, t0, rows, p.gate_weight, n0, k0, kn,
+    router_logits_tile<Pipe>(p, sm, t0, rows, p.gate_weight, n0, k0, kn,
                        [&](int row, int64_t e, float v) { part[(t0 + row) * E + e] = v; });
   }
 }
@@ -701,7 +709,9 @@ __device__ void router_split_gate(const Ctx<T>& ctx, RouterSmem& rs) {
   }
 }
 
-template <class T>
+// Pipe: the logits tile loop's cp.async buffers (RouterPipeSmem), over the first bytes of the
+// block's shared memory.
+template <class Pipe, class T>
 __device__ void router_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
   if (ctx.p.router_splits > 1) {
     const Params<T>& p = ctx.p;
@@ -710,7 +720,7 @@ __device__ void router_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
     for (int64_t i = static_cast<int64_t>(ctx.local_block) * kThreads + threadIdx.x; i < n;
          i += static_cast<int64_t>(ctx.blocks_per_rank) * kThreads)
       counts[i] = 0;
-    router_split_logits(ctx, sm);
+    router_split_logits<Pipe>(ctx, sm);
     __threadfence();
     team_sync();
     RankControl& ctl = p.control[ctx.rank];
@@ -725,7 +735,7 @@ __device__ void router_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
   for (int64_t c = ctx.local_block; c < rank_chunks(ctx); c += ctx.blocks_per_rank) {
     int64_t t0, rows;
     chunk_rows(ctx, c, &t0, &rows);
-    if (rows > 0) router_logits(ctx, sm, t0, rows);
+    if (rows > 0) router_logits<Pipe>(ctx, sm, t0, rows);
     router_gate(ctx, sm.router, c, t0, rows);
   }
 }
@@ -1343,7 +1353,7 @@ template <class T>
 struct PortableEngine {
   __device__ void init_barriers(unsigned char*) const {}
   __device__ void router_phase(const Ctx<T>& ctx, unsigned char* smem_raw) const {
-    fusedmoe::cuda::fused::router_phase(ctx, *reinterpret_cast<SharedUnion<T>*>(smem_raw));
+    fusedmoe::cuda::fused::router_phase<RouterPipe<T>>(ctx, *reinterpret_cast<SharedUnion<T>*>(smem_raw));
   }
   __device__ void expert_phase(const Ctx<T>& ctx, unsigned char* smem_raw) const {
     auto& sm = *reinterpret_cast<SharedUnion<T>*>(smem_raw);

@@ -8,7 +8,9 @@
 // to the consumers through a two-slot ring in shared memory (mbarriers full/empty), then issues
 // the task's TMA loads into the 4-stage pipeline (PipelineTmaAsync). So the scheduler looks for
 // the next task and prefetches its first stages while the consumers compute the current one,
-// and no block-wide barrier separates two tasks.
+// and no block-wide barrier separates two tasks. Another thread of warpgroup 2, the finisher,
+// takes each completed task from consumer thread 0 through a second two-slot ring and runs its
+// finish_task (fences and counter atomics), so the consumers do not wait for those.
 //
 // Tiles (the Hopper engine's 128 x 256 x 64):
 //   GEMM0 plain: A = the rank's recv_rows, B = w1[e] columns [256 n, 256 n + 256), activation
@@ -28,7 +30,7 @@
 //
 // Waits: the ring and pipeline waits depend only on this block's own threads, which never wait
 // on anything else between two ring handoffs, except the scheduler's bounded waits of
-// next_step. So the argument of fused_kernel.cuh (no cycle of waits) is unchanged. All of them
+// next_step (the finisher waits only for the consumers, and finish_task does not wait). So the argument of fused_kernel.cuh (no cycle of waits) is unchanged. All of them
 // are bounded too (Ctx::wait_local: globaltimer, abort word), so a bug here reports an error
 // rather than hanging. Register reallocation (setmaxnreg.inc) also blocks; the producers take
 // their registers back only after the consumers returned theirs (registers_returned_sync).
@@ -61,6 +63,7 @@ struct Sm90Tiles {
   using Pipeline = typename Plain::Pipeline;
   static constexpr int kThreads = Plain::kNumThreads;  // 384
   static constexpr int kSchedulerThread = 256;         // first thread of warpgroup 2
+  static constexpr int kFinisherThread = 288;          // first thread of warpgroup 2's second warp
 
   // (rows, k, heap) over W heaps, k contiguous; rows of one heap have stride k.
   static auto make_a(const Element* base, int rows, int k, int heaps, int64_t heap_elements) {
@@ -93,6 +96,10 @@ struct Sm90Smem {
   Task task[2];
   int32_t step[2];
   bool ring_ok;  // consumer thread 0's ring wait succeeded (read by all consumers)
+  // Finished tasks, consumer thread 0 -> the finisher thread (a second two-slot ring).
+  alignas(8) uint64_t done_full[2];
+  alignas(8) uint64_t done_empty[2];
+  Task done[2];  // seg < 0: the consumers have left the phase
 };
 
 // Registers per thread of the 384-thread kernel outside the expert phase (restored at its end:
@@ -225,14 +232,43 @@ struct Sm90Engine {
       for (int i = 0; i < 2; ++i) {
         Barrier::init(&s.full[i], 1);
         Barrier::init(&s.empty[i], 256);  // every consumer thread: an arrive releases only its own reads
+        Barrier::init(&s.done_full[i], 1);
+        Barrier::init(&s.done_empty[i], 1);
       }
       cutlass::arch::fence_barrier_init();
     }
   }
 
+  // The router's logits pipeline: 64-wide k steps, 4 stages (fused_kernel.cuh).
+  using RouterPipe = RouterPipeSmem<T, 64, 4>;
+  static_assert(sizeof(RouterPipe) <= sizeof(typename sm90::SharedStorage<typename Sm90Tiles<T>::Plain>::Tensors),
+                "the router's buffers must not reach the expert phase's mbarriers");
+
   // P1 on the consumer warpgroups with the portable router (the producer warpgroup waits).
   __device__ void router_phase(const Ctx<T>& ctx, unsigned char* smem_raw) const {
-    if (threadIdx.x < kThreads) fusedmoe::cuda::fused::router_phase(ctx, *reinterpret_cast<SharedUnion<T>*>(smem_raw));
+    if (threadIdx.x < kThreads)
+      fusedmoe::cuda::fused::router_phase<RouterPipe>(ctx, *reinterpret_cast<SharedUnion<T>*>(smem_raw));
+  }
+
+  // The finisher thread (warpgroup 2): finish_task of every task the consumers completed — the
+  // fence and the counter atomics that release GEMM1 tasks and return flags — so that the
+  // consumers go on to their next task instead of waiting for those round trips to L2.
+  // Ordering: the consumers' stores, their fence.proxy.async and the barrier among them precede
+  // consumer thread 0's arrive on done_full (release, CTA scope), which the finisher's wait
+  // acquires before finish_task's gpu/system-scope fence and atomics.
+  __device__ void finisher(const Ctx<T>& ctx, Sm90Smem<T>& s) const {
+    using Barrier = cutlass::arch::ClusterBarrier;
+    int slot = 0;
+    uint32_t phase = 0;
+    for (;;) {
+      if (!ctx.wait_local([&] { return Barrier::try_wait(&s.done_full[slot], phase); }, kTaskRing, 2 + slot, phase))
+        return;
+      const Task task = s.done[slot];
+      Barrier::arrive(&s.done_empty[slot]);
+      if (++slot == 2) { slot = 0; phase ^= 1u; }
+      if (task.seg < 0) return;
+      finish_task(ctx, task);
+    }
   }
 
   __device__ void expert_phase(const Ctx<T>& ctx, unsigned char* smem_raw) const {
@@ -287,6 +323,8 @@ struct Sm90Engine {
           fence_proxy_async();  // the task's rows were published by generic stores
           produce(ctx, s, pipeline, write_state, task);
         }
+      } else if (threadIdx.x == Tiles::kFinisherThread) {
+        finisher(ctx, s);
       }
       __syncwarp();  // the scheduler's warp reconverges: setmaxnreg is .sync.aligned
       // setmaxnreg.inc blocks until the block's pool has the registers. Taking them back before
@@ -302,8 +340,18 @@ struct Sm90Engine {
       typename Cfg::TiledMma tiled_mma;
       auto accum = cute::partition_fragment_C(tiled_mma, cute::make_shape(typename Cfg::BlockM{}, typename Cfg::BlockN{}));
       typename Cfg::PipelineState read_state;
-      int slot = 0;
-      uint32_t phase = 0;
+      int slot = 0, done_slot = 0;
+      uint32_t phase = 0, done_phase = 0;
+      // Consumer thread 0 hands a finished task (or, with seg < 0, the end of the phase) to the
+      // finisher thread.
+      auto hand_over = [&](const Task& task) {
+        if (!ctx.wait_local([&] { return Barrier::try_wait(&s.done_empty[done_slot], done_phase ^ 1u); },
+                            kTaskRing, 2 + done_slot, done_phase ^ 1u))
+          return;  // aborted: the launch reports its error, the finisher leaves on the abort
+        s.done[done_slot] = task;
+        Barrier::arrive(&s.done_full[done_slot]);
+        if (++done_slot == 2) { done_slot = 0; done_phase ^= 1u; }
+      };
       for (;;) {
         // One thread waits (bounded) for the next task and tells the others, so that giving up
         // is one decision for all 256 consumer threads (they must reach the same barriers and
@@ -324,9 +372,10 @@ struct Sm90Engine {
         consumer_sync();
         if (threadIdx.x == 0) {
           ctx.record((task.seg & kGemm1Bit) ? kEventGemm1 : kEventGemm0, start);
-          finish_task(ctx, task);
+          hand_over(task);
         }
       }
+      if (threadIdx.x == 0) hand_over(Task{0, 0, -1, 0});
       __syncwarp();
       cutlass::arch::warpgroup_reg_dealloc<kEvenRegisters>();
       registers_returned_sync();
