@@ -107,6 +107,21 @@ bool use_hopper_engine(const MoeConfig& c, const MoeWeights& w) {
   }
 }
 
+// Shared experts on the Hopper engine too: 16-bit, no biases (the engine's epilogues add none;
+// with expert_bias the shared experts have b1), H and the shared I multiples of 8, 16-B aligned
+// operands. Each is a one-group GEMM over all Tn tokens. FUSEDMOE_NO_HOPPER_SHARED=1 runs them on
+// the generic tensor-core kernel.
+template <class T>
+bool shared_on_hopper(const MoeConfig& c, const MoeWeights& w, const T* x, int64_t Tn) {
+  if constexpr (!kIs16Bit<T>) {
+    return false;
+  } else {
+    return c.num_shared_experts > 0 && Tn > 0 && hopper_device() && !w.shared_b1.defined() && !w.shared_b2.defined() &&
+           c.hidden_size % 8 == 0 && c.shared_size() % 8 == 0 && aligned16(x) && aligned16(w.shared_w1.data) &&
+           aligned16(w.shared_w2.data) && !env_flag("FUSEDMOE_NO_HOPPER_SHARED");
+  }
+}
+
 void run_grouped_gemm(const GroupedGemmArgs& args, Scratch& scratch, cudaStream_t stream) {
   try {
     void* workspace = scratch.alloc<unsigned char>(static_cast<int64_t>(grouped_gemm_workspace_size(args)));
@@ -276,7 +291,24 @@ void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& arg
   if (w.b2.defined()) add_group_bias<T, T>(st.out_rows, ptr<T>(w.b2), r.row_offsets, E, st.rows_max, H, stream);
 
   // Shared experts: dense FFNs over all tokens, summed in fp32.
-  if (c.num_shared_experts > 0) {
+  if (shared_on_hopper<T>(c, w, x, Tn)) {
+    const int64_t Is = c.shared_size(), Ns1 = c.shared_in_width();
+    const ElementType et = element_type<T>();
+    st.dense = s.zeros<float>(Tn * H);
+    T* act_s = s.alloc<T>(Tn * Is);
+    int64_t* all_rows = s.alloc<int64_t>(2);
+    set_range(all_rows, Tn, stream);
+    for (int64_t e = 0; e < c.num_shared_experts; ++e) {
+      run_grouped_gemm(GroupedGemmArgs{.num_groups = 1, .row_offsets = all_rows, .max_total_rows = Tn, .n = Ns1, .k = H,
+                                       .a = x, .b = ptr<T>(w.shared_w1) + e * H * Ns1, .c = act_s, .a_type = et,
+                                       .c_type = et, .epilogue = epilogue_of(c.ffn)},
+                       s, stream);
+      run_grouped_gemm(GroupedGemmArgs{.num_groups = 1, .row_offsets = all_rows, .max_total_rows = Tn, .n = H, .k = Is,
+                                       .a = act_s, .b = ptr<T>(w.shared_w2) + e * Is * H, .c = st.dense, .a_type = et,
+                                       .c_type = ElementType::kF32, .accumulate = true},
+                       s, stream);
+    }
+  } else if (c.num_shared_experts > 0) {
     const int64_t Is = c.shared_size(), Ns1 = c.shared_in_width();
     st.dense = s.zeros<float>(Tn * H);
     T* pre_s = s.alloc<T>(Tn * Ns1);
@@ -496,8 +528,46 @@ class CudaBackend final : public BackendImpl {
     if (g.d_b2.defined()) group_column_sums<T, T>(grows, r.row_offsets, E, H, mut<T>(g.d_b2), stream);
     if (g.d_b1.defined()) group_column_sums<T, T>(dpre, r.row_offsets, E, N1, mut<T>(g.d_b1), stream);
 
-    // Shared experts.
-    if (c.num_shared_experts > 0) {
+    // Shared experts: the forward's GEMM0 again (activation and pre-activation in one pass), the
+    // dgrad of GEMM1 with the activation backward in its epilogue, both weight gradients over
+    // all Tn rows, dx += dpre · W1ᵀ in fp32.
+    if (shared_on_hopper<T>(c, w, x, Tn) && aligned16(dy) && aligned16(g.d_shared_w1.data) &&
+        aligned16(g.d_shared_w2.data)) {
+      const int64_t Is = c.shared_size(), Ns1 = c.shared_in_width();
+      const ElementType et = element_type<T>();
+      T* pre_s = s.alloc<T>(Tn * Ns1);
+      T* act_s = s.alloc<T>(Tn * Is);
+      T* dpre_s = s.alloc<T>(Tn * Ns1);
+      int64_t* all_rows = s.alloc<int64_t>(2);
+      set_range(all_rows, Tn, stream);
+      for (int64_t e = 0; e < c.num_shared_experts; ++e) {
+        const T* w1s = ptr<T>(w.shared_w1) + e * H * Ns1;
+        const T* w2s = ptr<T>(w.shared_w2) + e * Is * H;
+        run_grouped_gemm(GroupedGemmArgs{.num_groups = 1, .row_offsets = all_rows, .max_total_rows = Tn, .n = Ns1,
+                                         .k = H, .a = x, .b = w1s, .c = act_s, .a_type = et, .c_type = et,
+                                         .epilogue = epilogue_of(c.ffn), .pre_activation = pre_s},
+                         s, stream);
+        run_grouped_gemm(GroupedGemmArgs{.num_groups = 1, .row_offsets = all_rows, .max_total_rows = Tn, .n = Is,
+                                         .k = H, .a = dy, .b = w2s, .c = dpre_s, .a_type = et, .c_type = et,
+                                         .epilogue = backward_epilogue_of(c.ffn), .b_k_major = true,
+                                         .activation_input = pre_s},
+                         s, stream);
+        if (g.d_shared_w2.defined())
+          run_grouped_wgrad(GroupedWgradArgs{.num_groups = 1, .row_offsets = all_rows, .max_total_rows = Tn, .m = Is,
+                                             .n = H, .a = act_s, .b = dy, .c = mut<T>(g.d_shared_w2) + e * Is * H,
+                                             .a_type = et, .c_type = et},
+                            s, stream);
+        if (g.d_shared_w1.defined())
+          run_grouped_wgrad(GroupedWgradArgs{.num_groups = 1, .row_offsets = all_rows, .max_total_rows = Tn, .m = H,
+                                             .n = Ns1, .a = x, .b = dpre_s, .c = mut<T>(g.d_shared_w1) + e * H * Ns1,
+                                             .a_type = et, .c_type = et},
+                            s, stream);
+        run_grouped_gemm(GroupedGemmArgs{.num_groups = 1, .row_offsets = all_rows, .max_total_rows = Tn, .n = H,
+                                         .k = Ns1, .a = dpre_s, .b = w1s, .c = dx_acc, .a_type = et,
+                                         .c_type = ElementType::kF32, .accumulate = true, .b_k_major = true},
+                         s, stream);
+      }
+    } else if (c.num_shared_experts > 0) {
       const int64_t Is = c.shared_size(), Ns1 = c.shared_in_width();
       T* pre_s = s.alloc<T>(Tn * Ns1);
       T* act_s = s.alloc<T>(Tn * Is);

@@ -297,6 +297,23 @@ TEST(GpuLayer, CapacityAndSharedExperts) {
   }
 }
 
+// Shared experts on the Hopper engine (16-bit, no biases, H and the shared I multiples of 8):
+// forward and every gradient against the oracle, gated and plain FFNs, with a token count that
+// is not a multiple of the tile.
+TEST(GpuLayer, SharedExpertsOnTheHopperEngine) {
+  REQUIRE_GPU();
+  uint64_t n = 0;
+  for (DType dt : {DType::kBFloat16, DType::kFloat16})
+    for (FfnKind ffn : {FfnKind::kSwiGlu, FfnKind::kGeluMlp}) {
+      GpuCase gc{.config = small(GateKind::kSoftmaxTopK, ffn, dt), .tokens = 333, .saved = (n % 2) == 0};
+      gc.config.hidden_size = 256;
+      gc.config.ffn_size = 128;
+      gc.config.num_shared_experts = 2;
+      gc.config.shared_ffn_size = 64;
+      check_case(gc, test_seed() + ++n);
+    }
+}
+
 // Backward from the forward's saved state equals backward recomputing the forward, bit for bit
 // (same kernels on the same inputs), across the gates whose state has extra sections (noise,
 // jitter), capacity drops, shared experts, biases and the Hopper-sized shapes.
