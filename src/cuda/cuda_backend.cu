@@ -13,6 +13,7 @@
 #include "core/backend.hpp"
 #include "cuda/common.cuh"
 #include "fusedmoe/saved_state.hpp"
+#include "cuda/shared_experts.cuh"
 #include "cuda/stages.cuh"
 #include "cuda/wmma_gemm.cuh"
 #include "gemm/grouped_gemm.hpp"
@@ -163,6 +164,52 @@ struct ForwardState {
 
 // Router parameters, sizes and buffers of a forward on args: from scratch, or the sections of a
 // saved-state buffer (SavedLayout) when `saved` is given.
+}  // namespace
+
+// Shared experts (declared in shared_experts.cuh; the fused backend calls it too).
+template <class T>
+void shared_experts_forward(const MoeConfig& c, const MoeWeights& w, const T* x, int64_t Tn, float* dense, Scratch& s,
+                            cudaStream_t stream) {
+  const int64_t H = c.hidden_size, Is = c.shared_size(), Ns1 = c.shared_in_width();
+  FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(dense, 0, sizeof(float) * static_cast<size_t>(std::max<int64_t>(Tn * H, 1)), stream));
+  if (shared_on_hopper<T>(c, w, x, Tn)) {
+    const ElementType et = element_type<T>();
+    T* act_s = s.alloc<T>(Tn * Is);
+    int64_t* all_rows = s.alloc<int64_t>(2);
+    set_range(all_rows, Tn, stream);
+    for (int64_t e = 0; e < c.num_shared_experts; ++e) {
+      run_grouped_gemm(GroupedGemmArgs{.num_groups = 1, .row_offsets = all_rows, .max_total_rows = Tn, .n = Ns1, .k = H,
+                                       .a = x, .b = ptr<T>(w.shared_w1) + e * H * Ns1, .c = act_s, .a_type = et,
+                                       .c_type = et, .epilogue = epilogue_of(c.ffn)},
+                       s, stream);
+      run_grouped_gemm(GroupedGemmArgs{.num_groups = 1, .row_offsets = all_rows, .max_total_rows = Tn, .n = H, .k = Is,
+                                       .a = act_s, .b = ptr<T>(w.shared_w2) + e * Is * H, .c = dense, .a_type = et,
+                                       .c_type = ElementType::kF32, .accumulate = true},
+                       s, stream);
+    }
+    return;
+  }
+  T* pre_s = s.alloc<T>(Tn * Ns1);
+  T* act_s = s.alloc<T>(Tn * Is);
+  for (int64_t e = 0; e < c.num_shared_experts; ++e) {
+    gemm<T, T, T>(stream, VaryDim::kNone, nullptr, 1, Tn, Ns1, H, {x, 0, H, 1},
+                  {ptr<T>(w.shared_w1) + e * H * Ns1, 0, Ns1, 1}, pre_s, 0, Ns1);
+    if (w.shared_b1.defined()) add_group_bias<T, T>(pre_s, ptr<T>(w.shared_b1) + e * Ns1, nullptr, 1, Tn, Ns1, stream);
+    activation_forward<T>(c.ffn, pre_s, act_s, nullptr, Tn, Is, stream);
+    gemm<T, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, H, Is, {act_s, 0, Is, 1},
+                      {ptr<T>(w.shared_w2) + e * Is * H, 0, H, 1}, dense, 0, H, /*accumulate=*/true);
+    if (w.shared_b2.defined()) add_group_bias<float, T>(dense, ptr<T>(w.shared_b2) + e * H, nullptr, 1, Tn, H, stream);
+  }
+}
+template void shared_experts_forward<float>(const MoeConfig&, const MoeWeights&, const float*, int64_t, float*, Scratch&,
+                                            cudaStream_t);
+template void shared_experts_forward<__nv_bfloat16>(const MoeConfig&, const MoeWeights&, const __nv_bfloat16*, int64_t,
+                                                    float*, Scratch&, cudaStream_t);
+template void shared_experts_forward<__half>(const MoeConfig&, const MoeWeights&, const __half*, int64_t, float*,
+                                             Scratch&, cudaStream_t);
+
+namespace {
+
 template <class T>
 void prepare_state(const MoeConfig& c, const ForwardArgs& args, ForwardState<T>& st, unsigned char* saved,
                    uint8_t* kept_out) {
@@ -291,37 +338,9 @@ void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& arg
   if (w.b2.defined()) add_group_bias<T, T>(st.out_rows, ptr<T>(w.b2), r.row_offsets, E, st.rows_max, H, stream);
 
   // Shared experts: dense FFNs over all tokens, summed in fp32.
-  if (shared_on_hopper<T>(c, w, x, Tn)) {
-    const int64_t Is = c.shared_size(), Ns1 = c.shared_in_width();
-    const ElementType et = element_type<T>();
-    st.dense = s.zeros<float>(Tn * H);
-    T* act_s = s.alloc<T>(Tn * Is);
-    int64_t* all_rows = s.alloc<int64_t>(2);
-    set_range(all_rows, Tn, stream);
-    for (int64_t e = 0; e < c.num_shared_experts; ++e) {
-      run_grouped_gemm(GroupedGemmArgs{.num_groups = 1, .row_offsets = all_rows, .max_total_rows = Tn, .n = Ns1, .k = H,
-                                       .a = x, .b = ptr<T>(w.shared_w1) + e * H * Ns1, .c = act_s, .a_type = et,
-                                       .c_type = et, .epilogue = epilogue_of(c.ffn)},
-                       s, stream);
-      run_grouped_gemm(GroupedGemmArgs{.num_groups = 1, .row_offsets = all_rows, .max_total_rows = Tn, .n = H, .k = Is,
-                                       .a = act_s, .b = ptr<T>(w.shared_w2) + e * Is * H, .c = st.dense, .a_type = et,
-                                       .c_type = ElementType::kF32, .accumulate = true},
-                       s, stream);
-    }
-  } else if (c.num_shared_experts > 0) {
-    const int64_t Is = c.shared_size(), Ns1 = c.shared_in_width();
-    st.dense = s.zeros<float>(Tn * H);
-    T* pre_s = s.alloc<T>(Tn * Ns1);
-    T* act_s = s.alloc<T>(Tn * Is);
-    for (int64_t e = 0; e < c.num_shared_experts; ++e) {
-      gemm<T, T, T>(stream, VaryDim::kNone, nullptr, 1, Tn, Ns1, H, {x, 0, H, 1},
-                    {ptr<T>(w.shared_w1) + e * H * Ns1, 0, Ns1, 1}, pre_s, 0, Ns1);
-      if (w.shared_b1.defined()) add_group_bias<T, T>(pre_s, ptr<T>(w.shared_b1) + e * Ns1, nullptr, 1, Tn, Ns1, stream);
-      activation_forward<T>(c.ffn, pre_s, act_s, nullptr, Tn, Is, stream);
-      gemm<T, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, H, Is, {act_s, 0, Is, 1},
-                        {ptr<T>(w.shared_w2) + e * Is * H, 0, H, 1}, st.dense, 0, H, /*accumulate=*/true);
-      if (w.shared_b2.defined()) add_group_bias<float, T>(st.dense, ptr<T>(w.shared_b2) + e * H, nullptr, 1, Tn, H, stream);
-    }
+  if (c.num_shared_experts > 0) {
+    st.dense = s.alloc<float>(Tn * H);
+    shared_experts_forward<T>(c, w, x, Tn, st.dense, s, stream);
   }
 }
 

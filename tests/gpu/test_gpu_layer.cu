@@ -686,6 +686,26 @@ TEST(FusedKernel, StalledSchedulerIsReported) {
   check_case(fused_case(c, 1000), test_seed() + 1);
 }
 
+// Shared experts with the fused backend (their dense FFNs run before the kernel, the kernel's
+// combine adds them): W = 1 and 4 emulated ranks with an uneven token split, 16-bit (Hopper
+// engine, shared experts on it too) and fp32 (portable engine), with and without biases.
+TEST(FusedKernel, SharedExperts) {
+  REQUIRE_GPU();
+  uint64_t n = 0;
+  for (DType dt : {DType::kBFloat16, DType::kFloat32})
+    for (bool bias : {false, true})
+      for (int W : {1, 4}) {
+        MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, dt);
+        c.world_size = W;
+        c.num_shared_experts = 2;
+        c.shared_ffn_size = 48;
+        c.expert_bias = bias;
+        std::vector<int64_t> split;
+        if (W == 4) split = {70, 0, 133, 97};
+        check_case(fused_case(c, W == 4 ? 300 : 257, split), test_seed() + ++n);
+      }
+}
+
 // Expert weights of one rank only ([E_local, ...]) are for the NCCL transport, where each
 // process runs its own rank: the layer accepts that shape for the fused backend, and the fused
 // forward refuses it with emulated ranks (they run every rank's experts in one process) with an

@@ -22,6 +22,7 @@
 
 #include "core/backend.hpp"
 #include "cuda/common.cuh"
+#include "cuda/shared_experts.cuh"
 #include "cuda/fused/fused_kernel.cuh"
 #include "cuda/fused/fused_sm90.cuh"
 #include "cuda/fused/fused_options.hpp"
@@ -453,6 +454,14 @@ class FusedBackend {
     r.idx = out.topk_idx ? out.topk_idx : s.alloc<int32_t>(Tn * k);
     r.weight = s.alloc<float>(Tn * k);
     r.kept = out.kept ? out.kept : s.alloc<uint8_t>(Tn * k);
+    // Shared experts: computed on the stream before the kernel (all of x's tokens, one dense
+    // GEMM pair each), added to y in the kernel's combine.
+    p.dense = nullptr;
+    if (c.num_shared_experts > 0) {
+      float* dense = s.alloc<float>(Tn * H);
+      shared_experts_forward<T>(c, w, p.x, Tn, dense, s, stream);
+      p.dense = dense;
+    }
     p.chunk_counts = s.alloc<int32_t>(W * k * max_chunks * E);
     p.kept_rank = s.alloc<int64_t>(W * E);
     auto* counts = s.zeros<unsigned long long>(2 * E);
@@ -694,8 +703,6 @@ class FusedBackendDispatch final : public BackendImpl {
     FUSEDMOE_CHECK(c.world_size <= kMaxWorld, "fused backend: world_size " << c.world_size << " > " << kMaxWorld);
     FUSEDMOE_CHECK(c.num_experts <= kMaxExperts, "fused backend: num_experts " << c.num_experts << " > " << kMaxExperts);
     FUSEDMOE_CHECK(c.top_k <= kMaxTopK, "fused backend: top_k " << c.top_k << " > " << kMaxTopK);
-    FUSEDMOE_CHECK(c.num_shared_experts == 0, "fused backend: shared experts are not fused yet (num_shared_experts = "
-                   << c.num_shared_experts << "); use backend cuda");
     FUSEDMOE_CHECK(!(c.gate == GateKind::kSwitchTop1 && a.training && c.jitter_eps > 0),
                    "fused backend: the Switch gate's router jitter (training, jitter_eps > 0) is not fused yet; "
                    "use backend cuda");

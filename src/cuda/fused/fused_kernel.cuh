@@ -160,6 +160,7 @@ struct Params {
   const T* b1;                   // [E, N1] or null
   const T* w2;                   // [E, I, H]
   const T* b2;                   // [E, H] or null
+  const float* dense;            // [T, H] the shared experts' sum (computed before the launch) or null
   RoutingBuffers r;              // logits/probs/lse/prob_sum/renorm_sum/selected/idx/weight/kept [T...]
   int32_t* chunk_counts;         // [W][k][max_chunks][E]
   int64_t* kept_rank;            // [W][E] kept rows of (source rank, expert)
@@ -1198,7 +1199,7 @@ __device__ void expert_phase(const Ctx<T>& ctx, SharedUnion<T>& sm, TaskSmem& ts
 // combine is bound by memory latency otherwise). rows: the token's K returned rows [K][H].
 template <class T, int K>
 __device__ __forceinline__ void combine_row(const T* rows, const float (&w)[kMaxTopK], const bool (&use)[kMaxTopK],
-                                            T* y, int64_t H, int lane) {
+                                            const float* dense, T* y, int64_t H, int lane) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   constexpr int kStep = 32 * kVec;
   constexpr int G = K <= 4 ? 4 : 2;
@@ -1216,8 +1217,16 @@ __device__ __forceinline__ void combine_row(const T* rows, const float (&w)[kMax
       const int64_t col = col0 + g * kStep;
       if (col >= H) break;
       float acc[kVec];
+      if (dense) {  // the shared experts' sum first, then the routed rows
+        const float4 d0 = *reinterpret_cast<const float4*>(dense + col);
+        const float4 d1 = kVec > 4 ? *reinterpret_cast<const float4*>(dense + col + 4) : d0;
+        const float d[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
 #pragma unroll
-      for (int q = 0; q < kVec; ++q) acc[q] = 0.f;
+        for (int q = 0; q < kVec; ++q) acc[q] = d[q];
+      } else {
+#pragma unroll
+        for (int q = 0; q < kVec; ++q) acc[q] = 0.f;
+      }
 #pragma unroll
       for (int j = 0; j < K; ++j) {
         if (!use[j]) continue;
@@ -1271,20 +1280,21 @@ __device__ void combine_phase(const Ctx<T>& ctx) {
       use[j] = j < k && p.r.idx[g * k + j] >= 0 && p.r.kept[g * k + j];
       w[j] = use[j] ? p.r.weight[g * k + j] : 0.f;
     }
+    const float* dense = p.dense ? p.dense + g * H : nullptr;
     if (p.aligned && H % kVec == 0) {
       switch (k) {
-        case 1: combine_row<T, 1>(ret + t * k * H, w, use, p.y + g * H, H, lane); break;
-        case 2: combine_row<T, 2>(ret + t * k * H, w, use, p.y + g * H, H, lane); break;
-        case 3: combine_row<T, 3>(ret + t * k * H, w, use, p.y + g * H, H, lane); break;
-        case 4: combine_row<T, 4>(ret + t * k * H, w, use, p.y + g * H, H, lane); break;
-        case 5: combine_row<T, 5>(ret + t * k * H, w, use, p.y + g * H, H, lane); break;
-        case 6: combine_row<T, 6>(ret + t * k * H, w, use, p.y + g * H, H, lane); break;
-        case 7: combine_row<T, 7>(ret + t * k * H, w, use, p.y + g * H, H, lane); break;
-        default: combine_row<T, 8>(ret + t * k * H, w, use, p.y + g * H, H, lane); break;
+        case 1: combine_row<T, 1>(ret + t * k * H, w, use, dense, p.y + g * H, H, lane); break;
+        case 2: combine_row<T, 2>(ret + t * k * H, w, use, dense, p.y + g * H, H, lane); break;
+        case 3: combine_row<T, 3>(ret + t * k * H, w, use, dense, p.y + g * H, H, lane); break;
+        case 4: combine_row<T, 4>(ret + t * k * H, w, use, dense, p.y + g * H, H, lane); break;
+        case 5: combine_row<T, 5>(ret + t * k * H, w, use, dense, p.y + g * H, H, lane); break;
+        case 6: combine_row<T, 6>(ret + t * k * H, w, use, dense, p.y + g * H, H, lane); break;
+        case 7: combine_row<T, 7>(ret + t * k * H, w, use, dense, p.y + g * H, H, lane); break;
+        default: combine_row<T, 8>(ret + t * k * H, w, use, dense, p.y + g * H, H, lane); break;
       }
     } else {
       for (int64_t col = lane; col < H; col += 32) {
-        float acc = 0.f;
+        float acc = dense ? dense[col] : 0.f;
 #pragma unroll
         for (int j = 0; j < kMaxTopK; ++j)
           if (use[j]) acc = fmaf(w[j], to_f32(ret[(t * k + j) * H + col]), acc);
