@@ -166,7 +166,7 @@ struct ForwardState {
 // saved-state buffer (SavedLayout) when `saved` is given.
 }  // namespace
 
-// Shared experts (declared in shared_experts.cuh; the fused backend calls it too).
+// Shared experts (declared in shared_experts.cuh).
 template <class T>
 void shared_experts_forward(const MoeConfig& c, const MoeWeights& w, const T* x, int64_t Tn, float* dense, Scratch& s,
                             cudaStream_t stream) {

@@ -1,6 +1,6 @@
-// src/cuda/shared_experts.cuh — the shared experts' forward (dense FFNs applied to every token,
-// weight 1), used by the modular backend and by the fused backend, which runs it on the stream
-// before its kernel and adds the result in the kernel's combine.
+// src/cuda/shared_experts.cuh — the shared experts' forward of the modular backend (dense FFNs
+// applied to every token, weight 1). The fused kernel runs its shared experts as segments of its
+// own (fused_kernel.cuh).
 #pragma once
 
 #include "cuda/common.cuh"

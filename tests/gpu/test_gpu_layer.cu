@@ -595,6 +595,10 @@ TEST(FusedKernel, DifferentialHarness) {
     c.gate_bias = pick(2) == 0;
     c.expert_bias = pick(3) == 0;
     if (pick(3) == 0) c.capacity_factor = 0.5 + 0.25 * pick(5);
+    if (pick(4) == 0) {  // shared experts, of the routed width or their own
+      c.num_shared_experts = 1 + pick(2);
+      c.shared_ffn_size = pick(2) == 0 ? 0 : 8 * (1 + pick(12)) + (pick(4) == 0 ? 2 : 0);
+    }
     const bool training = c.gate != GateKind::kSwitchTop1 && pick(2) == 0;
     std::vector<int64_t> split;
     int64_t total = 0;
@@ -686,9 +690,9 @@ TEST(FusedKernel, StalledSchedulerIsReported) {
   check_case(fused_case(c, 1000), test_seed() + 1);
 }
 
-// Shared experts with the fused backend (their dense FFNs run before the kernel, the kernel's
-// combine adds them): W = 1 and 4 emulated ranks with an uneven token split, 16-bit (Hopper
-// engine, shared experts on it too) and fp32 (portable engine), with and without biases.
+// Shared experts in the fused kernel (segments of every rank over its own tokens, added by the
+// combine): W = 1 and 4 emulated ranks with an uneven token split and a rank without tokens,
+// 16-bit (Hopper engine) and fp32 (portable engine), with and without biases.
 TEST(FusedKernel, SharedExperts) {
   REQUIRE_GPU();
   uint64_t n = 0;

@@ -22,7 +22,6 @@
 
 #include "core/backend.hpp"
 #include "cuda/common.cuh"
-#include "cuda/shared_experts.cuh"
 #include "cuda/fused/fused_kernel.cuh"
 #include "cuda/fused/fused_sm90.cuh"
 #include "cuda/fused/fused_options.hpp"
@@ -75,6 +74,7 @@ const char* what_name(uint32_t what) {
     case kQueueSlot: return "task queue slot";
     case kTaskRing: return "scheduler's task ring";
     case kPipelineStage: return "TMA pipeline stage";
+    case kSharedTiles: return "shared experts' GEMM1 tiles";
   }
   return "?";
 }
@@ -92,10 +92,10 @@ std::string describe(const ErrorRecord& e) {
   if (e.what == kReturnFlag) os << " of expert " << e.a;
   if (e.what == kQueueSlot || e.what == kTaskRing) os << " " << e.a;
   if (e.what == kPipelineStage) os << (e.a == 0 ? " (consumer wait)" : " (producer acquire)");
-  if (e.what == kRankBarrier) os << " of rank " << e.a;
+  if (e.what == kRankBarrier || e.what == kSharedTiles) os << " of rank " << e.a;
   if (e.what == kTaskRing || e.what == kPipelineStage)
     os << " (phase " << e.expected << ")";
-  else if (e.what == kRankBarrier || e.what == kQueueSlot)
+  else if (e.what == kRankBarrier || e.what == kQueueSlot || e.what == kSharedTiles)
     os << ": expected " << e.expected << ", seen " << e.seen;
   else
     os << ": expected epoch " << e.expected << ", last seen flag 0x" << std::hex << e.seen << std::dec << " (epoch "
@@ -375,8 +375,11 @@ class FusedBackend {
     const int tile_n1 = hopper ? 256 : kTileN;
     const int64_t n0 = ceil_div(c.ffn_size, tile_n0);
     const int64_t n1 = ceil_div(H, tile_n1);
+    // Shared experts add S x (row tiles of a rank) x (their GEMM0 + GEMM1 column tiles) per rank.
+    const int64_t shared_tasks = c.num_shared_experts * ceil_div(max_tokens, kTileM) *
+                                 (ceil_div(c.shared_size(), tile_n0) + n1);
     const int64_t task_capacity =
-        W * (ceil_div(W * layout.rows_per_source, kTileM) + W * max_local) * (n0 + n1) + 1;
+        W * ((ceil_div(W * layout.rows_per_source, kTileM) + W * max_local) * (n0 + n1) + shared_tasks) + 1;
     ws.ensure(device, static_cast<size_t>(WorkspaceLayout::align_up(layout.total_bytes, 256)), task_capacity, W,
               static_cast<int>(E), static_cast<int>(W * max_local), layout, stream);
     ws.use_layout(layout, stream);
@@ -454,13 +457,22 @@ class FusedBackend {
     r.idx = out.topk_idx ? out.topk_idx : s.alloc<int32_t>(Tn * k);
     r.weight = s.alloc<float>(Tn * k);
     r.kept = out.kept ? out.kept : s.alloc<uint8_t>(Tn * k);
-    // Shared experts: computed on the stream before the kernel (all of x's tokens, one dense
-    // GEMM pair each), added to y in the kernel's combine.
-    p.dense = nullptr;
-    if (c.num_shared_experts > 0) {
-      float* dense = s.alloc<float>(Tn * H);
-      shared_experts_forward<T>(c, w, p.x, Tn, dense, s, stream);
-      p.dense = dense;
+    // Shared experts: segments of every rank in the kernel (GEMM0 into shared_hidden, GEMM1
+    // into shared_out, added by the combine).
+    p.num_shared = static_cast<int>(c.num_shared_experts);
+    p.shared_ffn = c.shared_size();
+    p.shared_in = c.shared_in_width();
+    p.shared_rows_cap = std::max<int64_t>(max_tokens, 1);
+    p.shared_w1 = cptr<T>(w.shared_w1);
+    p.shared_b1 = cptr<T>(w.shared_b1);
+    p.shared_w2 = cptr<T>(w.shared_w2);
+    p.shared_b2 = cptr<T>(w.shared_b2);
+    p.shared_hidden = nullptr;
+    p.shared_out = nullptr;
+    if (p.num_shared > 0) {
+      const int64_t blocks = static_cast<int64_t>(grid_ranks) * p.num_shared * p.shared_rows_cap;
+      p.shared_hidden = s.alloc<T>(blocks * p.shared_ffn);
+      p.shared_out = s.alloc<T>(blocks * H);
     }
     p.chunk_counts = s.alloc<int32_t>(W * k * max_chunks * E);
     p.kept_rank = s.alloc<int64_t>(W * E);
@@ -546,7 +558,9 @@ class FusedBackend {
       const char* env = std::getenv("FUSEDMOE_FUSED_PORTABLE");
       if (env && env[0] == '1') return false;
       if (!is_sm90(device)) return false;
-      return c.hidden_size % 8 == 0 && c.ffn_size % 8 == 0 && aligned16(args.x.data) && aligned16(out.y.data) &&
+      const bool shared_ok = c.num_shared_experts == 0 || (c.shared_size() % 8 == 0 && aligned16(w.shared_w1.data) &&
+                                                             aligned16(w.shared_w2.data));
+      return shared_ok && c.hidden_size % 8 == 0 && c.ffn_size % 8 == 0 && aligned16(args.x.data) && aligned16(out.y.data) &&
              aligned16(w.w1.data) && aligned16(w.w2.data) && aligned16(w.gate_weight.data) &&
              aligned16(w.noise_weight.defined() ? w.noise_weight.data : nullptr);
     }
@@ -656,9 +670,22 @@ class FusedBackend {
         .a1 = Tiles::make_a(at(layout.hidden.offset), rows_cap, I, p.grid_ranks, heap_elements),
         .b0 = Tiles::Plain::make_tma_b(reinterpret_cast<const Element*>(p.w1), N1, H, E),
         .b1 = Tiles::Plain::make_tma_b(reinterpret_cast<const Element*>(p.w2), H, I, E),
+        .ax = {},
+        .as = {},
+        .bs0 = {},
+        .bs1 = {},
+        .x_rows = static_cast<int>(std::max<int64_t>(1, p.router.num_tokens)),
+        .shared_rows = static_cast<int>(std::max<int64_t>(1, p.grid_ranks * p.num_shared * p.shared_rows_cap)),
         .rows_cap = rows_cap,
         .act = epilogue_of(c.ffn),
     };
+    if (p.num_shared > 0) {
+      const int S = p.num_shared, Is = static_cast<int>(p.shared_ffn), Ns1 = static_cast<int>(p.shared_in);
+      tma.ax = Tiles::make_a(reinterpret_cast<const Element*>(p.x), tma.x_rows, H, 1, 0);
+      tma.as = Tiles::make_a(reinterpret_cast<const Element*>(p.shared_hidden), tma.shared_rows, Is, 1, 0);
+      tma.bs0 = Tiles::Plain::make_tma_b(reinterpret_cast<const Element*>(p.shared_w1), Ns1, H, S);
+      tma.bs1 = Tiles::Plain::make_tma_b(reinterpret_cast<const Element*>(p.shared_w2), H, Is, S);
+    }
     cooperative_launch(fused_moe_kernel_sm90<T>, grid, Tiles::kThreads, Sm90Engine<T>::smem_bytes(), stream, p, tma);
   }
 
@@ -703,6 +730,8 @@ class FusedBackendDispatch final : public BackendImpl {
     FUSEDMOE_CHECK(c.world_size <= kMaxWorld, "fused backend: world_size " << c.world_size << " > " << kMaxWorld);
     FUSEDMOE_CHECK(c.num_experts <= kMaxExperts, "fused backend: num_experts " << c.num_experts << " > " << kMaxExperts);
     FUSEDMOE_CHECK(c.top_k <= kMaxTopK, "fused backend: top_k " << c.top_k << " > " << kMaxTopK);
+    FUSEDMOE_CHECK(c.num_shared_experts <= kMaxShared, "fused backend: num_shared_experts " << c.num_shared_experts
+                   << " > " << kMaxShared);
     FUSEDMOE_CHECK(!(c.gate == GateKind::kSwitchTop1 && a.training && c.jitter_eps > 0),
                    "fused backend: the Switch gate's router jitter (training, jitter_eps > 0) is not fused yet; "
                    "use backend cuda");

@@ -67,6 +67,7 @@ constexpr int kMaxTopK = 8;
 constexpr int kMaxExperts = 256;
 constexpr int kMaxWorld = 64;
 constexpr int kMaxSegments = 1024;  // W * max_local_experts
+constexpr int kMaxShared = 8;       // shared experts
 
 // ---------------------------------------------------------------------------- error record --
 enum ErrorCode : uint32_t { kNoError = 0, kTimeout = 1, kCountMismatch = 2 };
@@ -74,7 +75,8 @@ enum EventKind : int32_t { kEventRouter = 0, kEventDispatch = 1, kEventGemm0 = 2
 enum WaitWhat : uint32_t {
   kDispatchFlag = 1, kReturnFlag = 2, kRankBarrier = 3, kQueueSlot = 4,
   kTaskRing = 5,      // Hopper engine: a task ring slot (a = 0, 1: scheduler -> consumers; 2, 3: consumers -> finisher)
-  kPipelineStage = 6  // Hopper engine: a TMA stage (a = 0 consumer wait, 1 producer acquire)
+  kPipelineStage = 6,  // Hopper engine: a TMA stage (a = 0 consumer wait, 1 producer acquire)
+  kSharedTiles = 7     // combine: the rank's shared-expert GEMM1 tiles (a = rank)
 };
 
 struct ErrorRecord {
@@ -99,6 +101,8 @@ struct RankControl {
   uint32_t q_tail;        // next task index to reserve
   uint32_t dispatched;    // blocks of the rank past P2 (combine reads the rank's kept flags)
   uint32_t logits_done;   // blocks past the split logits of P1 (router_splits > 1)
+  uint32_t shared_gemm0[kMaxShared];  // GEMM0 tiles done per shared expert
+  uint32_t shared_gemm1;  // shared-expert GEMM1 tiles done (all of the rank's shared experts)
 };
 
 // One timeline record (debug timeline, fusedmoe/timeline.hpp); kind = FusedEventKind.
@@ -115,6 +119,9 @@ struct Task {
   int32_t tile;       // m_tile << 16 | n_tile
 };
 constexpr int32_t kGemm1Bit = 1 << 30;
+// seg with bit 29 set: shared expert (seg & 0xffff) of the rank, rows = the rank's tokens
+// (row_begin, row_end relative to its first token).
+constexpr int32_t kSharedBit = 1 << 29;
 
 // ------------------------------------------------------------------------------- params --
 template <class T>
@@ -160,7 +167,19 @@ struct Params {
   const T* b1;                   // [E, N1] or null
   const T* w2;                   // [E, I, H]
   const T* b2;                   // [E, H] or null
-  const float* dense;            // [T, H] the shared experts' sum (computed before the launch) or null
+  // Shared experts (num_shared = S > 0): every token of the rank through S dense FFNs in this
+  // kernel, as segments of their own (the first ones claimed: their rows are the rank's x, there
+  // is no dispatch to wait for); GEMM0 into shared_hidden, GEMM1 into shared_out, which the
+  // combine adds (weight 1) once all of the rank's shared GEMM1 tiles are done.
+  int num_shared;
+  int64_t shared_ffn, shared_in;  // Is, Ns1
+  int64_t shared_rows_cap;        // rows of one (rank, shared expert) block: max tokens of a rank
+  const T* shared_w1;             // [S, H, Ns1]
+  const T* shared_b1;             // [S, Ns1] or null
+  const T* shared_w2;             // [S, Is, H]
+  const T* shared_b2;             // [S, H] or null
+  T* shared_hidden;               // [grid ranks][S][rows_cap][Is]
+  T* shared_out;                  // [grid ranks][S][rows_cap][H]
   RoutingBuffers r;              // logits/probs/lse/prob_sum/renorm_sum/selected/idx/weight/kept [T...]
   int32_t* chunk_counts;         // [W][k][max_chunks][E]
   int64_t* kept_rank;            // [W][E] kept rows of (source rank, expert)
@@ -229,6 +248,14 @@ struct Ctx {
   int rank, blocks_per_rank, local_block;
 
   __device__ unsigned char* heap(int q) const { return p.heap_base + q * p.heap_stride; }
+  // Shared expert s of this rank: its GEMM0 output rows and GEMM1 output rows (token order).
+  __device__ T* shared_hidden(int s) const {
+    return p.shared_hidden + (static_cast<int64_t>(rank - p.rank_base) * p.num_shared + s) * p.shared_rows_cap * p.shared_ffn;
+  }
+  __device__ T* shared_out(int s) const {
+    return p.shared_out + (static_cast<int64_t>(rank - p.rank_base) * p.num_shared + s) * p.shared_rows_cap * p.hidden;
+  }
+  __device__ int64_t rank_tokens() const { return p.rank_begin[rank + 1] - p.rank_begin[rank]; }
   __device__ uint64_t* recv_flag(int owner, int source, int local) const {
     return reinterpret_cast<uint64_t*>(heap(owner) + p.layout.recv_flags.offset) +
            p.layout.recv_flag_index(source, local);
@@ -897,6 +924,15 @@ template <class T>
 __device__ __forceinline__ int n_tiles1(const Params<T>& p) {
   return static_cast<int>((p.hidden + p.tile_n1 - 1) / p.tile_n1);
 }
+template <class T>
+__device__ __forceinline__ int shared_n_tiles0(const Params<T>& p) {
+  return static_cast<int>((p.shared_ffn + p.tile_n0 - 1) / p.tile_n0);
+}
+// Segments of a rank: its S shared experts, then W sources x its local experts.
+template <class T>
+__device__ __forceinline__ uint32_t rank_segments(const Ctx<T>& ctx) {
+  return static_cast<uint32_t>(ctx.p.num_shared + ctx.p.world * ctx.p.num_local[ctx.rank]);
+}
 
 // Reserves `count` queue slots and publishes tasks produced by make(i).
 template <class T, class Make>
@@ -919,10 +955,28 @@ __device__ bool claim_segment(const Ctx<T>& ctx) {
   RankControl& ctl = p.control[ctx.rank];
   const int W = p.world;
   const int nl = p.num_local[ctx.rank];
-  const uint32_t segments = static_cast<uint32_t>(W * nl);
+  const uint32_t segments = rank_segments(ctx);
   if (ld_acquire_gpu(&ctl.seg_next) >= segments) return false;
-  const uint32_t claimed = atomicAdd(&ctl.seg_next, 1u);
+  uint32_t claimed = atomicAdd(&ctl.seg_next, 1u);
   if (claimed >= segments) return false;
+  if (claimed < static_cast<uint32_t>(p.num_shared)) {
+    // A shared expert: GEMM0 tasks over the rank's tokens, nothing to wait for.
+    const int64_t tokens = ctx.rank_tokens();
+    const int m_tiles = static_cast<int>((tokens + kTileM - 1) / kTileM), n0 = shared_n_tiles0(p);
+    const uint32_t total = static_cast<uint32_t>(m_tiles) * static_cast<uint32_t>(n0 + n_tiles1(p));
+    if (total > 0) {
+      atomicAdd(&ctl.total_tasks, total);
+      push_tasks(ctx, m_tiles * n0, [&](int i) {
+        const int m = i % m_tiles, n = i / m_tiles;
+        return Task{static_cast<int32_t>(int64_t(m) * kTileM), static_cast<int32_t>(tokens),
+                    kSharedBit | static_cast<int32_t>(claimed), (m << 16) | n};
+      });
+    }
+    __threadfence();
+    atomicAdd(&ctl.segs_done, 1u);
+    return true;
+  }
+  claimed -= static_cast<uint32_t>(p.num_shared);
   // Order: our own rows first, then the other sources.
   const int source = (ctx.rank + static_cast<int>(claimed) / nl) % W;
   const int local = static_cast<int>(claimed) % nl;
@@ -958,18 +1012,25 @@ __device__ bool claim_segment(const Ctx<T>& ctx) {
 
 // A task's coordinates: the segment's source rank and local expert, the global expert, the tile.
 struct TaskView {
-  int source, local, expert, m_tile, n_tile;
-  bool gemm1;
+  int source, local, expert, m_tile, n_tile;  // shared: source = this rank, local = expert = s
+  bool gemm1, shared;
   int64_t rows;  // rows of the tile (<= kTileM)
 };
 template <class T>
 __device__ __forceinline__ TaskView view_of(const Ctx<T>& ctx, const Task& task) {
   const Params<T>& p = ctx.p;
-  const int seg = task.seg & ~kGemm1Bit;
+  const int seg = task.seg & ~(kGemm1Bit | kSharedBit);
   TaskView v;
-  v.source = seg / p.max_local;
-  v.local = seg % p.max_local;
-  v.expert = p.weights_local ? v.local : p.global_expert[ctx.rank * p.max_local + v.local];
+  v.shared = (task.seg & kSharedBit) != 0;
+  if (v.shared) {  // shared expert `seg` (weights: shared_w1/w2[seg]), this rank's own rows
+    v.source = ctx.rank;
+    v.local = seg;
+    v.expert = seg;
+  } else {
+    v.source = seg / p.max_local;
+    v.local = seg % p.max_local;
+    v.expert = p.weights_local ? v.local : p.global_expert[ctx.rank * p.max_local + v.local];
+  }
   v.m_tile = task.tile >> 16;
   v.n_tile = task.tile & 0xffff;
   v.gemm1 = (task.seg & kGemm1Bit) != 0;
@@ -983,11 +1044,15 @@ __device__ void run_gemm0(const Ctx<T>& ctx, SharedUnion<T>& sm, const Task& tas
   const Params<T>& p = ctx.p;
   const TaskView v = view_of(ctx, task);
   const int e = v.expert, n_tile = v.n_tile;
-  const int64_t H = p.hidden, I = p.ffn, N1 = p.ffn_in, rows = v.rows;
+  const int64_t H = p.hidden, I = v.shared ? p.shared_ffn : p.ffn, N1 = v.shared ? p.shared_in : p.ffn_in;
+  const int64_t rows = v.rows;
   unsigned char* h = ctx.heap(ctx.rank);
-  const T* a = reinterpret_cast<const T*>(h + p.layout.recv_rows.offset) + task.row_begin * H;
-  T* hidden = reinterpret_cast<T*>(h + p.layout.hidden.offset);
-  const T* w1 = p.w1 + static_cast<int64_t>(e) * H * N1;
+  // Routed: the rank's received rows into hidden. Shared: its tokens of x into shared_hidden.
+  const T* a = v.shared ? p.x + (p.rank_begin[ctx.rank] + task.row_begin) * H
+                        : reinterpret_cast<const T*>(h + p.layout.recv_rows.offset) + task.row_begin * H;
+  T* hidden = v.shared ? ctx.shared_hidden(e) : reinterpret_cast<T*>(h + p.layout.hidden.offset);
+  const T* w1 = (v.shared ? p.shared_w1 : p.w1) + static_cast<int64_t>(e) * H * N1;
+  const T* bias1 = v.shared ? p.shared_b1 : p.b1;
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const bool vec_a = p.aligned && H % kVec == 0, vec_b = p.aligned && N1 % kVec == 0 && I % kVec == 0;
   Frag<T> acc[4][2];
@@ -1002,7 +1067,7 @@ __device__ void run_gemm0(const Ctx<T>& ctx, SharedUnion<T>& sm, const Task& tas
     };
     mma_tile<T, true>(sm.gemm, a, H, rows, H, vec_a, [&](int64_t k0) { load_b_rows(sm.gemm, w1, N1, k0, H, col_of, vec_b); },
                       acc);
-    const T* b1 = p.b1 ? p.b1 + static_cast<int64_t>(e) * N1 : nullptr;
+    const T* b1 = bias1 ? bias1 + static_cast<int64_t>(e) * N1 : nullptr;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       // acc[i][0] holds gate columns i0 + warp_n*16 + [0,16), acc[i][1] the same up columns.
@@ -1038,7 +1103,7 @@ __device__ void run_gemm0(const Ctx<T>& ctx, SharedUnion<T>& sm, const Task& tas
     auto col_of = [&](int c) -> int64_t { return n0 + c < I ? n0 + c : -1; };
     mma_tile<T, true>(sm.gemm, a, H, rows, H, vec_a, [&](int64_t k0) { load_b_rows(sm.gemm, w1, N1, k0, H, col_of, vec_b); },
                       acc);
-    const T* b1 = p.b1 ? p.b1 + static_cast<int64_t>(e) * N1 : nullptr;
+    const T* b1 = bias1 ? bias1 + static_cast<int64_t>(e) * N1 : nullptr;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -1058,13 +1123,17 @@ __device__ void run_gemm1(const Ctx<T>& ctx, SharedUnion<T>& sm, const Task& tas
   const Params<T>& p = ctx.p;
   const TaskView v = view_of(ctx, task);
   const int e = v.expert, n_tile = v.n_tile;
-  const int64_t H = p.hidden, I = p.ffn, rows = v.rows;
+  const int64_t H = p.hidden, I = v.shared ? p.shared_ffn : p.ffn, rows = v.rows;
   unsigned char* h = ctx.heap(ctx.rank);
-  const T* a = reinterpret_cast<const T*>(h + p.layout.hidden.offset) + task.row_begin * I;
+  // Routed: rows back into the source's ret_rows through recv_meta. Shared: shared_out, in order.
+  const T* a = (v.shared ? ctx.shared_hidden(e) : reinterpret_cast<const T*>(h + p.layout.hidden.offset)) +
+               task.row_begin * I;
   const int32_t* meta = reinterpret_cast<const int32_t*>(h + p.layout.recv_meta.offset);
-  T* ret = reinterpret_cast<T*>(ctx.heap(v.source) + p.layout.ret_rows.offset);
-  const T* w2 = p.w2 + static_cast<int64_t>(e) * I * H;
-  const T* b2 = p.b2 ? p.b2 + static_cast<int64_t>(e) * H : nullptr;
+  T* ret = v.shared ? ctx.shared_out(e) : reinterpret_cast<T*>(ctx.heap(v.source) + p.layout.ret_rows.offset);
+  const T* w2 = (v.shared ? p.shared_w2 : p.w2) + static_cast<int64_t>(e) * I * H;
+  const T* bias2 = v.shared ? p.shared_b2 : p.b2;
+  const T* b2 = bias2 ? bias2 + static_cast<int64_t>(e) * H : nullptr;
+  const bool in_order = v.shared;
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const int64_t n0 = static_cast<int64_t>(n_tile) * kTileN;
   auto col_of = [&](int c) -> int64_t { return n0 + c < H ? n0 + c : -1; };
@@ -1080,7 +1149,8 @@ __device__ void run_gemm1(const Ctx<T>& ctx, SharedUnion<T>& sm, const Task& tas
         const int64_t gc = n0 + col;
         if (row < rows && gc < H) {
           if (b2) v += to_f32(b2[gc]);
-          ret[static_cast<int64_t>(meta[task.row_begin + row]) * H + gc] = from_f32<T>(v);
+          const int64_t out_row = in_order ? task.row_begin + row : static_cast<int64_t>(meta[task.row_begin + row]);
+          ret[out_row * H + gc] = from_f32<T>(v);
         }
       });
 }
@@ -1091,6 +1161,25 @@ __device__ void finish_task(const Ctx<T>& ctx, const Task& task) {
   const Params<T>& p = ctx.p;
   const int source = task.seg / p.max_local, local = task.seg % p.max_local;
   const int m_tile = task.tile >> 16;
+  if (task.seg & kSharedBit) {
+    // Shared expert s: its GEMM1 tasks once all its GEMM0 tiles are done; its GEMM1 tiles are
+    // counted for the rank's combine. The counters live in RankControl (reset at launch end).
+    RankControl& ctl = p.control[ctx.rank];
+    const int s = task.seg & 0xffff;
+    const int m_tiles = static_cast<int>((task.row_end + kTileM - 1) / kTileM);
+    __threadfence();
+    if (!(task.seg & kGemm1Bit)) {
+      const uint32_t done = atomicAdd(&ctl.shared_gemm0[s], 1u) + 1u;
+      if (done == static_cast<uint32_t>(m_tiles * shared_n_tiles0(p)))
+        push_tasks(ctx, m_tiles * n_tiles1(p), [&](int i) {
+          const int m = i % m_tiles, n = i / m_tiles;
+          return Task{static_cast<int32_t>(int64_t(m) * kTileM), task.row_end, task.seg | kGemm1Bit, (m << 16) | n};
+        });
+    } else {
+      atomicAdd(&ctl.shared_gemm1, 1u);
+    }
+    return;
+  }
   if (!(task.seg & kGemm1Bit)) {
     // GEMM1 of a segment starts when all its GEMM0 tiles are done (one counter per segment), and
     // its tasks are queued row tile fastest: tiles that share a column block of w2[e] run
@@ -1142,7 +1231,7 @@ __device__ int32_t next_step(const Ctx<T>& ctx, Task* task) {
   RankControl& ctl = p.control[ctx.rank];
   if (ctx.aborted()) return kExit;
   if (claim_segment(ctx)) return kSegment;
-  const uint32_t segments = static_cast<uint32_t>(p.world * p.num_local[ctx.rank]);
+  const uint32_t segments = rank_segments(ctx);
   const Task* tasks = p.tasks + static_cast<int64_t>(ctx.rank) * p.task_capacity;
   const uint32_t* ready = p.task_ready + static_cast<int64_t>(ctx.rank) * p.task_capacity;
   // Indices past the queue's capacity (more blocks than tasks) can never hold a task: those
@@ -1196,10 +1285,13 @@ __device__ void expert_phase(const Ctx<T>& ctx, SharedUnion<T>& sm, TaskSmem& ts
 
 // One token's output row y = sum_j w_j * rows[j] (fp32, fixed j order) by one warp, 16-B
 // vectors: G column steps of the warp at once, so G * K loads are in flight per lane (the
-// combine is bound by memory latency otherwise). rows: the token's K returned rows [K][H].
+// combine is bound by memory latency otherwise). rows: the token's K returned rows [K][H];
+// shared: the token's row of shared expert 0's output, num_shared rows shared_stride apart
+// (added with weight 1 after the routed rows).
 template <class T, int K>
 __device__ __forceinline__ void combine_row(const T* rows, const float (&w)[kMaxTopK], const bool (&use)[kMaxTopK],
-                                            const float* dense, T* y, int64_t H, int lane) {
+                                            const T* shared, int num_shared, int64_t shared_stride, T* y, int64_t H,
+                                            int lane) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   constexpr int kStep = 32 * kVec;
   constexpr int G = K <= 4 ? 4 : 2;
@@ -1217,22 +1309,20 @@ __device__ __forceinline__ void combine_row(const T* rows, const float (&w)[kMax
       const int64_t col = col0 + g * kStep;
       if (col >= H) break;
       float acc[kVec];
-      if (dense) {  // the shared experts' sum first, then the routed rows
-        const float4 d0 = *reinterpret_cast<const float4*>(dense + col);
-        const float4 d1 = kVec > 4 ? *reinterpret_cast<const float4*>(dense + col + 4) : d0;
-        const float d[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
 #pragma unroll
-        for (int q = 0; q < kVec; ++q) acc[q] = d[q];
-      } else {
-#pragma unroll
-        for (int q = 0; q < kVec; ++q) acc[q] = 0.f;
-      }
+      for (int q = 0; q < kVec; ++q) acc[q] = 0.f;
 #pragma unroll
       for (int j = 0; j < K; ++j) {
         if (!use[j]) continue;
         const T* x = reinterpret_cast<const T*>(&v[g][j]);
 #pragma unroll
         for (int q = 0; q < kVec; ++q) acc[q] = fmaf(w[j], to_f32(x[q]), acc[q]);
+      }
+      for (int s = 0; s < num_shared; ++s) {
+        const uint4 u = *reinterpret_cast<const uint4*>(shared + s * shared_stride + col);
+        const T* x = reinterpret_cast<const T*>(&u);
+#pragma unroll
+        for (int q = 0; q < kVec; ++q) acc[q] += to_f32(x[q]);
       }
       uint4 out;
       T* o = reinterpret_cast<T*>(&out);
@@ -1252,8 +1342,14 @@ __device__ void combine_phase(const Ctx<T>& ctx) {
   const T* ret = reinterpret_cast<const T*>(ctx.heap(r) + p.layout.ret_rows.offset);
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   // The kept flags of the rank's tokens are written by every block of the rank in P2.
-  if (threadIdx.x == 0)
+  const int S = p.num_shared;
+  const int64_t shared_stride = p.shared_rows_cap * H;
+  if (threadIdx.x == 0) {
     ctx.wait_count(&p.control[r].dispatched, static_cast<uint32_t>(ctx.blocks_per_rank), kRankBarrier, r);
+    // Every shared-expert GEMM1 tile of the rank (S x m tiles x n tiles) is written.
+    const int64_t shared_tiles = static_cast<int64_t>(S) * ((tokens + kTileM - 1) / kTileM) * n_tiles1(p);
+    if (shared_tiles > 0) ctx.wait_count(&p.control[r].shared_gemm1, static_cast<uint32_t>(shared_tiles), kSharedTiles, r);
+  }
   team_sync();
   if (ctx.aborted()) return;
   for (int64_t t = static_cast<int64_t>(ctx.local_block) * kWarps + warp; t < tokens;
@@ -1280,24 +1376,25 @@ __device__ void combine_phase(const Ctx<T>& ctx) {
       use[j] = j < k && p.r.idx[g * k + j] >= 0 && p.r.kept[g * k + j];
       w[j] = use[j] ? p.r.weight[g * k + j] : 0.f;
     }
-    const float* dense = p.dense ? p.dense + g * H : nullptr;
+    const T* shared = S > 0 ? ctx.shared_out(0) + t * H : nullptr;
     if (p.aligned && H % kVec == 0) {
       switch (k) {
-        case 1: combine_row<T, 1>(ret + t * k * H, w, use, dense, p.y + g * H, H, lane); break;
-        case 2: combine_row<T, 2>(ret + t * k * H, w, use, dense, p.y + g * H, H, lane); break;
-        case 3: combine_row<T, 3>(ret + t * k * H, w, use, dense, p.y + g * H, H, lane); break;
-        case 4: combine_row<T, 4>(ret + t * k * H, w, use, dense, p.y + g * H, H, lane); break;
-        case 5: combine_row<T, 5>(ret + t * k * H, w, use, dense, p.y + g * H, H, lane); break;
-        case 6: combine_row<T, 6>(ret + t * k * H, w, use, dense, p.y + g * H, H, lane); break;
-        case 7: combine_row<T, 7>(ret + t * k * H, w, use, dense, p.y + g * H, H, lane); break;
-        default: combine_row<T, 8>(ret + t * k * H, w, use, dense, p.y + g * H, H, lane); break;
+        case 1: combine_row<T, 1>(ret + t * k * H, w, use, shared, S, shared_stride, p.y + g * H, H, lane); break;
+        case 2: combine_row<T, 2>(ret + t * k * H, w, use, shared, S, shared_stride, p.y + g * H, H, lane); break;
+        case 3: combine_row<T, 3>(ret + t * k * H, w, use, shared, S, shared_stride, p.y + g * H, H, lane); break;
+        case 4: combine_row<T, 4>(ret + t * k * H, w, use, shared, S, shared_stride, p.y + g * H, H, lane); break;
+        case 5: combine_row<T, 5>(ret + t * k * H, w, use, shared, S, shared_stride, p.y + g * H, H, lane); break;
+        case 6: combine_row<T, 6>(ret + t * k * H, w, use, shared, S, shared_stride, p.y + g * H, H, lane); break;
+        case 7: combine_row<T, 7>(ret + t * k * H, w, use, shared, S, shared_stride, p.y + g * H, H, lane); break;
+        default: combine_row<T, 8>(ret + t * k * H, w, use, shared, S, shared_stride, p.y + g * H, H, lane); break;
       }
     } else {
       for (int64_t col = lane; col < H; col += 32) {
-        float acc = dense ? dense[col] : 0.f;
+        float acc = 0.f;
 #pragma unroll
         for (int j = 0; j < kMaxTopK; ++j)
           if (use[j]) acc = fmaf(w[j], to_f32(ret[(t * k + j) * H + col]), acc);
+        for (int s = 0; s < S; ++s) acc += to_f32(shared[s * shared_stride + col]);
         p.y[g * H + col] = from_f32<T>(acc);
       }
     }

@@ -84,6 +84,13 @@ struct Sm90Tma {
   typename Sm90Tiles<T>::TmaA a1;  // hidden    (rows_cap, I, ranks of the grid)
   typename Sm90Tiles<T>::TmaB b0;  // w1 as (N1, H, E)
   typename Sm90Tiles<T>::TmaB b1;  // w2 as (H, I, E)
+  // Shared experts (null descriptors without them).
+  typename Sm90Tiles<T>::TmaA ax;   // x (all of the grid's tokens, H, 1)
+  typename Sm90Tiles<T>::TmaA as;   // shared_hidden (grid ranks x S x rows_cap, Is, 1)
+  typename Sm90Tiles<T>::TmaB bs0;  // shared_w1 as (Ns1, H, S)
+  typename Sm90Tiles<T>::TmaB bs1;  // shared_w2 as (H, Is, S)
+  int x_rows;                      // rows of x
+  int shared_rows;                 // rows of shared_hidden
   int rows_cap;                    // rows of recv_rows / hidden in one heap
   Epilogue act;              // GEMM0's activation
 };
@@ -162,6 +169,33 @@ struct Sm90Engine {
       return local_tile(domain_offset(make_coord(task.row_begin, 0), mA),
                         make_shape(typename Cfg::BlockM{}, typename Cfg::BlockK{}), make_coord(0, _));
     };
+    // Shared experts: A rows from a one-heap view (x, or shared_hidden) starting at row0.
+    auto a_rows = [&](auto const& tma_a, int rows, int k, int64_t row0) {
+      Tensor mA = tma_a.get_tma_tensor(make_shape(rows, k, 1))(_, _, 0);
+      return local_tile(domain_offset(make_coord(row0, 0), mA),
+                        make_shape(typename Cfg::BlockM{}, typename Cfg::BlockK{}), make_coord(0, _));
+    };
+    if (v.shared) {
+      const int S = p.num_shared, Is = static_cast<int>(p.shared_ffn), Ns1 = static_cast<int>(p.shared_in);
+      if (!v.gemm1) {
+        Tensor mB = tma.bs0.get_tma_tensor(make_shape(Ns1, H, S));
+        const int col0 = p.gated ? v.n_tile * Sm90Tiles<T>::Gated::kOutBlockN : v.n_tile * Cfg::kOutBlockN;
+        const int col1 = p.gated ? Is + col0 : col0 + Cfg::kHalfN;
+        sm90::produce_k_tiles<Cfg>(s.gemm, pipeline, write_state, tma.ax, nullptr,
+                                   a_rows(tma.ax, tma.x_rows, H, p.rank_begin[ctx.rank] + task.row_begin), tma.bs0,
+                                   sm90::b_half_tiles<Cfg>(mB, v.expert, col0), sm90::b_half_tiles<Cfg>(mB, v.expert, col1),
+                                   (H + Cfg::kBlockK - 1) / Cfg::kBlockK, BoundedWait<T>{ctx});
+      } else {
+        Tensor mB = tma.bs1.get_tma_tensor(make_shape(H, Is, S));
+        const int col0 = v.n_tile * Cfg::kOutBlockN;
+        const int64_t row0 = (static_cast<int64_t>(ctx.rank - p.rank_base) * S + v.expert) * p.shared_rows_cap + task.row_begin;
+        sm90::produce_k_tiles<Cfg>(s.gemm, pipeline, write_state, tma.as, nullptr, a_rows(tma.as, tma.shared_rows, Is, row0),
+                                   tma.bs1, sm90::b_half_tiles<Cfg>(mB, v.expert, col0),
+                                   sm90::b_half_tiles<Cfg>(mB, v.expert, col0 + Cfg::kHalfN),
+                                   (Is + Cfg::kBlockK - 1) / Cfg::kBlockK, BoundedWait<T>{ctx});
+      }
+      return;
+    }
     if (!v.gemm1) {
       Tensor mB = tma.b0.get_tma_tensor(make_shape(N1, H, E));
       const int col0 = p.gated ? v.n_tile * Sm90Tiles<T>::Gated::kOutBlockN : v.n_tile * Cfg::kOutBlockN;
@@ -188,7 +222,7 @@ struct Sm90Engine {
     using Cfg = typename Sm90Tiles<T>::Plain;
     const Params<T>& p = ctx.p;
     const TaskView v = view_of(ctx, task);
-    const int64_t H = p.hidden, I = p.ffn, N1 = p.ffn_in;
+    const int64_t H = p.hidden, I = v.shared ? p.shared_ffn : p.ffn, N1 = v.shared ? p.shared_in : p.ffn_in;
     const int k = static_cast<int>(v.gemm1 ? I : H);
     sm90::consume_tile<Cfg>(s.gemm, pipeline, read_state, (k + Cfg::kBlockK - 1) / Cfg::kBlockK,
                             static_cast<int>(threadIdx.x), accum, BoundedWait<T>{ctx});
@@ -196,15 +230,23 @@ struct Sm90Engine {
     sm90::TileCoord tc{0, v.m_tile, v.n_tile, task.row_begin, task.row_end};
     char* staging = s.gemm.staging[threadIdx.x / 32];
     constexpr ElementType kType = CuteElement<T>::kType;
+    // Routed tasks: GEMM0 into hidden, GEMM1 rows through recv_meta into the source's ret_rows.
+    // Shared expert tasks: GEMM0 into shared_hidden, GEMM1 into shared_out in token order. One
+    // store call site per tile kind (more inlined epilogues make ptxas serialise the wgmmas).
+    const int64_t e = v.expert;
     if (!v.gemm1) {
-      const sm90::TileStore st{tma.act, kType, h + p.layout.hidden.offset, nullptr, nullptr,
-                               p.b1 ? p.b1 + static_cast<int64_t>(v.expert) * N1 : nullptr, nullptr, N1, I, false};
+      T* out = v.shared ? ctx.shared_hidden(v.expert) : reinterpret_cast<T*>(h + p.layout.hidden.offset);
+      const T* bias = v.shared ? p.shared_b1 : p.b1;
+      const sm90::TileStore st{tma.act, kType, out, nullptr, nullptr, bias ? bias + e * N1 : nullptr, nullptr, N1, I,
+                               false};
       if (p.gated) sm90::store_tile_typed<typename Sm90Tiles<T>::Gated, T>(st, tc, threadIdx.x, accum, staging);
       else sm90::store_tile_typed<Cfg, T>(st, tc, threadIdx.x, accum, staging);
     } else {
-      const sm90::TileStore st{Epilogue::kIdentity, kType, ctx.heap(v.source) + p.layout.ret_rows.offset,
-                               nullptr, nullptr, p.b2 ? p.b2 + static_cast<int64_t>(v.expert) * H : nullptr,
-                               reinterpret_cast<const int32_t*>(h + p.layout.recv_meta.offset), H, H, false};
+      T* out = v.shared ? ctx.shared_out(v.expert) : reinterpret_cast<T*>(ctx.heap(v.source) + p.layout.ret_rows.offset);
+      const T* bias = v.shared ? p.shared_b2 : p.b2;
+      const int32_t* row_index = v.shared ? nullptr : reinterpret_cast<const int32_t*>(h + p.layout.recv_meta.offset);
+      const sm90::TileStore st{Epilogue::kIdentity, kType, out, nullptr, nullptr, bias ? bias + e * H : nullptr,
+                               row_index, H, H, false};
       sm90::store_tile_typed<Cfg, T>(st, tc, threadIdx.x, accum, staging);
     }
   }
