@@ -355,8 +355,13 @@ struct GemmSmem {
   };
   float stage[kWarps][16][16 + 4];
 };
+// The chunk's gate runs kGateLanes lanes per token: a warp takes 32 / kGateLanes tokens at once
+// (the gate's chain of loads and shuffles is latency-bound; a warp per token over the 16 tokens
+// of each warp in turn was most of paper-64's routing).
+constexpr int kGateLanes = 8;
+constexpr int kGateGroups = kThreads / kGateLanes;
 struct RouterSmem {
-  float score[kWarps][kMaxExperts];
+  float score[kGateGroups][kMaxExperts];
   int32_t counts[kMaxTopK][kMaxExperts];
 };
 struct DispatchSmem {
@@ -669,9 +674,15 @@ template <class T>
 __device__ void router_gate(const Ctx<T>& ctx, RouterSmem& rs, int64_t c, int64_t t0, int64_t rows) {
   const Params<T>& p = ctx.p;
   const int E = p.num_experts, k = p.top_k;
-  const int warp = threadIdx.x / 32;
-  for (int64_t i = warp; i < rows; i += kWarps)
-    gate_topk_token<T>(p.router, p.selection_bias, p.r, t0 + i, rs.score[warp]);
+  // Every lane of a warp runs the gate (its shuffles span the warp); groups past the chunk's
+  // last token repeat the warp's first token without writing.
+  const int group = threadIdx.x / kGateLanes;
+  constexpr int kPerWarp = 32 / kGateLanes;
+  for (int64_t base = static_cast<int64_t>(threadIdx.x / 32) * kPerWarp; base < rows; base += kWarps * kPerWarp) {
+    const int64_t i = base + (threadIdx.x % 32) / kGateLanes;
+    const bool active = i < rows;
+    gate_topk_token<T, kGateLanes>(p.router, p.selection_bias, p.r, t0 + (active ? i : base), rs.score[group], active);
+  }
   for (int i = threadIdx.x; i < k * E; i += kThreads) rs.counts[i / E][i % E] = 0;
   team_sync();
   for (int64_t i = threadIdx.x; i < rows * k; i += kThreads) {
@@ -728,7 +739,7 @@ __device__ void router_split_gate(const Ctx<T>& ctx, RouterSmem& rs) {
       p.r.logits[g * E + e] = v;
     }
     __syncwarp();
-    gate_topk_token<T>(p.router, p.selection_bias, p.r, g, rs.score[warp]);
+    gate_topk_token<T>(p.router, p.selection_bias, p.r, g, rs.score[warp * (32 / kGateLanes)]);
     __syncwarp();
     if (lane < k) {
       const int32_t e = p.r.idx[g * k + lane];
