@@ -23,7 +23,7 @@ from .shadowing import ShadowingPolicy
 
 __all__ = ["MoE"]
 
-_BACKENDS = ("auto", "cpu", "naive", "reference")
+_BACKENDS = ("auto", "cuda", "fused", "cpu", "naive", "reference")
 
 
 def _needs_grad(args) -> bool:
@@ -63,7 +63,10 @@ class MoE(nn.Module):
             group.
         dtype: parameter dtype (default: torch.get_default_dtype()); inputs must match it.
         device: parameter device.
-        backend: "auto" | "cpu" | "naive" (the fused op's backends) | "reference" (plain PyTorch).
+        backend: the fused op's backend — "auto" (CUDA tensors: the modular GPU path; CPU tensors: the
+            CPU backend), "cuda" (the modular GPU path), "fused" (the single persistent kernel for the
+            forward, its backward through the modular path; with a group, it runs each rank's local
+            experts), "cpu", "naive" — or "reference" (plain PyTorch).
         fp32_math: "tf32" | "exact": GPU expert GEMM precision for fp32 (unused on CPU).
     Submodules:
         gate: the router.  experts: Experts(E, H, I).  shared_experts: Experts(S, H, Is) or None.

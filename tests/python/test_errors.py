@@ -179,3 +179,13 @@ def test_balance_loss_rejects_negative_coefficients():
         fusedmoe.balance_loss(layer, aux_coef=-1.0)
     with pytest.raises(ValueError, match="z_coef"):
         fusedmoe.balance_loss(layer, z_coef=-1.0)
+
+
+def test_module_gpu_backends_on_cpu_tensors_say_so():
+    # "cuda" and "fused" are module backends; with parameters on the CPU the op says why it
+    # cannot run them.
+    import fusedmoe
+    for backend in ("cuda", "fused"):
+        layer = fusedmoe.MoE(4, 16, 8, top_k=2, backend=backend)
+        with pytest.raises(BAD_INPUT, match="cannot run the CPU kernel"):
+            layer(torch.randn(3, 16))
