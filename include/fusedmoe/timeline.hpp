@@ -14,7 +14,9 @@
 
 namespace fusedmoe {
 
-enum class FusedEventKind : int32_t { kRouter = 0, kDispatch = 1, kGemm0 = 2, kGemm1 = 3, kCombine = 4 };
+// kSchedule: the Hopper engine's scheduler thread looking up its next task (overlaps the
+// consumers' GEMM tasks of the same block).
+enum class FusedEventKind : int32_t { kRouter = 0, kDispatch = 1, kGemm0 = 2, kGemm1 = 3, kCombine = 4, kSchedule = 5 };
 
 struct FusedEvent {
   int64_t start_ns, end_ns;  // GPU global timer

@@ -792,7 +792,7 @@ TEST(FusedKernel, TimelineRecordsEveryPhaseAndTask) {
     int blocks = 0;
     const std::vector<FusedEvent> events = fused_timeline(&blocks);
     ASSERT_GT(blocks, 0);
-    std::map<int, std::array<int, 5>> per_block;
+    std::map<int, std::array<int, 6>> per_block;
     int gemm0 = 0, gemm1 = 0;
     for (const FusedEvent& e : events) {
       EXPECT_LE(e.start_ns, e.end_ns);

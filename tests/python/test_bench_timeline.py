@@ -17,3 +17,10 @@ def test_busy_gemm_and_overlap():
     assert st["sm_busy"] == 100.0 * (30 + 20) / 60  # block 0 covers 30 ns, block 1 covers 20 ns
     assert st["gemm_busy"] == 100.0 * 20 / 60
     assert st["overlap"] == 50.0  # dispatch [0, 10) meets GEMMs from 5 on
+
+
+def test_scheduler_lookups_are_not_busy_time():
+    # kind 5: the scheduler thread looking up a task; it overlaps the block's GEMMs or idles.
+    events = [(0, 10, 0, 0, 0, 2), (10, 30, 0, 0, 0, 5), (30, 40, 0, 0, 0, 3)]
+    st = timeline_stats(events)
+    assert st["sm_busy"] == 100.0 * 20 / 40 and st["tasks"] == 2

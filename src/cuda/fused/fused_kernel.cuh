@@ -71,7 +71,9 @@ constexpr int kMaxShared = 8;       // shared experts
 
 // ---------------------------------------------------------------------------- error record --
 enum ErrorCode : uint32_t { kNoError = 0, kTimeout = 1, kCountMismatch = 2 };
-enum EventKind : int32_t { kEventRouter = 0, kEventDispatch = 1, kEventGemm0 = 2, kEventGemm1 = 3, kEventCombine = 4 };
+enum EventKind : int32_t {
+  kEventRouter = 0, kEventDispatch = 1, kEventGemm0 = 2, kEventGemm1 = 3, kEventCombine = 4, kEventSchedule = 5
+};
 enum WaitWhat : uint32_t {
   kDispatchFlag = 1, kReturnFlag = 2, kRankBarrier = 3, kQueueSlot = 4,
   kTaskRing = 5,      // Hopper engine: a task ring slot (a = 0, 1: scheduler -> consumers; 2, 3: consumers -> finisher)
@@ -266,7 +268,7 @@ struct Ctx {
   // Thread 0 of the block: one timeline record [start, now) of `kind`.
   __device__ void record(int32_t kind, uint64_t start) const {
     if (p.timeline == nullptr) return;
-    const uint32_t i = p.timeline_count[blockIdx.x]++;
+    const uint32_t i = atomicAdd(&p.timeline_count[blockIdx.x], 1u);  // the scheduler thread records too
     if (i >= static_cast<uint32_t>(p.timeline_capacity)) return;
     uint32_t sm;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));

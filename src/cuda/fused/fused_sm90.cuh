@@ -346,8 +346,10 @@ struct Sm90Engine {
           }
           Task task{};
           int32_t step;
+          const uint64_t looked_up = global_ns();
           do step = next_step(ctx, &task);
           while (step == kSegment);
+          if (step == kRun) ctx.record(kEventSchedule, looked_up);
           // The consumers free the slot after reading it; if they never do, give up (the
           // error is recorded; the consumers leave on the abort).
           if (!ctx.wait_local([&] { return Barrier::try_wait(&s.empty[slot], phase ^ 1u); }, kTaskRing, slot,
