@@ -70,6 +70,22 @@ inline cudaMemPool_t scratch_pool(int device) {
   return pools[device];
 }
 
+// Whether `device` is an sm_90 (Hopper) GPU, asked once per device (the backends ask before
+// every launch).
+inline bool device_is_sm90(int device) {
+  constexpr int kMaxDevices = 64;
+  static bool sm90[kMaxDevices] = {};
+  static std::once_flag once[kMaxDevices];
+  FUSEDMOE_CHECK(device >= 0 && device < kMaxDevices, "device " << device << ": at most " << kMaxDevices << " devices");
+  std::call_once(once[device], [device] {
+    int major = 0, minor = 0;
+    FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    sm90[device] = major == 9 && minor == 0;
+  });
+  return sm90[device];
+}
+
 // Stream-ordered scratch buffers from scratch_pool, freed in order at destruction. Capturable in
 // CUDA graphs (allocations become graph memory nodes).
 class Scratch {

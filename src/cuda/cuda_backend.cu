@@ -70,13 +70,8 @@ void gemm(cudaStream_t stream, VaryDim vary, const int64_t* offsets, int groups,
 // ------------------------------------------------------------------ Hopper expert GEMMs --
 
 bool hopper_device() {
-  static const bool is_hopper = [] {
-    int device = 0;
-    cudaDeviceProp prop{};
-    if (cudaGetDevice(&device) != cudaSuccess || cudaGetDeviceProperties(&prop, device) != cudaSuccess) return false;
-    return prop.major == 9 && prop.minor == 0;
-  }();
-  return is_hopper;
+  int device = 0;
+  return cudaGetDevice(&device) == cudaSuccess && device_is_sm90(device);
 }
 
 template <class T>

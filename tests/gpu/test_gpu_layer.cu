@@ -657,6 +657,35 @@ TEST(FusedKernel, SilentRankIsReportedWithinFiveSeconds) {
   check_case(fused_case(c, 400), test_seed() + 1);
 }
 
+// The combine's wait for the rank's shared-expert tiles is bounded: with their count never
+// raised (planted fault), the launch reports that wait, naming it, within the 5 s bound, on
+// both engines; the next launch is correct.
+TEST(FusedKernel, MissingSharedTilesAreReported) {
+  REQUIRE_GPU();
+  MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
+  c.world_size = 2;
+  c.num_shared_experts = 1;
+  for (bool portable : {false, true}) {
+    {
+      FusedOptionsScope fault({.timeout_ms = 300, .sync_check = true, .portable_engine = portable,
+                               .drop_shared_tiles = true});
+      const auto start = std::chrono::steady_clock::now();
+      std::string message;
+      try {
+        run_gpu(fused_case(c, 300), test_seed());
+      } catch (const Error& e) {
+        message = e.what();
+      }
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      EXPECT_NE(message.find("shared experts' GEMM1 tiles"), std::string::npos) << message;
+      EXPECT_LT(seconds, 5.0);
+      std::printf("missing shared tiles reported after %.2f s: %s\n", seconds, message.c_str());
+    }
+    FusedOptionsScope sync({.sync_check = true, .portable_engine = portable});
+    check_case(fused_case(c, 300), test_seed() + 1);
+  }
+}
+
 // The in-block waits of the Hopper engine are bounded too: a scheduler thread that never
 // publishes a task is reported by its consumers' task-ring wait; one that publishes a task but
 // never loads its stages by the stage wait (or by a peer waiting for that task's results). The

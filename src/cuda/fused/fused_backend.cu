@@ -423,11 +423,11 @@ class FusedBackend {
 
     // Expert weights of every expert, or of this rank's local experts only (NCCL transport).
     const int64_t weight_experts = w.w1.shape[0];
-    p.weights_local = weight_experts != E;
-    FUSEDMOE_CHECK(!p.weights_local || transport.nccl, "fused backend: w1 holds " << weight_experts
+    const bool weights_local = weight_experts != E;
+    FUSEDMOE_CHECK(!weights_local || transport.nccl, "fused backend: w1 holds " << weight_experts
                    << " experts, not all " << E << ": one rank's experts only work with the NCCL transport (each "
                    "process runs its own rank); emulated ranks run every rank's experts in this process");
-    FUSEDMOE_CHECK(!p.weights_local || weight_experts == c.num_local_experts(rank_base),
+    FUSEDMOE_CHECK(!weights_local || weight_experts == c.num_local_experts(rank_base),
                    "fused backend: w1 holds " << weight_experts << " experts; rank " << rank_base << " of the NCCL "
                    "transport owns " << c.num_local_experts(rank_base) << " (pass those, or all " << E << ")");
     p.weight_experts = static_cast<int>(weight_experts);
@@ -443,7 +443,7 @@ class FusedBackend {
     p.w2 = cptr<T>(w.w2);
     p.b2 = cptr<T>(w.b2);
     p.aligned = aligned16(p.x) && aligned16(p.y) && aligned16(p.gate_weight) && aligned16(p.noise_weight) &&
-                aligned16(p.w1) && aligned16(p.w2);
+                aligned16(p.w1) && aligned16(p.w2) && aligned16(cptr<T>(w.shared_w1)) && aligned16(cptr<T>(w.shared_w2));
 
     Scratch s(stream);
     RoutingBuffers& r = p.r;
@@ -503,6 +503,7 @@ class FusedBackend {
     p.timeout_ns = static_cast<uint64_t>(timeout_ms * 1e6);
     p.silent_rank = options.silent_rank;
     p.flag_before_data = options.flag_before_data;
+    p.drop_shared_tiles = options.drop_shared_tiles;
     p.stall = options.stall;
 
     bool timeline = false;
@@ -557,29 +558,13 @@ class FusedBackend {
       if (options.portable_engine) return false;
       const char* env = std::getenv("FUSEDMOE_FUSED_PORTABLE");
       if (env && env[0] == '1') return false;
-      if (!is_sm90(device)) return false;
+      if (!device_is_sm90(device)) return false;
       const bool shared_ok = c.num_shared_experts == 0 || (c.shared_size() % 8 == 0 && aligned16(w.shared_w1.data) &&
                                                              aligned16(w.shared_w2.data));
       return shared_ok && c.hidden_size % 8 == 0 && c.ffn_size % 8 == 0 && aligned16(args.x.data) && aligned16(out.y.data) &&
              aligned16(w.w1.data) && aligned16(w.w2.data) && aligned16(w.gate_weight.data) &&
              aligned16(w.noise_weight.defined() ? w.noise_weight.data : nullptr);
     }
-  }
-
-  // Compute capability 9.0, queried once per device (this runs before every launch).
-  static bool is_sm90(int device) {
-    constexpr int kMaxDevices = 64;
-    static int8_t known[kMaxDevices] = {};  // 0 unknown, 1 sm_90, -1 other
-    static std::mutex mutex;
-    FUSEDMOE_CHECK(device >= 0 && device < kMaxDevices, "device " << device << ": at most " << kMaxDevices);
-    std::lock_guard<std::mutex> lock(mutex);
-    if (known[device] == 0) {
-      int major = 0, minor = 0;
-      FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-      FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-      known[device] = major == 9 && minor == 0 ? 1 : -1;
-    }
-    return known[device] == 1;
   }
 
   // Split routing (Params::router_splits): when the rank's chunks times 128-expert tiles would

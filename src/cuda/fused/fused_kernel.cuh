@@ -143,10 +143,9 @@ struct Params {
   int16_t owner[kMaxExperts];            // owning rank of each expert
   int16_t local_index[kMaxExperts];      // index among the owner's experts
   int16_t global_expert[kMaxSegments];   // [W][max_local] (-1 past a rank's experts)
-  // Expert weights (w1, w2, b1, b2) of every expert, indexed by global expert, or — NCCL
-  // transport — of this process's rank only, indexed by local expert.
-  bool weights_local;
-  int weight_experts;            // leading dimension of w1 / w2
+  // Leading dimension of w1 / w2 (b1, b2): num_experts (indexed by global expert) or — NCCL
+  // transport — this process's rank's local experts only (indexed by local expert).
+  int weight_experts;
   int32_t num_local[kMaxWorld];
   int max_chunks;                // chunks of the largest rank (>= 1)
   int tile_n0, tile_n1;          // output columns of one GEMM0 / GEMM1 tile (engine's tile widths)
@@ -210,6 +209,7 @@ struct Params {
   // Faults (tests)
   int silent_rank;
   bool flag_before_data;
+  bool drop_shared_tiles;  // FusedOptions::drop_shared_tiles
   int stall;  // FusedOptions::Stall (Hopper engine, block 0)
 };
 
@@ -517,13 +517,13 @@ __device__ __forceinline__ float act_of(FfnKind kind, float x) {
 // still has its one chunk of zero counts).
 template <class T>
 __device__ __forceinline__ void chunk_rows(const Ctx<T>& ctx, int64_t c, int64_t* t0, int64_t* rows) {
-  const int64_t begin = ctx.p.rank_begin[ctx.rank], tokens = ctx.p.rank_begin[ctx.rank + 1] - begin;
+  const int64_t begin = ctx.p.rank_begin[ctx.rank], tokens = ctx.rank_tokens();
   *t0 = begin + c * kChunk;
   *rows = tokens > 0 ? (tokens - c * kChunk < kChunk ? tokens - c * kChunk : int64_t(kChunk)) : int64_t(0);
 }
 template <class T>
 __device__ __forceinline__ int64_t rank_chunks(const Ctx<T>& ctx) {
-  const int64_t tokens = ctx.p.rank_begin[ctx.rank + 1] - ctx.p.rank_begin[ctx.rank];
+  const int64_t tokens = ctx.rank_tokens();
   return tokens > 0 ? (tokens + kChunk - 1) / kChunk : 1;
 }
 
@@ -1042,7 +1042,7 @@ __device__ __forceinline__ TaskView view_of(const Ctx<T>& ctx, const Task& task)
   } else {
     v.source = seg / p.max_local;
     v.local = seg % p.max_local;
-    v.expert = p.weights_local ? v.local : p.global_expert[ctx.rank * p.max_local + v.local];
+    v.expert = p.weight_experts != p.num_experts ? v.local : p.global_expert[ctx.rank * p.max_local + v.local];
   }
   v.m_tile = task.tile >> 16;
   v.n_tile = task.tile & 0xffff;
@@ -1188,7 +1188,7 @@ __device__ void finish_task(const Ctx<T>& ctx, const Task& task) {
           const int m = i % m_tiles, n = i / m_tiles;
           return Task{static_cast<int32_t>(int64_t(m) * kTileM), task.row_end, task.seg | kGemm1Bit, (m << 16) | n};
         });
-    } else {
+    } else if (!p.drop_shared_tiles) {
       atomicAdd(&ctl.shared_gemm1, 1u);
     }
     return;

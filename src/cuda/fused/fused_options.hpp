@@ -18,6 +18,8 @@ struct FusedOptions {
   bool portable_engine = false;
   int silent_rank = -1;           // fault: this rank never dispatches (its peers must time out)
   bool flag_before_data = false;  // fault: raise every dispatch flag before writing the rows
+  bool drop_shared_tiles = false; // fault: shared-expert GEMM1 tiles are never counted (the
+                                  // combine's wait for them must time out)
   // Faults of the Hopper engine's in-block waits: kStallScheduler — the scheduler thread of
   // block 0 never publishes a task (its consumers' task-ring wait must time out);
   // kStallProducer — every block's scheduler publishes its first task but never loads its

@@ -30,7 +30,8 @@
 //
 // Waits: the ring and pipeline waits depend only on this block's own threads, which never wait
 // on anything else between two ring handoffs, except the scheduler's bounded waits of
-// next_step (the finisher waits only for the consumers, and finish_task does not wait). So the argument of fused_kernel.cuh (no cycle of waits) is unchanged. All of them
+// next_step (the finisher waits only for the consumers, and finish_task does not wait). So the
+// argument of fused_kernel.cuh (no cycle of waits) is unchanged. All of them
 // are bounded too (Ctx::wait_local: globaltimer, abort word), so a bug here reports an error
 // rather than hanging. Register reallocation (setmaxnreg.inc) also blocks; the producers take
 // their registers back only after the consumers returned theirs (registers_returned_sync).
@@ -162,56 +163,33 @@ struct Sm90Engine {
     using Cfg = typename Sm90Tiles<T>::Plain;
     const Params<T>& p = ctx.p;
     const TaskView v = view_of(ctx, task);
-    const int H = static_cast<int>(p.hidden), I = static_cast<int>(p.ffn), N1 = static_cast<int>(p.ffn_in);
-    const int E = p.weight_experts;  // w1 / w2 hold all experts, or this rank's (Params::weights_local)
-    auto a_tiles = [&](auto const& tma_a, int k) {
-      Tensor mA = tma_a.get_tma_tensor(make_shape(tma.rows_cap, k, p.grid_ranks))(_, _, ctx.rank - p.rank_base);
-      return local_tile(domain_offset(make_coord(task.row_begin, 0), mA),
-                        make_shape(typename Cfg::BlockM{}, typename Cfg::BlockK{}), make_coord(0, _));
-    };
-    // Shared experts: A rows from a one-heap view (x, or shared_hidden) starting at row0.
-    auto a_rows = [&](auto const& tma_a, int rows, int k, int64_t row0) {
-      Tensor mA = tma_a.get_tma_tensor(make_shape(rows, k, 1))(_, _, 0);
-      return local_tile(domain_offset(make_coord(row0, 0), mA),
-                        make_shape(typename Cfg::BlockM{}, typename Cfg::BlockK{}), make_coord(0, _));
-    };
-    if (v.shared) {
-      const int S = p.num_shared, Is = static_cast<int>(p.shared_ffn), Ns1 = static_cast<int>(p.shared_in);
-      if (!v.gemm1) {
-        Tensor mB = tma.bs0.get_tma_tensor(make_shape(Ns1, H, S));
-        const int col0 = p.gated ? v.n_tile * Sm90Tiles<T>::Gated::kOutBlockN : v.n_tile * Cfg::kOutBlockN;
-        const int col1 = p.gated ? Is + col0 : col0 + Cfg::kHalfN;
-        sm90::produce_k_tiles<Cfg>(s.gemm, pipeline, write_state, tma.ax, nullptr,
-                                   a_rows(tma.ax, tma.x_rows, H, p.rank_begin[ctx.rank] + task.row_begin), tma.bs0,
-                                   sm90::b_half_tiles<Cfg>(mB, v.expert, col0), sm90::b_half_tiles<Cfg>(mB, v.expert, col1),
-                                   (H + Cfg::kBlockK - 1) / Cfg::kBlockK, BoundedWait<T>{ctx});
-      } else {
-        Tensor mB = tma.bs1.get_tma_tensor(make_shape(H, Is, S));
-        const int col0 = v.n_tile * Cfg::kOutBlockN;
-        const int64_t row0 = (static_cast<int64_t>(ctx.rank - p.rank_base) * S + v.expert) * p.shared_rows_cap + task.row_begin;
-        sm90::produce_k_tiles<Cfg>(s.gemm, pipeline, write_state, tma.as, nullptr, a_rows(tma.as, tma.shared_rows, Is, row0),
-                                   tma.bs1, sm90::b_half_tiles<Cfg>(mB, v.expert, col0),
-                                   sm90::b_half_tiles<Cfg>(mB, v.expert, col0 + Cfg::kHalfN),
-                                   (Is + Cfg::kBlockK - 1) / Cfg::kBlockK, BoundedWait<T>{ctx});
-      }
-      return;
-    }
-    if (!v.gemm1) {
-      Tensor mB = tma.b0.get_tma_tensor(make_shape(N1, H, E));
-      const int col0 = p.gated ? v.n_tile * Sm90Tiles<T>::Gated::kOutBlockN : v.n_tile * Cfg::kOutBlockN;
-      const int col1 = p.gated ? I + col0 : col0 + Cfg::kHalfN;
-      sm90::produce_k_tiles<Cfg>(s.gemm, pipeline, write_state, tma.a0, nullptr, a_tiles(tma.a0, H), tma.b0,
-                                 sm90::b_half_tiles<Cfg>(mB, v.expert, col0),
-                                 sm90::b_half_tiles<Cfg>(mB, v.expert, col1), (H + Cfg::kBlockK - 1) / Cfg::kBlockK,
-                                 BoundedWait<T>{ctx});
-    } else {
-      Tensor mB = tma.b1.get_tma_tensor(make_shape(H, I, E));
-      const int col0 = v.n_tile * Cfg::kOutBlockN;
-      sm90::produce_k_tiles<Cfg>(s.gemm, pipeline, write_state, tma.a1, nullptr, a_tiles(tma.a1, I), tma.b1,
-                                 sm90::b_half_tiles<Cfg>(mB, v.expert, col0),
-                                 sm90::b_half_tiles<Cfg>(mB, v.expert, col0 + Cfg::kHalfN),
-                                 (I + Cfg::kBlockK - 1) / Cfg::kBlockK, BoundedWait<T>{ctx});
-    }
+    // Routed tasks: A is the rank's recv_rows (GEMM0) or hidden (GEMM1) through a 3-D view over
+    // the grid's heaps, B is w1 / w2 of E = weight_experts experts. Shared-expert tasks: A is the
+    // rank's tokens of x or its block of shared_hidden (one-heap views), B is shared_w1 / w2.
+    const bool sh = v.shared;
+    const int H = static_cast<int>(p.hidden);
+    const int I = static_cast<int>(sh ? p.shared_ffn : p.ffn), N1 = static_cast<int>(sh ? p.shared_in : p.ffn_in);
+    const int experts = sh ? p.num_shared : p.weight_experts;
+    const int k = v.gemm1 ? I : H;
+    auto const& tma_a = v.gemm1 ? (sh ? tma.as : tma.a1) : (sh ? tma.ax : tma.a0);
+    auto const& tma_b = v.gemm1 ? (sh ? tma.bs1 : tma.b1) : (sh ? tma.bs0 : tma.b0);
+    // A rows: (rows of one heap, heaps, this task's heap, first row).
+    const int a_rows = sh ? (v.gemm1 ? tma.shared_rows : tma.x_rows) : tma.rows_cap;
+    const int a_heaps = sh ? 1 : p.grid_ranks, a_heap = sh ? 0 : ctx.rank - p.rank_base;
+    const int64_t row0 = !sh ? task.row_begin
+                         : v.gemm1 ? (static_cast<int64_t>(ctx.rank - p.rank_base) * p.num_shared + v.expert) *
+                                             p.shared_rows_cap + task.row_begin
+                                   : p.rank_begin[ctx.rank] + task.row_begin;
+    Tensor mA = tma_a.get_tma_tensor(make_shape(a_rows, k, a_heaps))(_, _, a_heap);
+    auto a_tiles = local_tile(domain_offset(make_coord(row0, 0), mA),
+                              make_shape(typename Cfg::BlockM{}, typename Cfg::BlockK{}), make_coord(0, _));
+    // B: two column halves of one expert (GEMM0 gated: gate columns and the same up columns).
+    Tensor mB = tma_b.get_tma_tensor(v.gemm1 ? make_shape(H, I, experts) : make_shape(N1, H, experts));
+    const int col0 = !v.gemm1 && p.gated ? v.n_tile * Sm90Tiles<T>::Gated::kOutBlockN : v.n_tile * Cfg::kOutBlockN;
+    const int col1 = !v.gemm1 && p.gated ? I + col0 : col0 + Cfg::kHalfN;
+    sm90::produce_k_tiles<Cfg>(s.gemm, pipeline, write_state, tma_a, nullptr, a_tiles, tma_b,
+                               sm90::b_half_tiles<Cfg>(mB, v.expert, col0), sm90::b_half_tiles<Cfg>(mB, v.expert, col1),
+                               (k + Cfg::kBlockK - 1) / Cfg::kBlockK, BoundedWait<T>{ctx});
   }
 
   // Consumers: mainloop and epilogue of one task.
