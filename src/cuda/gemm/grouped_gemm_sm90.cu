@@ -177,6 +177,8 @@ void launch_wgrad(const GroupedWgradArgs& args, cudaStream_t stream) {
       .rows_bound = rows_bound,
       .m_tiles = m_tiles,
       .n_tiles = n_tiles,
+      // FUSEDMOE_WGRAD_M_FASTEST=1 keeps the m-fastest order for every shape (for comparisons).
+      .n_fastest = m > n && !env_flag_set("FUSEDMOE_WGRAD_M_FASTEST"),
   };
   const size_t smem_bytes =
       sizeof(sm90::SharedStorage<Cfg>) + sm90::wgrad_table_bytes(args.num_groups);

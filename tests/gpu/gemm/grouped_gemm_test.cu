@@ -635,10 +635,10 @@ std::string g_only;
 
 BenchResult bench(const char* name, std::vector<int64_t> counts, int64_t n, int64_t k,
                   Epilogue epi, std::mt19937_64& rng, FILE* results, bool b_k_major = false,
-                  bool check = true) {
+                  bool check = true, bool pre_activation = false) {
   if (!g_only.empty() && g_only != name) return {};
   Case cs{.shape_name = name, .counts = std::move(counts), .n = n, .k = k, .epilogue = epi,
-          .b_k_major = b_k_major};
+          .pre_activation = pre_activation, .b_k_major = b_k_major};
   auto p = make_problem(cs, rng);
   reset_outputs(*p);
   auto args = p->args(p->c_fast->ptr, nullptr);
@@ -829,6 +829,7 @@ int main(int argc, char** argv) {
         {"tiny", {3, 0, 2}, 8, 8, 0, 0},
         {"64-random", many, 256, 512, 0, 0},
         {"m,n>tile", {300, 45}, 392, 776, 0, 0},
+        {"m>n (n fastest)", {300, 45, 0, 129}, 776, 264, 0, 0},
     };
     for (const auto& sh : wshapes) {
       for (ElementType ab : {ElementType::kBF16, ElementType::kF16}) {
@@ -866,6 +867,17 @@ int main(int argc, char** argv) {
           false, false);
     bench("mixtral_gemm1_identity", mixtral, 4096, 14336, Epilogue::kIdentity, rng, results,
           false, false);
+    // mixtral's training GEMMs: GEMM0 keeping the pre-activation, dgrad of GEMM1 with the SwiGLU
+    // backward, dgrad of GEMM0, and the two weight gradients.
+    bench("mixtral_gemm0_swiglu_pre", mixtral, 2 * 14336, 4096, Epilogue::kSwiGlu, rng, results,
+          false, false, true);
+    bench("mixtral_dgrad_gemm1_swiglu_bwd", mixtral, 14336, 4096, Epilogue::kSwiGluBackward, rng,
+          results, true, false);
+    bench("mixtral_dgrad_gemm1", mixtral, 14336, 4096, Epilogue::kIdentity, rng, results, true, false);
+    bench("mixtral_dgrad_gemm0", mixtral, 4096, 2 * 14336, Epilogue::kIdentity, rng, results, true,
+          false);
+    bench_wgrad("mixtral_wgrad_dw2", mixtral, 14336, 4096, rng, results);
+    bench_wgrad("mixtral_wgrad_dw1", mixtral, 4096, 2 * 14336, rng, results);
     if (results) std::fclose(results);
     do_bench = false;
   }
