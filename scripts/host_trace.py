@@ -41,16 +41,7 @@ def analyse(trace_path: str, label: str) -> None:
         return
     g0 = kernels[0]["ts"]
     g1 = max(e["ts"] + e["dur"] for e in kernels)
-    busy, cur_s, cur_e = 0.0, None, None
-    for e in kernels:
-        s, d = e["ts"], e["ts"] + e["dur"]
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                busy += cur_e - cur_s
-            cur_s, cur_e = s, d
-        else:
-            cur_e = max(cur_e, d)
-    busy += cur_e - cur_s
+    busy = bench.union_ns([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
     print(f"\n== {label}: host call {mark['dur'] / 1e3:.3f} ms; first kernel {(g0 - t0) / 1e3:.3f} ms after the call "
           f"starts; GPU span {(g1 - g0) / 1e3:.3f} ms, busy {busy / 1e3:.3f} ms, idle {(g1 - g0 - busy) / 1e3:.3f} ms; "
           f"end-to-end {(g1 - t0) / 1e3:.3f} ms; {len(kernels)} GPU ops")

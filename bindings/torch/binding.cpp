@@ -233,6 +233,10 @@ ForwardResult moe_forward(const Tensor& x, const Tensor& gate_weight, const OptT
   Tensor kept = at::empty({T, k}, x.options().dtype(at::kBool));
   Tensor expert_counts = at::empty({E}, x.options().dtype(at::kLong));
   Tensor kept_counts = at::empty({E}, x.options().dtype(at::kLong));
+  // Losses as two doubles where the backend writes them (device memory for CUDA: no sync). The
+  // CUDA backends always write both (a fill would be one more launch before the layer's first);
+  // the CPU ones may leave one unwritten, which then reads NaN.
+  Tensor losses = at::empty({2}, x.options().dtype(at::kDouble));
   if (poison_outputs()) {
     y.fill_(std::numeric_limits<double>::quiet_NaN());
     topk_weight.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -240,8 +244,7 @@ ForwardResult moe_forward(const Tensor& x, const Tensor& gate_weight, const OptT
     expert_counts.fill_(std::numeric_limits<int64_t>::min());
     kept_counts.fill_(std::numeric_limits<int64_t>::min());
   }
-  // Losses as two doubles where the backend writes them (device memory for CUDA: no sync).
-  Tensor losses = at::full({2}, std::numeric_limits<double>::quiet_NaN(), x.options().dtype(at::kDouble));
+  if (poison_outputs() || !call.on_cuda()) losses.fill_(std::numeric_limits<double>::quiet_NaN());
   Tensor saved = at::empty({0}, x.options().dtype(at::kByte));
   translate_errors("moe_forward", [&] {
     fusedmoe::MoeLayer layer(call.config, in.weights, call.backend);

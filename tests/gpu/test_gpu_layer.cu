@@ -632,6 +632,24 @@ TEST(FusedKernel, DifferentialHarness) {
   EXPECT_EQ(failures, 0);
 }
 
+// A case run under a planted fault: the error the host raised ("" when none) and the seconds
+// until it had it.
+struct Reported {
+  std::string message;
+  double seconds = 0;
+};
+Reported run_expecting_error(const GpuCase& gc, uint64_t seed) {
+  Reported r;
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    run_gpu(gc, seed);
+  } catch (const Error& e) {
+    r.message = e.what();
+  }
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return r;
+}
+
 // A rank that never dispatches: the others time out and the host raises an error naming the
 // rank and the flag, within the 5 s bound; the next launch is clean again.
 TEST(FusedKernel, SilentRankIsReportedWithinFiveSeconds) {
@@ -640,18 +658,11 @@ TEST(FusedKernel, SilentRankIsReportedWithinFiveSeconds) {
   c.world_size = 4;
   {
     FusedOptionsScope fault({.timeout_ms = 1000, .sync_check = true, .silent_rank = 2});
-    const auto start = std::chrono::steady_clock::now();
-    std::string message;
-    try {
-      run_gpu(fused_case(c, 400), test_seed());
-    } catch (const Error& e) {
-      message = e.what();
-    }
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    EXPECT_NE(message.find("timed out"), std::string::npos) << message;
-    EXPECT_NE(message.find("source 2"), std::string::npos) << message;
-    EXPECT_LT(seconds, 5.0);
-    std::printf("silent rank reported after %.2f s: %s\n", seconds, message.c_str());
+    const Reported r = run_expecting_error(fused_case(c, 400), test_seed());
+    EXPECT_NE(r.message.find("timed out"), std::string::npos) << r.message;
+    EXPECT_NE(r.message.find("source 2"), std::string::npos) << r.message;
+    EXPECT_LT(r.seconds, 5.0);
+    std::printf("silent rank reported after %.2f s: %s\n", r.seconds, r.message.c_str());
   }
   FusedOptionsScope sync({.sync_check = true});
   check_case(fused_case(c, 400), test_seed() + 1);
@@ -669,17 +680,10 @@ TEST(FusedKernel, MissingSharedTilesAreReported) {
     {
       FusedOptionsScope fault({.timeout_ms = 300, .sync_check = true, .portable_engine = portable,
                                .drop_shared_tiles = true});
-      const auto start = std::chrono::steady_clock::now();
-      std::string message;
-      try {
-        run_gpu(fused_case(c, 300), test_seed());
-      } catch (const Error& e) {
-        message = e.what();
-      }
-      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      EXPECT_NE(message.find("shared experts' GEMM1 tiles"), std::string::npos) << message;
-      EXPECT_LT(seconds, 5.0);
-      std::printf("missing shared tiles reported after %.2f s: %s\n", seconds, message.c_str());
+      const Reported r = run_expecting_error(fused_case(c, 300), test_seed());
+      EXPECT_NE(r.message.find("shared experts' GEMM1 tiles"), std::string::npos) << r.message;
+      EXPECT_LT(r.seconds, 5.0);
+      std::printf("missing shared tiles reported after %.2f s: %s\n", r.seconds, r.message.c_str());
     }
     FusedOptionsScope sync({.sync_check = true, .portable_engine = portable});
     check_case(fused_case(c, 300), test_seed() + 1);
@@ -701,19 +705,12 @@ TEST(FusedKernel, StalledSchedulerIsReported) {
   using cuda::fused::FusedOptions;
   for (int stall : {FusedOptions::kStallScheduler, FusedOptions::kStallProducer}) {
     FusedOptionsScope fault({.timeout_ms = 300, .sync_check = true, .stall = stall});
-    const auto start = std::chrono::steady_clock::now();
-    std::string message;
-    try {
-      run_gpu(fused_case(c, 1000), test_seed());
-    } catch (const Error& e) {
-      message = e.what();
-    }
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    EXPECT_NE(message.find("timed out"), std::string::npos) << message;
+    const Reported r = run_expecting_error(fused_case(c, 1000), test_seed());
+    EXPECT_NE(r.message.find("timed out"), std::string::npos) << r.message;
     if (stall == FusedOptions::kStallScheduler)
-      EXPECT_NE(message.find("task ring"), std::string::npos) << message;
-    EXPECT_LT(seconds, 5.0);
-    std::printf("stall %d reported after %.2f s: %s\n", stall, seconds, message.c_str());
+      EXPECT_NE(r.message.find("task ring"), std::string::npos) << r.message;
+    EXPECT_LT(r.seconds, 5.0);
+    std::printf("stall %d reported after %.2f s: %s\n", stall, r.seconds, r.message.c_str());
   }
   FusedOptionsScope sync({.sync_check = true});
   check_case(fused_case(c, 1000), test_seed() + 1);
