@@ -55,9 +55,11 @@ def saved_bytes(c: MoeConfig, num_tokens, element_bytes: int):
     return fixed + num_tokens * sum(r16(b) for b in per_token)
 
 
-def _saves_state(x, backend: str, save_for_backward: bool) -> bool:
-    """Whether the real op returns a non-empty `saved` (the cuda backend only)."""
-    return save_for_backward and x.device.type == "cuda" and backend in ("auto", "cuda")
+def _saves_state(x, c: MoeConfig, backend: str, save_for_backward: bool) -> bool:
+    """Whether the real op returns a non-empty `saved` (MoeLayer::saved_bytes): the cuda backend,
+    and the fused one at world_size = 1 (its training forward runs the modular path)."""
+    return (save_for_backward and x.device.type == "cuda" and
+            (backend in ("auto", "cuda") or (backend == "fused" and c.world_size == 1)))
 
 _registered = False
 
@@ -90,7 +92,7 @@ def _moe_forward_fake(x, gate_weight, gate_bias, noise_weight, selection_bias, w
         x.new_empty((E,), dtype=torch.int64),
         x.new_empty(()),
         x.new_empty(()),
-        x.new_empty((saved_bytes(c, T, _DTYPE_BYTES[x.dtype]) if _saves_state(x, backend, save_for_backward) else 0,),
+        x.new_empty((saved_bytes(c, T, _DTYPE_BYTES[x.dtype]) if _saves_state(x, c, backend, save_for_backward) else 0,),
                     dtype=torch.uint8),
     )
 

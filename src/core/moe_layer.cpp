@@ -266,7 +266,9 @@ void MoeLayer::backward(const BackwardArgs& args, const MoeGrads& g) {
 
 size_t MoeLayer::saved_bytes(int64_t num_tokens) const {
   FUSEDMOE_CHECK(num_tokens >= 0, "saved_bytes: num_tokens = " << num_tokens << ": must be >= 0");
-  if (backend_ != Backend::kCuda) return 0;
+  // The fused backend keeps a training forward's state through the modular forward (W = 1).
+  const bool saves = backend_ == Backend::kCuda || (backend_ == Backend::kFused && config_.world_size == 1);
+  if (!saves) return 0;
   return static_cast<size_t>(SavedLayout::make(config_, num_tokens).total);
 }
 

@@ -154,7 +154,8 @@ GpuRun run_gpu(const GpuCase& gc, uint64_t seed) {
   MoeLayer layer(cg, views, gc.backend);
   // Saved state: poisoned (all bits set) so that a section the forward forgets shows up.
   const size_t saved_bytes = gc.saved ? layer.saved_bytes(T) : 0;
-  if (gc.saved && gc.backend == Backend::kCuda) EXPECT_GT(saved_bytes, 0u);
+  if (gc.saved && (gc.backend == Backend::kCuda || (gc.backend == Backend::kFused && gc.config.world_size == 1)))
+    EXPECT_GT(saved_bytes, 0u);
   DeviceMemory saved(saved_bytes);
   if (saved_bytes) cudaMemset(saved.ptr, 0xff, saved_bytes);
   void* saved_ptr = saved_bytes ? saved.ptr : nullptr;
@@ -714,6 +715,25 @@ TEST(FusedKernel, StalledSchedulerIsReported) {
   }
   FusedOptionsScope sync({.sync_check = true});
   check_case(fused_case(c, 1000), test_seed() + 1);
+}
+
+// A training step on the fused backend at W = 1: the forward that keeps state for backward runs
+// the modular path (MoeLayer::saved_bytes > 0) and backward reads that state; output and every
+// gradient equal the oracle (with shared experts and biases, bf16 and fp32).
+TEST(FusedKernel, TrainingStepKeepsItsStateThroughTheModularForward) {
+  REQUIRE_GPU();
+  uint64_t n = 0;
+  for (DType dt : {DType::kBFloat16, DType::kFloat32}) {
+    MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, dt);
+    c.num_shared_experts = 1;
+    c.shared_ffn_size = 48;
+    c.expert_bias = true;
+    GpuCase gc = fused_case(c, 211);
+    gc.training = true;
+    gc.with_backward = true;
+    gc.saved = true;
+    check_case(gc, test_seed() + ++n);
+  }
 }
 
 // Shared experts in the fused kernel (segments of every rank over its own tokens, added by the

@@ -204,10 +204,11 @@ def test_fused_op_through_nccl_transport_of_a_one_rank_group(tmp_path):
 
 @pytest.mark.parametrize("shared", [0, 2])
 def test_module_backend_fused_equals_modular(shared):
-    # fusedmoe.MoE(backend="fused") on CUDA: the forward runs the persistent kernel (shared
-    # experts inside it), the backward the modular path; outputs and gradients equal the modular
-    # module's under the same routing (the modular module's, forced into the fused one: the two
-    # router GEMMs may round a near tie differently).
+    # fusedmoe.MoE(backend="fused") on CUDA: inference runs the persistent kernel (shared experts
+    # inside it); a training forward runs the modular path, which keeps the state its backward
+    # reuses. Outputs (both) and gradients equal the modular module's under the same routing (the
+    # modular module's, forced into the fused one: the two router GEMMs may round a near tie
+    # differently).
     results, forced = [], None
     for backend in ("cuda", "fused"):
         torch.manual_seed(0)
@@ -215,10 +216,13 @@ def test_module_backend_fused_equals_modular(shared):
                              dtype=torch.bfloat16, device="cuda", backend=backend)
         x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16, generator=torch.Generator(
             device="cuda").manual_seed(1)).requires_grad_(True)
+        with torch.no_grad():
+            y_inference = layer(x, forced_topk_idx=forced).float()
         y = layer(x, forced_topk_idx=forced)
         y.float().square().sum().backward()
         forced = layer.last_topk_idx.to(torch.int32)
-        results.append((y.detach().float(), x.grad.float(), layer.experts.w1.grad.float(), layer.last_topk_idx))
-    (y0, dx0, dw0, idx0), (y1, dx1, dw1, idx1) = results
+        results.append((y_inference, y.detach().float(), x.grad.float(), layer.experts.w1.grad.float(),
+                        layer.last_topk_idx))
+    (yi0, y0, dx0, dw0, idx0), (yi1, y1, dx1, dw1, idx1) = results
     assert torch.equal(idx0.long(), idx1.long())
-    assert rel(y1, y0) < 2e-2 and rel(dx1, dx0) < 2e-2 and rel(dw1, dw0) < 2e-2
+    assert rel(yi1, yi0) < 2e-2 and rel(y1, y0) < 2e-2 and rel(dx1, dx0) < 2e-2 and rel(dw1, dw0) < 2e-2

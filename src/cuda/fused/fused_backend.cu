@@ -692,6 +692,17 @@ class FusedBackendDispatch final : public BackendImpl {
   void forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& a, const std::vector<int64_t>& tpr,
                const ForwardOutputs& o) override {
     check(c, a);
+    if (o.saved != nullptr) {
+      // A training forward that keeps its state for backward (MoeLayer::saved_bytes > 0 only at
+      // W = 1): the modular forward writes that state; the fused kernel's intermediate rows are
+      // laid out per source and segment, not as backward reads them. Backward then reuses the
+      // state instead of recomputing the forward after the fused kernel (one forward less per
+      // step), and the output and the gradients come from the same forward.
+      FUSEDMOE_CHECK(c.world_size == 1, "fused backend: a forward that saves state for backward needs world_size = 1");
+      if (!modular_) modular_ = make_cuda_backend();
+      modular_->forward(c, w, a, tpr, o);
+      return;
+    }
     switch (c.dtype) {
       case DType::kFloat32: f32_.forward(c, w, a, tpr, o); break;
       case DType::kBFloat16: bf16_.forward(c, w, a, tpr, o); break;
