@@ -2,6 +2,8 @@
 // kernel, so that both compute exactly the same function of the fp32 accumulator.
 #pragma once
 
+#include <type_traits>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -109,6 +111,20 @@ __device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* ptr, fl
 template <>
 __device__ __forceinline__ void store_pair<__half>(__half* ptr, float x0, float x1) {
   *reinterpret_cast<__half2*>(ptr) = __floats2half2_rn(x0, x1);
+}
+
+// Store four consecutive elements with one vector store (ptr aligned to 4 * sizeof(T)); the
+// same rounding as store_pair.
+template <class T>
+__device__ __forceinline__ void store_quad(T* ptr, float x0, float x1, float x2, float x3) {
+  if constexpr (std::is_same_v<T, float>) {
+    *reinterpret_cast<float4*>(ptr) = make_float4(x0, x1, x2, x3);
+  } else {
+    uint2 bits;
+    store_pair(reinterpret_cast<T*>(&bits.x), x0, x1);
+    store_pair(reinterpret_cast<T*>(&bits.y), x2, x3);
+    *reinterpret_cast<uint2*>(ptr) = bits;
+  }
 }
 
 }  // namespace fusedmoe::cuda::epilogue_math

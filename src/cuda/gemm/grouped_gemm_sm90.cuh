@@ -767,13 +767,11 @@ __device__ __forceinline__ void store_tile_activation_backward(TileStore const& 
           d0[e] = dact[e] * ag.y * (gated ? to_float(up[e]) : 1.0f);
           d1[e] = dact[e] * ag.x;
         }
+        // One 8-B (16-bit types) store per half: 8 lanes write a row's 64-B segment in one
+        // instruction (as 4-B pairs, two instructions each wrote every other 4 B of it).
         T* dst = out + row * width + col;
-        store_pair(dst, d0[0], d0[1]);
-        store_pair(dst + 2, d0[2], d0[3]);
-        if constexpr (gated) {
-          store_pair(dst + n, d1[0], d1[1]);
-          store_pair(dst + n + 2, d1[2], d1[3]);
-        }
+        store_quad(dst, d0[0], d0[1], d0[2], d0[3]);
+        if constexpr (gated) store_quad(dst + n, d1[0], d1[1], d1[2], d1[3]);
       }
     }
     __syncwarp();
