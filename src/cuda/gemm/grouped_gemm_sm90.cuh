@@ -725,21 +725,32 @@ __device__ __forceinline__ void store_tile_activation_backward(TileStore const& 
   T* out = static_cast<T*>(params.c);
   constexpr int kChunks = Cfg::kOutBlockN / SS::kChunkCols;
   constexpr int kRegsPerChunk = 16;
-  CUTE_UNROLL
-  for (int chunk = 0; chunk < kChunks; ++chunk) {
-    if (col_base + chunk * SS::kChunkCols >= n) break;
-    // This lane's reads of the chunk, all in flight at once.
-    uint2 gate_raw[SS::kPasses], up_raw[SS::kPasses];
+  // This lane's reads of a chunk (all of them in flight at once), issued one chunk ahead: chunk
+  // c + 1's reads are in flight while chunk c is computed and stored.
+  uint2 gate_next[SS::kPasses], up_next[SS::kPasses];
+  auto issue_reads = [&](int chunk) {
     CUTE_UNROLL
     for (int pass = 0; pass < SS::kPasses; ++pass) {
       const int64_t row = tc.row_begin + warp_row0 + pass * SS::kRowsPerPass + lane / SS::kLanesPerRow;
       const int64_t col = col_base + chunk * SS::kChunkCols + (lane % SS::kLanesPerRow) * 4;
-      gate_raw[pass] = up_raw[pass] = make_uint2(0, 0);
+      gate_next[pass] = up_next[pass] = make_uint2(0, 0);
       if (row < tc.row_end && col < n) {
-        gate_raw[pass] = *reinterpret_cast<const uint2*>(input + row * width + col);
-        if constexpr (gated) up_raw[pass] = *reinterpret_cast<const uint2*>(input + row * width + col + n);
+        gate_next[pass] = *reinterpret_cast<const uint2*>(input + row * width + col);
+        if constexpr (gated) up_next[pass] = *reinterpret_cast<const uint2*>(input + row * width + col + n);
       }
     }
+  };
+  issue_reads(0);
+  CUTE_UNROLL
+  for (int chunk = 0; chunk < kChunks; ++chunk) {
+    if (col_base + chunk * SS::kChunkCols >= n) break;
+    uint2 gate_raw[SS::kPasses], up_raw[SS::kPasses];
+    CUTE_UNROLL
+    for (int pass = 0; pass < SS::kPasses; ++pass) {
+      gate_raw[pass] = gate_next[pass];
+      up_raw[pass] = up_next[pass];
+    }
+    if (chunk + 1 < kChunks) issue_reads(chunk + 1);
     CUTE_UNROLL
     for (int q = 0; q < kRegsPerChunk; q += 2) {
       const int i = chunk * kRegsPerChunk + q;
