@@ -70,21 +70,27 @@ inline cudaMemPool_t scratch_pool(int device) {
   return pools[device];
 }
 
-// Whether `device` is an sm_90 (Hopper) GPU, asked once per device (the backends ask before
-// every launch).
-inline bool device_is_sm90(int device) {
+// Facts of a device the backends ask before launches, queried once per device (each
+// attribute query costs driver time on the call's critical path).
+struct DeviceFacts {
+  bool sm90 = false;  // an sm_90 (Hopper) GPU
+  int sms = 0;        // multiprocessors
+};
+inline const DeviceFacts& device_facts(int device) {
   constexpr int kMaxDevices = 64;
-  static bool sm90[kMaxDevices] = {};
+  static DeviceFacts facts[kMaxDevices];
   static std::once_flag once[kMaxDevices];
   FUSEDMOE_CHECK(device >= 0 && device < kMaxDevices, "device " << device << ": at most " << kMaxDevices << " devices");
   std::call_once(once[device], [device] {
-    int major = 0, minor = 0;
+    int major = 0, minor = 0, sms = 0;
     FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-    sm90[device] = major == 9 && minor == 0;
+    FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    facts[device] = DeviceFacts{.sm90 = major == 9 && minor == 0, .sms = sms};
   });
-  return sm90[device];
+  return facts[device];
 }
+inline bool device_is_sm90(int device) { return device_facts(device).sm90; }
 
 // Stream-ordered scratch buffers from scratch_pool, freed in order at destruction. Capturable in
 // CUDA graphs (allocations become graph memory nodes). Requests up to kSmallBytes share slabs of

@@ -141,6 +141,23 @@ void run_grouped_wgrad(const GroupedWgradArgs& args, Scratch& scratch, cudaStrea
   }
 }
 
+// Split-K factor of the router logits GEMM (1 = none): 16-bit data whose logits fill at most a
+// quarter of the SMs with 128 x 128 tiles while H spans at least 8 slices of 256.
+template <class T>
+int router_splits(const MoeConfig& c, const MoeWeights& w, const T* x, int64_t Tn) {
+  if constexpr (!kIs16Bit<T>) {
+    return 1;
+  } else {
+    if (Tn == 0 || !aligned16(x) || !aligned16(w.gate_weight.data) || c.hidden_size % 8 != 0) return 1;
+    int device = 0;
+    FUSEDMOE_CUDA_CHECK(cudaGetDevice(&device));
+    const int64_t tiles = ceil_div(Tn, int64_t{128}) * ceil_div(c.num_experts, int64_t{128});
+    const int64_t sms = device_facts(device).sms;
+    if (tiles * 4 > sms || c.hidden_size < 8 * 256) return 1;
+    return static_cast<int>(std::min<int64_t>({sms / tiles, c.hidden_size / 256, 64}));
+  }
+}
+
 // Everything forward computes, kept for backward.
 template <class T>
 struct ForwardState {
@@ -287,6 +304,21 @@ void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& arg
     float* xr = st.router_input_f32;
     jitter_router_input<T>(x, xr, Tn, H, c.jitter_eps, args.seed, args.token_offset, stream);
     gemm<float, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, E, H, {xr, 0, H, 1}, gate_b, r.logits, 0, E);
+  } else if (const int splits = router_splits<T>(c, w, x, Tn); splits > 1) {
+    // Few row tiles (decode batches): one 128-row tile of all tokens would run all of H on a
+    // single SM (70 us for T 128, H 7168); split H over `splits` blocks into ordered fp32
+    // partials, summed in order (deterministic).
+    float* partials = s.alloc<float>(splits * Tn * E);
+    SimpleGemmParams p;
+    p.m = Tn; p.n = E; p.k = H;
+    p.a = x; p.a_sm = H; p.a_sk = 1;
+    p.b = w.gate_weight.data; p.b_sk = 1; p.b_sn = H;
+    p.c = partials; p.c_sm = E; p.c_sn = 1;
+    p.k_splits = splits;
+    p.c_split = Tn * E;
+    const bool launched = wmma_gemm<T, float>(p, stream);
+    FUSEDMOE_CHECK(launched, "internal: router logits layout");
+    sum_partials<float>(partials, splits, r.logits, Tn * E, stream);
   } else if (use_hopper_engine<T>(c, w) && Tn > 0 && E % 8 == 0 && aligned16(w.gate_weight.data)) {
     // One group of all tokens; Wg [E, H] is B stored K-major. fp32 logits.
     int64_t* all_rows = s.alloc<int64_t>(2);

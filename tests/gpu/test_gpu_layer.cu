@@ -410,6 +410,23 @@ TEST(GpuLayer, HopperWgradManyMaskedTiles) {
   check_case(gc, test_seed());
 }
 
+// Decode batches: the router logits GEMM split along H into ordered partials (few row tiles,
+// H >= 2048; a K tail in the last slice), forward and backward vs the oracle.
+TEST(GpuLayer, SplitRouterLogitsOnDecodeShapes) {
+  REQUIRE_GPU();
+  uint64_t n = 0;
+  for (DType dt : {DType::kBFloat16, DType::kFloat16})
+    for (int64_t tokens : {1, 128, 300}) {
+      GpuCase gc{.config = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, dt), .tokens = tokens};
+      gc.config.hidden_size = 2048 + 8;
+      gc.config.ffn_size = 128;
+      gc.config.num_experts = 32;
+      gc.config.top_k = 8;
+      gc.saved = (n % 2) == 0;
+      check_case(gc, test_seed() + ++n);
+    }
+}
+
 TEST(GpuLayer, ZeroTokens) {
   REQUIRE_GPU();
   GpuCase gc{.config = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kFloat32), .tokens = 0};
