@@ -7,7 +7,8 @@
 # gather → grouped GEMM → activation → grouped GEMM → weighted un-permute). Both run the same
 # layer as fusedmoe: same weights (w1 [E, H, N1], w2 [E, I, H]), same softmax top-k router.
 # Timing: CUDA events around each call, after warm-up, median over repetitions, cycling through
-# several input sets so caches do not flatter. Prints a table (ms, TFLOP/s, % of the bf16 peak
+# several input sets so caches do not flatter, the methods' repetitions interleaved so that none
+# meets a cooler GPU than the others. Prints a table (ms, TFLOP/s, % of the bf16 peak
 # measured in the same run, ratio to each baseline) and writes CSV and a PNG bar chart.
 from __future__ import annotations
 
@@ -137,20 +138,39 @@ def clear_grads(args) -> None:
 def time_ms(fn, input_sets, warmup=3, repeats=20) -> float:
     """Median milliseconds of fn(*inputs) with CUDA events, cycling through input sets; every
     repetition starts from an idle GPU with the inputs' gradients cleared."""
-    for i in range(warmup):
-        fn(*input_sets[i % len(input_sets)])
+    return time_interleaved_ms({"fn": fn}, input_sets, warmup, repeats)["fn"]
+
+
+def time_interleaved_ms(fns: dict, input_sets, warmup=3, repeats=20) -> dict:
+    """Median milliseconds of each fn in `fns` (name -> fn) with CUDA events, cycling through the
+    input sets; every repetition starts from an idle GPU with the inputs' gradients cleared. The
+    methods are interleaved: repetition i runs every method once, in an order rotated by i. Run one
+    method's repetitions after the other's and the first one meets a cooler GPU (a sustained
+    GEMM loop sits at the H100's power limit: mixtral's GEMM0 4.96 ms cold, 5.49 ms hot). A
+    method that raises during warm-up gets NaN (and a message)."""
+    live = {}
+    for name, fn in fns.items():
+        try:
+            for i in range(warmup):
+                fn(*input_sets[i % len(input_sets)])
+            live[name] = fn
+        except (RuntimeError, NotImplementedError) as error:
+            print(f"\n{name}: {str(error).splitlines()[0]}", file=sys.stderr)
     torch.cuda.synchronize()
-    times = []
+    times = {name: [] for name in live}
+    names = list(live)
     for i in range(repeats):
         args = input_sets[i % len(input_sets)]
-        clear_grads(args)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*args)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            clear_grads(args)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            live[name](*args)
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(times[name]) if name in times else float("nan") for name in fns}
 
 
 def measured_peak_tflops(dtype) -> float:
@@ -351,26 +371,22 @@ def main(argv=None) -> int:
     if not args.no_loop:
         methods.append(("torch loop", torch_loop))
     passes = ["forward"] + ([] if args.no_backward else ["forward+backward"])
-    total = len(problems) * len(methods) * len(passes)
+    total = len(problems) * len(passes)
     done = 0
     t0 = time.time()
     for p in problems:
         for pass_name in passes:
             with torch.no_grad() if pass_name == "forward" else torch.enable_grad():
                 inputs = make_inputs(p, sets=3, requires_grad=pass_name != "forward")
-                for method, fn in methods:
-                    done += 1
-                    print(f"\r[{done}/{total}] {p.name} {pass_name} {method} ... {time.time() - t0:.0f} s", end="",
-                          file=sys.stderr, flush=True)
-                    if p.dtype != "bf16" and method == "torch grouped_mm":
-                        ms = float("nan")  # _grouped_mm runs bf16 only
-                    else:
-                        try:
-                            run = fn if pass_name == "forward" else forward_backward(fn)
-                            ms = time_ms(run, inputs, repeats=args.repeats)
-                        except (RuntimeError, NotImplementedError) as error:
-                            print(f"\n{method} on {p.name}: {str(error).splitlines()[0]}", file=sys.stderr)
-                            ms = float("nan")
+                done += 1
+                print(f"\r[{done}/{total}] {p.name} {pass_name} ... {time.time() - t0:.0f} s", end="",
+                      file=sys.stderr, flush=True)
+                # The methods' repetitions interleaved (time_interleaved_ms); _grouped_mm runs bf16 only.
+                runs = {method: (fn if pass_name == "forward" else forward_backward(fn)) for method, fn in methods
+                        if not (p.dtype != "bf16" and method == "torch grouped_mm")}
+                timed = time_interleaved_ms(runs, inputs, repeats=args.repeats)
+                for method, _ in methods:
+                    ms = timed.get(method, float("nan"))
                     flops = p.flops() * (3 if pass_name != "forward" else 1)
                     rows.append(dict(config=p.name, pass_=pass_name, method=method, ms=ms,
                                      tflops=flops / ms / 1e9 if ms == ms else float("nan")))
