@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""scripts/host_trace.py — where the host time of one layer call goes (GPU machine).
+"""scripts/host_trace.py — the host latency one layer call exposes, and where it goes (GPU machine).
 
 For each config and path (fusedmoe modular / fused forward, modular forward+backward, the torch
-`_grouped_mm` pipeline), one call from an idle GPU under torch.profiler (CPU + CUDA activities):
-prints the call's host duration, the delay from the call's start to its first GPU kernel, the GPU
-idle time inside the call's GPU span, and the CUDA runtime/driver calls by total host time (each
-with count and the longest). Writes the chrome traces to OUT (default ./out/host_trace).
+`_grouped_mm` pipeline): the median time of a call from an idle GPU (as `fusedmoe bench` times
+it), of the same call queued behind a GPU sleep (the host enqueues meanwhile: GPU time only),
+their difference (the host latency the call exposes) and the call's host time. With --trace,
+also one call under torch.profiler (CPU + CUDA activities): the call's host duration, the delay
+to its first GPU kernel, the GPU idle time inside its GPU span, and the CUDA runtime/driver
+calls by total host time; the chrome traces go to $OUT/host_trace (default ./out/host_trace).
 
-  PYTHONPATH=python FUSEDMOE_OPS_LIBRARY=... python3 scripts/host_trace.py [config ...]
+  PYTHONPATH=python FUSEDMOE_OPS_LIBRARY=... python3 scripts/host_trace.py [--trace] [config ...]
 """
 from __future__ import annotations
 
@@ -91,7 +93,8 @@ def main() -> None:
     trace = "--trace" in args
     names = [a for a in args if not a.startswith("--")] or ["paper-64", "mixtral", "decode"]
     out_dir = os.environ.get("OUT", "out") + "/host_trace"
-    os.makedirs(out_dir, exist_ok=True)
+    if trace:
+        os.makedirs(out_dir, exist_ok=True)
     print(f"{'config':10s} {'path':16s} {'idle-start ms':>14s} {'queued ms':>10s} {'exposed host ms':>16s} {'host call ms':>13s}")
     for name in names:
         p = bench.Problem(name, *bench.STANDARD_CONFIGS[name])
