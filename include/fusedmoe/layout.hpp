@@ -6,6 +6,12 @@
 // offset computed on one rank addresses the same buffer on a peer.
 //
 // Sections of rank q's workspace (element = the layer's dtype; "rows" are H elements):
+//   launch_flags [max(W, 64)] uint64  {epoch:32 | 0}: launch_flags[s] is the last launch
+//               rank s finished. Before its dispatch writes into any peer's heap, a rank waits
+//               until every rank finished the previous launch, so that no rank consumes a
+//               flag (or rows) of a later launch while it still runs an earlier one. At offset 0:
+//               it never moves when the layout changes, so a new layout (whose flag sections
+//               are cleared) keeps it.
 //   recv_rows   [W sources][rows_per_source][H]   rows other ranks dispatched to q's experts.
 //               Within one source's block rows are ordered by q's local expert. Dropless: expert
 //               e_l starts at psum_{e' < e_l} count(source, e'), so the block needs at most
@@ -49,12 +55,13 @@ struct Section {
 struct WorkspaceLayout {
   static constexpr int64_t kAlignment = 256;  // TMA needs 16 B, swizzled tiles 128 B
   static constexpr int64_t kTaskBytes = 16;
+  static constexpr int64_t kMinLaunchSlots = 64;  // launch_flags slots of worlds up to 64 ranks
 
   LayoutParams p;
   int64_t rows_per_source = 0;
   int64_t m_tiles = 0;        // ceil(T_max / block_m): tiles of one (source, expert) or token range
   int64_t task_capacity = 0;  // worst-case number of tasks of one launch
-  Section recv_rows, recv_meta, recv_flags, hidden, ret_rows, ret_flags, counters, task_queue;
+  Section launch_flags, recv_rows, recv_meta, recv_flags, hidden, ret_rows, ret_flags, counters, task_queue;
   int64_t total_bytes = 0;
 
   FUSEDMOE_HD static int64_t align_up(int64_t value, int64_t alignment) {
@@ -85,6 +92,7 @@ struct WorkspaceLayout {
       return s;
     };
     const int64_t row_bytes = params.hidden_size * params.element_size;
+    l.launch_flags = take((params.world_size > kMinLaunchSlots ? params.world_size : kMinLaunchSlots) * 8);
     l.recv_rows = take(params.world_size * l.rows_per_source * row_bytes);
     l.recv_meta = take(params.world_size * l.rows_per_source * 4);
     l.recv_flags = take(params.world_size * params.max_local_experts * 8);
@@ -108,6 +116,7 @@ struct WorkspaceLayout {
   FUSEDMOE_HD int64_t recv_flag_index(int64_t source, int64_t local_expert) const {
     return source * p.max_local_experts + local_expert;
   }
+  FUSEDMOE_HD int64_t launch_flag_index(int64_t rank) const { return rank; }
   FUSEDMOE_HD int64_t ret_row(int64_t token_idx, int64_t choice) const {
     return token_idx * p.top_k + choice;
   }
@@ -129,5 +138,8 @@ FUSEDMOE_HD uint32_t flag_count(uint64_t flag) { return static_cast<uint32_t>(fl
 FUSEDMOE_HD bool epoch_reached(uint32_t seen, uint32_t expected) {
   return static_cast<int32_t>(seen - expected) >= 0;
 }
+// Epochs run 1, 2, ..., 0xffffffff, 1, ... (0 is fresh memory): the launch before `epoch`.
+// For epoch 1 that is 0xffffffff, which fresh memory (0) has reached too.
+FUSEDMOE_HD uint32_t previous_epoch(uint32_t epoch) { return epoch == 1u ? 0xffffffffu : epoch - 1u; }
 
 }  // namespace fusedmoe

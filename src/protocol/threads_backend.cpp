@@ -14,8 +14,14 @@
 //      rows, put every result row into s's ret_rows[token·k + j], then signal s's
 //      ret_flags[expert] = {ε, rows} (only for a non-empty segment: s waits only where it sent).
 //   3. combine: wait for ret_flags[e] of every expert r sent rows to, check the count, and sum.
-// Why no cycle of waits exists: phase 1 never waits; phase 2 waits only for phase-1 flags, which
-// every rank raises unconditionally before it waits on anything; phase 3 waits only for phase-2
+//   4. end: signal launch_flags[r] = {ε, 0} in every rank's heap. Step 1 starts by waiting until
+//      every rank's launch_flags entry in r's heap reached ε − 1: no rank may see a flag (or
+//      rows) of launch ε while it still runs launch ε − 1 (a rank that sent nothing to a slower
+//      peer would otherwise run ahead, and the peer's claim of (r, e) could read launch ε's
+//      count — with mixed epochs, dropless offsets from two launches).
+// Why no cycle of waits exists: phase 1 waits only for the end of the previous launch, which
+// never waits on this one; phase 2 waits only for phase-1 flags, which every rank raises
+// unconditionally before it waits on anything of this launch; phase 3 waits only for phase-2
 // signals, which depend on phase 1 alone. Every wait is bounded (ThreadsOptions::timeout) and a
 // failure aborts all ranks and is raised as a fusedmoe::Error naming rank, flag and values.
 #include "protocol/threads_backend.hpp"
@@ -104,6 +110,7 @@ class ThreadsBackend final : public BackendImpl {
     int64_t recv_flag_offset(int source, int64_t local) const {
       return layout.recv_flags.offset + 8 * layout.recv_flag_index(source, local);
     }
+    int64_t launch_flag_offset(int source) const { return layout.launch_flags.offset + 8 * layout.launch_flag_index(source); }
     int64_t ret_flag_offset(int64_t expert) const { return layout.ret_flags.offset + 8 * layout.ret_flag_index(expert, 0); }
 
     void rank_program(int rank) {
@@ -114,11 +121,27 @@ class ThreadsBackend final : public BackendImpl {
       // own rows at least, so the wrong output does not depend on thread timing); the rows
       // other ranks read race with these late puts (ThreadSanitizer reports it).
       const bool late_rows = options.flag_before_data;
-      if (sends) dispatch(rank, !late_rows, true);
-      const bool ok = experts(rank);
-      if (sends && late_rows) dispatch(rank, true, false);
-      if (!ok) return;
-      combine(rank);
+      bool ok = !sends || previous_launch_done(rank);
+      if (ok && sends) dispatch(rank, !late_rows, true);
+      ok = ok && experts(rank);
+      if (ok && sends && late_rows) dispatch(rank, true, false);
+      if (ok) combine(rank);
+      // The end of this launch, failed or not (a failed launch raises an error on the host; the
+      // next one must not wait for it). Planted fault unfinished_rank: never announced.
+      if (rank != options.unfinished_rank)
+        for (int q = 0; q < c.world_size; ++q)
+          transport.signal(q, launch_flag_offset(rank), make_flag(epoch, 0));
+    }
+
+    // Every rank finished the previous launch (the flags are in this rank's heap).
+    bool previous_launch_done(int rank) {
+      for (int q = 0; q < c.world_size; ++q) {
+        uint64_t flag = 0;
+        if (!transport.wait(rank, launch_flag_offset(q), previous_epoch(epoch),
+                            "the end of rank " + std::to_string(q) + "'s previous launch", options.timeout, &flag))
+          return false;
+      }
+      return true;
     }
 
     // Rows and their metadata into the owners' heaps (rows), then the owners' flags (flags).

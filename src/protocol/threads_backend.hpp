@@ -1,5 +1,5 @@
 // src/protocol/threads_backend.hpp — options of the CPU-threads protocol backend
-// (Backend::kThreads), for tests: the wait timeout and two planted faults.
+// (Backend::kThreads), for tests: the wait timeout and three planted faults.
 #pragma once
 
 #include <chrono>
@@ -10,6 +10,8 @@ struct ThreadsOptions {
   std::chrono::milliseconds timeout{5000};  // every bounded wait
   int silent_rank = -1;          // fault: this rank never dispatches (its peers must time out)
   bool flag_before_data = false; // fault: raise each dispatch flag before writing its rows
+  int unfinished_rank = -1;      // fault: this rank never announces the end of its launch (every
+                                 // rank's next launch must time out waiting for it)
 };
 
 // Process-wide; read at the start of every forward.

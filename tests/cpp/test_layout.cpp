@@ -12,7 +12,7 @@ namespace fusedmoe {
 namespace {
 
 std::vector<Section> sections(const WorkspaceLayout& l) {
-  return {l.recv_rows, l.recv_meta, l.recv_flags, l.hidden, l.ret_rows, l.ret_flags, l.counters, l.task_queue};
+  return {l.launch_flags, l.recv_rows, l.recv_meta, l.recv_flags, l.hidden, l.ret_rows, l.ret_flags, l.counters, l.task_queue};
 }
 
 LayoutParams params(int64_t world, int64_t local, int64_t k, int64_t tokens, int64_t capacity) {
@@ -42,6 +42,8 @@ TEST(Layout, SectionSizes) {
   EXPECT_EQ(l.recv_rows.bytes, 4 * 200 * 48 * 2);
   EXPECT_EQ(l.recv_meta.bytes, 4 * 200 * 4);
   EXPECT_EQ(l.recv_flags.bytes, 4 * 3 * 8);
+  EXPECT_EQ(l.launch_flags.offset, 0);
+  EXPECT_EQ(l.launch_flags.bytes, 64 * 8);
   EXPECT_EQ(l.hidden.bytes, 4 * 200 * 80 * 2);
   EXPECT_EQ(l.ret_rows.bytes, 100 * 2 * 48 * 2);
   EXPECT_EQ(l.m_tiles, 2);
@@ -50,6 +52,22 @@ TEST(Layout, SectionSizes) {
   EXPECT_EQ(capped.rows_per_source, 3 * 20);
   WorkspaceLayout k_above_local = WorkspaceLayout::make(params(4, 1, 4, 10, 0));
   EXPECT_EQ(k_above_local.rows_per_source, 10);  // a token sends one row per local expert at most
+}
+
+// The launch flags stay where they are whatever the problem (a new layout clears the other flag
+// sections but must keep the record of the last finished launch), and fit every rank.
+TEST(Layout, LaunchFlagsNeverMove) {
+  for (auto p : {params(1, 8, 2, 1000, 0), params(8, 4, 8, 333, 0), params(4, 2, 2, 17, 20), params(100, 1, 1, 3, 0)}) {
+    const WorkspaceLayout l = WorkspaceLayout::make(p);
+    EXPECT_EQ(l.launch_flags.offset, 0);
+    EXPECT_GE(l.launch_flags.bytes, 8 * p.world_size);
+    EXPECT_LE(l.launch_flags.bytes, l.recv_rows.offset);
+  }
+  EXPECT_EQ(previous_epoch(2), 1u);
+  EXPECT_EQ(previous_epoch(1), 0xffffffffu);  // epochs skip 0
+  EXPECT_TRUE(epoch_reached(0, previous_epoch(1)));  // fresh memory passes the first launch's gate
+  EXPECT_TRUE(epoch_reached(0xffffffffu, previous_epoch(1)));  // and so does the launch before a wrap
+  EXPECT_FALSE(epoch_reached(6, previous_epoch(8)));
 }
 
 // Worst case: every slot the router can produce lands inside the source's block, and distinct

@@ -1,8 +1,8 @@
 // tests/cpp/test_protocol.cpp — the fused layer's protocol on CPU threads (Backend::kThreads):
 // equal to the CPU oracle for W ∈ {1, 2, 4, 8} with skewed routing, zero-token experts, capacity
 // overflow and uneven token splits; back-to-back launches with epoch flags and no reset; a rank
-// that never sends is reported within the timeout; the planted "flag before data" ordering is
-// caught. Also built with -fsanitize=thread (target fusedmoe_protocol_tsan).
+// that never sends, or whose previous launch never ended, is reported within the timeout; the
+// planted "flag before data" ordering is caught. Also built with -fsanitize=thread (target fusedmoe_protocol_tsan).
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -110,6 +110,38 @@ TEST(Protocol, SilentRankIsReportedWithinTimeout) {
     EXPECT_NE(message.find("expected epoch"), std::string::npos) << message;
   }
   EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 5.0);
+}
+
+// A rank whose previous launch never announced its end (planted fault) holds every rank's
+// next dispatch: the wait is bounded and names that rank; the launch after is correct again.
+TEST(Protocol, UnfinishedPreviousLaunchIsReported) {
+  MoeConfig c = world_config(4);
+  HostWeights w = HostWeights::random(c, test_seed());
+  MoeLayer threads(c, w.views(), Backend::kThreads), oracle(c, w.views(), Backend::kCpu);
+  Inputs in = make_inputs(c, 40, test_seed());
+  HostTensor expected = poisoned(c.dtype, {40, c.hidden_size});
+  oracle.forward(forward_args(in), {.y = expected.view()});
+  auto forward = [&] {
+    HostTensor y = poisoned(c.dtype, {40, c.hidden_size});
+    threads.forward(forward_args(in), {.y = y.view()});
+    return relative_error(y, expected);
+  };
+  {
+    OptionsScope scope({.timeout = std::chrono::milliseconds(300), .unfinished_rank = 1});
+    EXPECT_LE(forward(), 1e-12);  // the launch itself is complete; only its end is not announced
+  }
+  OptionsScope scope({.timeout = std::chrono::milliseconds(300)});
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    forward();
+    FAIL() << "the next launch must wait for rank 1's previous one and time out";
+  } catch (const Error& e) {
+    const std::string message = e.what();
+    EXPECT_NE(message.find("timed out"), std::string::npos) << message;
+    EXPECT_NE(message.find("end of rank 1's previous launch"), std::string::npos) << message;
+  }
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 5.0);
+  EXPECT_LE(forward(), 1e-12);
 }
 
 TEST(Protocol, FlagBeforeDataIsCaught) {

@@ -75,6 +75,7 @@ const char* what_name(uint32_t what) {
     case kTaskRing: return "scheduler's task ring";
     case kPipelineStage: return "TMA pipeline stage";
     case kSharedTiles: return "shared experts' GEMM1 tiles";
+    case kLaunchFlag: return "end of the previous launch";
   }
   return "?";
 }
@@ -92,7 +93,7 @@ std::string describe(const ErrorRecord& e) {
   if (e.what == kReturnFlag) os << " of expert " << e.a;
   if (e.what == kQueueSlot || e.what == kTaskRing) os << " " << e.a;
   if (e.what == kPipelineStage) os << (e.a == 0 ? " (consumer wait)" : " (producer acquire)");
-  if (e.what == kRankBarrier || e.what == kSharedTiles) os << " of rank " << e.a;
+  if (e.what == kRankBarrier || e.what == kSharedTiles || e.what == kLaunchFlag) os << " of rank " << e.a;
   if (e.what == kTaskRing || e.what == kPipelineStage)
     os << " (phase " << e.expected << ")";
   else if (e.what == kRankBarrier || e.what == kQueueSlot || e.what == kSharedTiles)
@@ -504,6 +505,7 @@ class FusedBackend {
     p.silent_rank = options.silent_rank;
     p.flag_before_data = options.flag_before_data;
     p.drop_shared_tiles = options.drop_shared_tiles;
+    p.unfinished_rank = options.unfinished_rank;
     p.stall = options.stall;
 
     bool timeline = false;

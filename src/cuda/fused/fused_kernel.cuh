@@ -41,6 +41,13 @@
 // Epochs: the epoch of a launch is (device epoch word) + 1, read by every block at entry; the
 // last block to finish resets the per-rank control words and bumps the epoch word, so
 // back-to-back launches and CUDA-graph replays need no reset kernel and no host argument.
+// Launches: that last block also raises launch_flags[s] = {epoch, 0} in every rank's heap for
+// each rank s of the grid, and P2 starts by waiting until every rank's entry in its own heap
+// reached the previous epoch. With real ranks (one grid per GPU) a rank that sent nothing to a
+// slower peer could otherwise start the next launch and raise that peer's dispatch flags while
+// the peer still claims segments of the current one (reading the next launch's count, and in
+// dropless mode offsets mixed from two launches). No cycle: launch n + 1 waits on the end of
+// launch n, which never waits on launch n + 1. With emulated ranks the wait passes at once.
 //
 // Engines (who runs P3's tiles): the portable engine here — 128 x 128 x 64 tiles on mma.sync
 // (nvcuda::wmma; fp32 data as TF32; gated tiles interleave gate and up columns per 16), 8 warps
@@ -78,7 +85,8 @@ enum WaitWhat : uint32_t {
   kDispatchFlag = 1, kReturnFlag = 2, kRankBarrier = 3, kQueueSlot = 4,
   kTaskRing = 5,      // Hopper engine: a task ring slot (a = 0, 1: scheduler -> consumers; 2, 3: consumers -> finisher)
   kPipelineStage = 6,  // Hopper engine: a TMA stage (a = 0 consumer wait, 1 producer acquire)
-  kSharedTiles = 7     // combine: the rank's shared-expert GEMM1 tiles (a = rank)
+  kSharedTiles = 7,    // combine: the rank's shared-expert GEMM1 tiles (a = rank)
+  kLaunchFlag = 8      // dispatch: the end of rank a's previous launch
 };
 
 struct ErrorRecord {
@@ -210,6 +218,7 @@ struct Params {
   int silent_rank;
   bool flag_before_data;
   bool drop_shared_tiles;  // FusedOptions::drop_shared_tiles
+  int unfinished_rank;     // FusedOptions::unfinished_rank
   int stall;  // FusedOptions::Stall (Hopper engine, block 0)
 };
 
@@ -262,6 +271,10 @@ struct Ctx {
     return reinterpret_cast<uint64_t*>(heap(owner) + p.layout.recv_flags.offset) +
            p.layout.recv_flag_index(source, local);
   }
+  // In rank q's heap: the epoch of the last launch rank s finished.
+  __device__ uint64_t* launch_flag(int q, int s) const {
+    return reinterpret_cast<uint64_t*>(heap(q) + p.layout.launch_flags.offset) + p.layout.launch_flag_index(s);
+  }
   __device__ uint64_t* ret_flag(int source, int expert) const {
     return reinterpret_cast<uint64_t*>(heap(source) + p.layout.ret_flags.offset) + p.layout.ret_flag_index(expert, 0);
   }
@@ -288,10 +301,14 @@ struct Ctx {
 
   // Acquire-waits until the flag's epoch reaches this launch's; false on timeout or abort.
   __device__ bool wait_flag(const uint64_t* flag, uint64_t* value, uint32_t what, int64_t a, int64_t b) const {
+    return wait_epoch(flag, epoch, value, what, a, b);
+  }
+  __device__ bool wait_epoch(const uint64_t* flag, uint32_t expected, uint64_t* value, uint32_t what, int64_t a,
+                             int64_t b) const {
     const uint64_t start = global_ns();
     for (uint32_t spins = 0;; ++spins) {
       const uint64_t v = ld_acquire_sys(flag);
-      if (epoch_reached(flag_epoch(v), epoch)) {
+      if (epoch_reached(flag_epoch(v), expected)) {
         *value = v;
         return true;
       }
@@ -299,7 +316,7 @@ struct Ctx {
         if (aborted()) return false;
         const uint64_t waited = global_ns() - start;
         if (waited > p.timeout_ns) {
-          fail(kTimeout, what, a, b, epoch, v, waited);
+          fail(kTimeout, what, a, b, expected, v, waited);
           return false;
         }
         __nanosleep(64);
@@ -803,6 +820,14 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
   // chunk's slots (cheap) and copies every parts-th group of kWarps rows, so the copies of a
   // small batch run on all of the rank's SMs rather than on one.
   const int64_t parts = chunks < ctx.blocks_per_rank ? ctx.blocks_per_rank / chunks : 1;
+  // Nothing goes into a peer's heap before every rank finished the previous launch (see the
+  // file comment, "Launches").
+  for (int q = threadIdx.x; q < p.world; q += kThreads) {
+    uint64_t seen = 0;
+    ctx.wait_epoch(ctx.launch_flag(r, q), previous_epoch(ctx.epoch), &seen, kLaunchFlag, q, 0);
+  }
+  team_sync();
+  if (ctx.aborted()) return;
   for (int64_t u = ctx.local_block; u < chunks * parts; u += ctx.blocks_per_rank) {
     const int64_t c = u % chunks, part = u / chunks;
     const bool lead = part == 0;  // the chunk's first part writes the chunk-wide results
@@ -1465,6 +1490,12 @@ __device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char*
       *p.blocks_done = 0;
       __threadfence();
       *reinterpret_cast<volatile uint32_t*>(p.epoch_word) = epoch;
+      // This grid's ranks announce the end of the launch in every rank's heap (failed or not: a
+      // failure is raised on the host, and the next launch must not wait for this one).
+      __threadfence_system();
+      for (int s = p.rank_base; s < p.rank_base + p.grid_ranks; ++s)
+        if (s != p.unfinished_rank)
+          for (int q = 0; q < p.world; ++q) st_release_sys(ctx.launch_flag(q, s), make_flag(epoch, 0));
     }
   }
 }

@@ -20,6 +20,8 @@ struct FusedOptions {
   bool flag_before_data = false;  // fault: raise every dispatch flag before writing the rows
   bool drop_shared_tiles = false; // fault: shared-expert GEMM1 tiles are never counted (the
                                   // combine's wait for them must time out)
+  int unfinished_rank = -1;       // fault: this rank never announces the end of the launch (every
+                                  // rank's next launch must time out waiting for it)
   // Faults of the Hopper engine's in-block waits: kStallScheduler — the scheduler thread of
   // block 0 never publishes a task (its consumers' task-ring wait must time out);
   // kStallProducer — every block's scheduler publishes its first task but never loads its
