@@ -26,6 +26,22 @@
 //   ret_flags   [E][m_tiles] uint64 epoch flags, one per returned tile of BLOCK_M rows.
 //   counters    [W][E_local][m_tiles] uint32 tile-completion counters (scratch).
 //   task_queue  [task_capacity] 16-byte task records + head/tail words.
+//
+// Peers outside the load/store team (other nodes) are reached through GIN puts of registered
+// memory, so a world with such peers (LayoutParams::gin) adds, for the rows and flags that
+// would otherwise be stored straight into the peer's heap:
+//   gin_sent    [W peers][kGinSlots] uint64  (right after launch_flags: it never moves either)
+//               the value each signal of that peer last got from this rank. Signals only add,
+//               so a flag word f is published as SignalAdd(f - last) and the peer's signal
+//               then reads exactly f: dispatch, return and launch flags keep their
+//               {epoch | count} meaning. Each signal has one writer (ids: gin_*_signal).
+//   out_rows    [W owners][rows_per_source][H]  rows for owner q at the within-source index
+//   out_meta    [W owners][rows_per_source]     they will have in q's recv_rows / recv_meta;
+//               one put per (owner, local expert) segment moves both.
+//   out_ret     [W sources][rows_per_source][H] results of received rows, at their recv_rows
+//               index (in segment order, not scattered by token), one put per segment into
+//   ret_recv    [W owners][rows_per_source][H]  the source's block of this owner, at the index
+//               the source's dispatch gave the row (combine reads (t, j) there).
 #pragma once
 
 #include <cstdint>
@@ -45,6 +61,7 @@ struct LayoutParams {
   int64_t capacity = 0;            // rows per (source, expert); 0 = dropless
   int64_t element_size = 4;        // bytes of the layer's dtype
   int64_t block_m = 128;           // rows per tile
+  bool gin = false;                // some peers are reached through GIN (see the file comment)
 };
 
 struct Section {
@@ -56,12 +73,17 @@ struct WorkspaceLayout {
   static constexpr int64_t kAlignment = 256;  // TMA needs 16 B, swizzled tiles 128 B
   static constexpr int64_t kTaskBytes = 16;
   static constexpr int64_t kMinLaunchSlots = 64;  // launch_flags slots of worlds up to 64 ranks
+  // GIN signal ids, per rank: [W sources][kGinLocal] dispatch, [W owners][kGinLocal] return,
+  // [W] launch. Fixed per (writer, slot) whatever the config, so a signal never changes writer.
+  static constexpr int64_t kGinLocal = 256;       // local experts of a rank (E <= 256)
+  static constexpr int64_t kGinSlots = 2 * kGinLocal + 1;  // signals one rank writes on one peer
 
   LayoutParams p;
   int64_t rows_per_source = 0;
   int64_t m_tiles = 0;        // ceil(T_max / block_m): tiles of one (source, expert) or token range
   int64_t task_capacity = 0;  // worst-case number of tasks of one launch
-  Section launch_flags, recv_rows, recv_meta, recv_flags, hidden, ret_rows, ret_flags, counters, task_queue;
+  Section launch_flags, gin_sent, recv_rows, recv_meta, recv_flags, hidden, ret_rows, ret_flags, counters, task_queue;
+  Section out_rows, out_meta, out_ret, ret_recv;  // GIN only (bytes 0 otherwise)
   int64_t total_bytes = 0;
 
   FUSEDMOE_HD static int64_t align_up(int64_t value, int64_t alignment) {
@@ -93,6 +115,7 @@ struct WorkspaceLayout {
     };
     const int64_t row_bytes = params.hidden_size * params.element_size;
     l.launch_flags = take((params.world_size > kMinLaunchSlots ? params.world_size : kMinLaunchSlots) * 8);
+    l.gin_sent = take(params.gin ? params.world_size * kGinSlots * 8 : 0);
     l.recv_rows = take(params.world_size * l.rows_per_source * row_bytes);
     l.recv_meta = take(params.world_size * l.rows_per_source * 4);
     l.recv_flags = take(params.world_size * params.max_local_experts * 8);
@@ -101,6 +124,11 @@ struct WorkspaceLayout {
     l.ret_flags = take(params.num_experts * l.m_tiles * 8);
     l.counters = take(params.world_size * params.max_local_experts * l.m_tiles * 4);
     l.task_queue = take(l.task_capacity * kTaskBytes + 16);
+    const int64_t block_rows = params.gin ? params.world_size * l.rows_per_source : 0;
+    l.out_rows = take(block_rows * row_bytes);
+    l.out_meta = take(block_rows * 4);
+    l.out_ret = take(block_rows * row_bytes);
+    l.ret_recv = take(block_rows * row_bytes);
     l.total_bytes = cursor;
     return l;
   }
@@ -117,6 +145,38 @@ struct WorkspaceLayout {
     return source * p.max_local_experts + local_expert;
   }
   FUSEDMOE_HD int64_t launch_flag_index(int64_t rank) const { return rank; }
+
+  // GIN signal ids on a rank: the dispatch flag of (source, local expert), the return flag of
+  // (owner, local expert) — one per expert, its owner the writer — and the launch flag of a rank.
+  FUSEDMOE_HD int64_t gin_dispatch_signal(int64_t source, int64_t local_expert) const {
+    return source * kGinLocal + local_expert;
+  }
+  FUSEDMOE_HD int64_t gin_return_signal(int64_t owner, int64_t local_expert) const {
+    return (p.world_size + owner) * kGinLocal + local_expert;
+  }
+  FUSEDMOE_HD int64_t gin_launch_signal(int64_t rank) const { return 2 * p.world_size * kGinLocal + rank; }
+  FUSEDMOE_HD static int64_t gin_signal_count(int64_t world_size) { return world_size * kGinSlots; }
+  // Where the writer keeps the last value it gave signal `signal` of `peer` (index into gin_sent
+  // in uint64 words). The writer of a signal is fixed by its id, so the slot is its id's offset
+  // within the writer's share: dispatch slot = local expert, return slot = kGinLocal + local,
+  // launch slot = 2 kGinLocal.
+  FUSEDMOE_HD int64_t gin_sent_dispatch(int64_t owner, int64_t local_expert) const {
+    return owner * kGinSlots + local_expert;
+  }
+  FUSEDMOE_HD int64_t gin_sent_return(int64_t source, int64_t local_expert) const {
+    return source * kGinSlots + kGinLocal + local_expert;
+  }
+  FUSEDMOE_HD int64_t gin_sent_launch(int64_t peer) const { return peer * kGinSlots + 2 * kGinLocal; }
+  // Index (rows) in out_rows / out_meta of a row headed for recv_rows row `recv_index` of
+  // `owner`, sent by `source`: the owner's block becomes the first index.
+  FUSEDMOE_HD int64_t out_row(int64_t owner, int64_t source, int64_t recv_index) const {
+    return owner * rows_per_source + (recv_index - source * rows_per_source);
+  }
+  // Index (rows) in the source's ret_recv of a result computed by `owner` for the row that sits
+  // at `recv_index` of the owner's recv_rows (source's block).
+  FUSEDMOE_HD int64_t ret_recv_row(int64_t owner, int64_t source, int64_t recv_index) const {
+    return out_row(owner, source, recv_index);  // the same exchange of blocks, the other way
+  }
   FUSEDMOE_HD int64_t ret_row(int64_t token_idx, int64_t choice) const {
     return token_idx * p.top_k + choice;
   }

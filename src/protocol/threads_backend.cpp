@@ -19,6 +19,14 @@
 //      rows) of launch ε while it still runs launch ε − 1 (a rank that sent nothing to a slower
 //      peer would otherwise run ahead, and the peer's claim of (r, e) could read launch ε's
 //      count — with mixed epochs, dropless offsets from two launches).
+// Peers on other nodes (ThreadsOptions::lsa_size > 0: teams of lsa_size consecutive ranks load
+// and store into each other's heaps, other teams are reached as NCCL GIN reaches them): rows
+// and results are staged in the sender's own heap (out_rows / out_meta / out_ret at the index
+// they will have at the receiver, layout.hpp) and moved by one put per segment, and every flag
+// word f becomes a signal add of f minus the value this rank last gave that signal (gin_sent),
+// so that the receiver's signal reads f — the same {epoch | count} word as a flag. Results of
+// such a peer arrive in segment order in ret_recv, where the combine finds (t, j) at the index
+// its dispatch gave the row.
 // Why no cycle of waits exists: phase 1 waits only for the end of the previous launch, which
 // never waits on this one; phase 2 waits only for phase-1 flags, which every rank raises
 // unconditionally before it waits on anything of this launch; phase 3 waits only for phase-2
@@ -79,8 +87,11 @@ class ThreadsBackend final : public BackendImpl {
     const ThreadsOptions options = threads_options();
     const cpu::Routing routing = cpu::route(c, w, args, tokens_per_rank);
     const int64_t max_tokens = *std::max_element(tokens_per_rank.begin(), tokens_per_rank.end());
-    const WorkspaceLayout layout = WorkspaceLayout::make(make_plan(c, max_tokens, DeviceInfo{}).layout);
-    if (transport_.ensure(c.world_size, layout.total_bytes)) epoch_ = 0;
+    LayoutParams params = make_plan(c, max_tokens, DeviceInfo{}).layout;
+    params.gin = options.lsa_size > 0 && options.lsa_size < c.world_size;
+    const WorkspaceLayout layout = WorkspaceLayout::make(params);
+    const int64_t signals = params.gin ? WorkspaceLayout::gin_signal_count(c.world_size) : 0;
+    if (transport_.ensure(c.world_size, layout.total_bytes, signals)) epoch_ = 0;
     if (++epoch_ == 0) ++epoch_;  // epoch 0 is the state of fresh memory
     transport_.reset_errors();
     Launch<T> launch{c, w, args, routing, layout, options, epoch_, transport_, typed_mut<T>(out.y)};
@@ -110,6 +121,17 @@ class ThreadsBackend final : public BackendImpl {
     int64_t recv_flag_offset(int source, int64_t local) const {
       return layout.recv_flags.offset + 8 * layout.recv_flag_index(source, local);
     }
+    // Whether ranks a and b are in different load/store teams (GIN between them).
+    bool remote(int a, int b) const { return options.lsa_size > 0 && a / options.lsa_size != b / options.lsa_size; }
+    // Puts `bytes` from this rank's heap to `peer`'s, then publishes flag word `flag` on the
+    // peer's signal `signal` (whose last value from this rank is gin_sent[sent_slot]).
+    void gin_publish(int rank, int peer, int64_t signal, int64_t sent_slot, uint64_t flag, int64_t dst_offset = 0,
+                     int64_t src_offset = 0, int64_t bytes = 0) {
+      uint64_t* last = transport.at<uint64_t>(rank, layout.gin_sent.offset) + sent_slot;
+      const uint64_t add = flag - *last;
+      *last = flag;
+      transport.gin_put(peer, dst_offset, rank, src_offset, static_cast<size_t>(bytes), signal, add);
+    }
     int64_t launch_flag_offset(int source) const { return layout.launch_flags.offset + 8 * layout.launch_flag_index(source); }
     int64_t ret_flag_offset(int64_t expert) const { return layout.ret_flags.offset + 8 * layout.ret_flag_index(expert, 0); }
 
@@ -129,17 +151,24 @@ class ThreadsBackend final : public BackendImpl {
       // The end of this launch, failed or not (a failed launch raises an error on the host; the
       // next one must not wait for it). Planted fault unfinished_rank: never announced.
       if (rank != options.unfinished_rank)
-        for (int q = 0; q < c.world_size; ++q)
-          transport.signal(q, launch_flag_offset(rank), make_flag(epoch, 0));
+        for (int q = 0; q < c.world_size; ++q) {
+          if (remote(rank, q))
+            gin_publish(rank, q, layout.gin_launch_signal(rank), layout.gin_sent_launch(q), make_flag(epoch, 0));
+          else
+            transport.signal(q, launch_flag_offset(rank), make_flag(epoch, 0));
+        }
     }
 
     // Every rank finished the previous launch (the flags are in this rank's heap).
     bool previous_launch_done(int rank) {
       for (int q = 0; q < c.world_size; ++q) {
         uint64_t flag = 0;
-        if (!transport.wait(rank, launch_flag_offset(q), previous_epoch(epoch),
-                            "the end of rank " + std::to_string(q) + "'s previous launch", options.timeout, &flag))
-          return false;
+        const std::string what = "the end of rank " + std::to_string(q) + "'s previous launch";
+        const bool ok = remote(rank, q) ? transport.wait_signal(rank, layout.gin_launch_signal(q), previous_epoch(epoch),
+                                                                what, options.timeout, &flag)
+                                        : transport.wait(rank, launch_flag_offset(q), previous_epoch(epoch), what,
+                                                         options.timeout, &flag);
+        if (!ok) return false;
       }
       return true;
     }
@@ -157,15 +186,35 @@ class ThreadsBackend final : public BackendImpl {
             const int64_t e = r.idx[i];
             const int owner = c.expert_rank(e);
             const int64_t row = layout.recv_row(rank, c.expert_local_index(e), psum_before[static_cast<size_t>(e)], r.slot[i]);
-            transport.put(owner, layout.recv_rows.offset + row * row_bytes(), x + t * H, static_cast<size_t>(row_bytes()));
             const int32_t meta = static_cast<int32_t>((t - r.rank_begin[rank]) * k + j);
+            if (remote(rank, owner)) {  // staged in this rank's heap, put with the flag
+              const int64_t out = layout.out_row(owner, rank, row);
+              transport.put(rank, layout.out_rows.offset + out * row_bytes(), x + t * H, static_cast<size_t>(row_bytes()));
+              transport.put(rank, layout.out_meta.offset + out * 4, &meta, 4);
+              continue;
+            }
+            transport.put(owner, layout.recv_rows.offset + row * row_bytes(), x + t * H, static_cast<size_t>(row_bytes()));
             transport.put(owner, layout.recv_meta.offset + row * 4, &meta, 4);
           }
       };
       auto raise_flags = [&] {
-        for (int64_t e = 0; e < E; ++e)
-          transport.signal(c.expert_rank(e), recv_flag_offset(rank, c.expert_local_index(e)),
-                           make_flag(epoch, static_cast<uint32_t>(r.kept_count[static_cast<size_t>(rank * E + e)])));
+        for (int64_t e = 0; e < E; ++e) {
+          const int owner = c.expert_rank(e);
+          const int64_t local = c.expert_local_index(e), count = r.kept_count[static_cast<size_t>(rank * E + e)];
+          const uint64_t flag = make_flag(epoch, static_cast<uint32_t>(count));
+          if (!remote(rank, owner)) {
+            transport.signal(owner, recv_flag_offset(rank, local), flag);
+            continue;
+          }
+          // The segment's rows, then its metadata with the signal (visible after both puts).
+          const int64_t first = layout.recv_row(rank, local, psum_before[static_cast<size_t>(e)], 0);
+          const int64_t out = layout.out_row(owner, rank, first);
+          transport.gin_put(owner, layout.recv_rows.offset + first * row_bytes(), rank,
+                            layout.out_rows.offset + out * row_bytes(), static_cast<size_t>(count * row_bytes()),
+                            layout.gin_dispatch_signal(rank, local), 0);
+          gin_publish(rank, owner, layout.gin_dispatch_signal(rank, local), layout.gin_sent_dispatch(owner, local), flag,
+                      layout.recv_meta.offset + first * 4, layout.out_meta.offset + out * 4, count * 4);
+        }
       };
       if (rows) send_rows();
       if (flags) raise_flags();
@@ -181,10 +230,12 @@ class ThreadsBackend final : public BackendImpl {
         for (int64_t local = 0; local < c.num_local_experts(rank); ++local) {
           const int64_t e = c.global_expert(rank, local);
           uint64_t flag = 0;
-          if (!transport.wait(rank, recv_flag_offset(source, local), epoch,
-                              "dispatch flag (source " + std::to_string(source) + ", local expert " +
-                                  std::to_string(local) + ")",
-                              options.timeout, &flag))
+          const std::string what = "dispatch flag (source " + std::to_string(source) + ", local expert " +
+                                   std::to_string(local) + ")";
+          const bool far = remote(rank, source);
+          if (!(far ? transport.wait_signal(rank, layout.gin_dispatch_signal(source, local), epoch, what,
+                                            options.timeout, &flag)
+                    : transport.wait(rank, recv_flag_offset(source, local), epoch, what, options.timeout, &flag)))
             return false;
           const int64_t count = flag_count(flag);
           const int64_t first = layout.recv_row(source, local, psum, 0);
@@ -198,11 +249,20 @@ class ThreadsBackend final : public BackendImpl {
                          pre.data(), act.data());
           cpu::ffn_down<T>(shape, count, act.data(), cpu::typed<T>(w.w2) + e * I * H, cpu::ptr_or_null<T>(w.b2, e * H),
                            rows_out.data());
+          const uint64_t done = make_flag(epoch, static_cast<uint32_t>(count));
+          if (far) {  // in segment order into out_ret, one put into the source's ret_recv
+            transport.put(rank, layout.out_ret.offset + first * row_bytes(), rows_out.data(),
+                          static_cast<size_t>(count * row_bytes()));
+            gin_publish(rank, source, layout.gin_return_signal(rank, local), layout.gin_sent_return(source, local), done,
+                        layout.ret_recv.offset + layout.ret_recv_row(rank, source, first) * row_bytes(),
+                        layout.out_ret.offset + first * row_bytes(), count * row_bytes());
+            continue;
+          }
           const int32_t* meta = transport.at<int32_t>(rank, layout.recv_meta.offset) + first;
           for (int64_t row = 0; row < count; ++row)
             transport.put(source, layout.ret_rows.offset + meta[row] * row_bytes(), &rows_out[static_cast<size_t>(row * H)],
                           static_cast<size_t>(row_bytes()));
-          transport.signal(source, ret_flag_offset(e), make_flag(epoch, static_cast<uint32_t>(count)));
+          transport.signal(source, ret_flag_offset(e), done);
         }
       }
       return true;
@@ -214,8 +274,11 @@ class ThreadsBackend final : public BackendImpl {
         const int64_t expected = r.kept_count[static_cast<size_t>(rank * E + e)];
         if (expected == 0) continue;
         uint64_t flag = 0;
-        if (!transport.wait(rank, ret_flag_offset(e), epoch, "return flag of expert " + std::to_string(e),
-                            options.timeout, &flag))
+        const int owner = c.expert_rank(e);
+        const std::string what = "return flag of expert " + std::to_string(e);
+        if (!(remote(rank, owner) ? transport.wait_signal(rank, layout.gin_return_signal(owner, c.expert_local_index(e)),
+                                                          epoch, what, options.timeout, &flag)
+                                  : transport.wait(rank, ret_flag_offset(e), epoch, what, options.timeout, &flag)))
           return;
         if (flag_count(flag) != static_cast<uint32_t>(expected)) {  // no throwing on a rank thread
           transport.fail(WaitFailure{.rank = rank, .violation = "expected " + std::to_string(expected) +
@@ -227,12 +290,20 @@ class ThreadsBackend final : public BackendImpl {
       const int64_t begin = r.rank_begin[rank], tokens = r.rank_begin[rank + 1] - begin;
       std::vector<double> acc(static_cast<size_t>(tokens * H), 0.0);
       const T* ret = transport.at<T>(rank, layout.ret_rows.offset);
+      const T* ret_far = transport.at<T>(rank, layout.ret_recv.offset);
+      const std::vector<int64_t> psum_before = cpu::dispatch_psum(c, r, rank);
       for (int64_t t = 0; t < tokens; ++t)
         for (int64_t j = 0; j < k; ++j) {
           const size_t i = static_cast<size_t>((begin + t) * k + j);
           if (!r.kept[i]) continue;
-          for (int64_t h = 0; h < H; ++h)
-            acc[static_cast<size_t>(t * H + h)] += r.weight[i] * static_cast<double>(ret[(t * k + j) * H + h]);
+          const int64_t e = r.idx[i];
+          const int owner = c.expert_rank(e);
+          const T* row = ret + (t * k + j) * H;
+          if (remote(rank, owner)) {  // at the index this rank's dispatch gave it, in the owner's block
+            const int64_t recv = layout.recv_row(rank, c.expert_local_index(e), psum_before[static_cast<size_t>(e)], r.slot[i]);
+            row = ret_far + layout.ret_recv_row(owner, rank, recv) * H;
+          }
+          for (int64_t h = 0; h < H; ++h) acc[static_cast<size_t>(t * H + h)] += r.weight[i] * static_cast<double>(row[h]);
         }
       if (c.num_shared_experts > 0 && tokens > 0) {  // shared experts on the rank's own tokens
         const cpu::FfnShape shape{H, c.shared_size(), c.shared_in_width(), c.ffn};

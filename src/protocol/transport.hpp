@@ -15,6 +15,12 @@
 // The GPU transports (local, emulated ranks, NCCL LSA) implement the same operations with
 // st.release.sys / ld.acquire.sys on flags; this one uses std::atomic_ref with release/acquire,
 // and is what the ThreadSanitizer test runs (tests/cpp/test_protocol.cpp).
+// Peers on another node (NCCL GIN) take puts of registered memory instead of stores, and their
+// flags are signals that only add; the same object emulates them:
+//   gin_put(dst_rank, dst_offset, src_rank, src_offset, bytes, signal, add)
+//                                            copy, then add to dst_rank's signal (release): the
+//                                            payload is visible to whoever acquires the signal
+//   wait_signal(rank, signal, epoch, ...)    as wait, on one of this rank's signals
 #pragma once
 
 #include <atomic>
@@ -58,10 +64,12 @@ class CpuThreadsTransport {
 
   // (Re)allocates W heaps of `bytes` each when the size changes (zeroed: every flag at epoch 0).
   // Returns true when it reallocated (the caller restarts its epochs).
-  bool ensure(int world_size, int64_t bytes) {
-    if (world_size == static_cast<int>(heaps_.size()) && bytes == bytes_) return false;
+  bool ensure(int world_size, int64_t bytes, int64_t signals = 0) {
+    if (world_size == static_cast<int>(heaps_.size()) && bytes == bytes_ && signals == signal_count_) return false;
     heaps_.assign(static_cast<size_t>(world_size), std::vector<unsigned char>(static_cast<size_t>(bytes), 0));
+    signals_.assign(static_cast<size_t>(world_size), std::vector<uint64_t>(static_cast<size_t>(signals), 0));
     bytes_ = bytes;
+    signal_count_ = signals;
     return true;
   }
   void reset_errors() {
@@ -83,14 +91,34 @@ class CpuThreadsTransport {
     return std::atomic_ref<uint64_t>(*at<uint64_t>(rank, flag_offset)).load(std::memory_order_acquire);
   }
 
+  void gin_put(int dst_rank, int64_t dst_offset, int src_rank, int64_t src_offset, size_t bytes, int64_t signal,
+               uint64_t add) {
+    if (bytes > 0) std::memcpy(heap(dst_rank) + dst_offset, heap(src_rank) + src_offset, bytes);
+    std::atomic_ref<uint64_t>(signals_[static_cast<size_t>(dst_rank)][static_cast<size_t>(signal)])
+        .fetch_add(add, std::memory_order_release);
+  }
+  uint64_t load_signal(int rank, int64_t signal) {
+    return std::atomic_ref<uint64_t>(signals_[static_cast<size_t>(rank)][static_cast<size_t>(signal)])
+        .load(std::memory_order_acquire);
+  }
+
   // Waits on this rank's own heap. Returns the flag value, or nothing (after recording the
   // failure, or because another wait failed) when it gave up.
   bool wait(int rank, int64_t flag_offset, uint32_t epoch, const std::string& what, std::chrono::milliseconds timeout,
             uint64_t* value) {
+    return wait_until([&] { return load_flag(rank, flag_offset); }, rank, epoch, what, timeout, value);
+  }
+  bool wait_signal(int rank, int64_t signal, uint32_t epoch, const std::string& what,
+                   std::chrono::milliseconds timeout, uint64_t* value) {
+    return wait_until([&] { return load_signal(rank, signal); }, rank, epoch, what, timeout, value);
+  }
+  template <class Load>
+  bool wait_until(Load load, int rank, uint32_t epoch, const std::string& what, std::chrono::milliseconds timeout,
+                  uint64_t* value) {
     const auto start = std::chrono::steady_clock::now();
     uint64_t seen = 0;
     for (uint64_t spins = 0;; ++spins) {
-      seen = load_flag(rank, flag_offset);
+      seen = load();
       if (epoch_reached(flag_epoch(seen), epoch)) {
         *value = seen;
         return true;
@@ -123,7 +151,8 @@ class CpuThreadsTransport {
 
  private:
   std::vector<std::vector<unsigned char>> heaps_;
-  int64_t bytes_ = -1;
+  std::vector<std::vector<uint64_t>> signals_;  // per rank: its GIN signals
+  int64_t bytes_ = -1, signal_count_ = -1;
   std::atomic<bool> aborted_{false};
   std::mutex failure_mutex_;
   WaitFailure failure_;

@@ -40,7 +40,7 @@ void expect_forward_equal(const MoeConfig& c, const HostWeights& w, const Inputs
   expect_same(threads, oracle, 1e-12, what);
 }
 
-TEST(Protocol, ThreadsEqualOracleForWorldSizes) {
+void expect_worlds_equal_oracle(const std::string& label) {
   for (int world : {1, 2, 4, 8}) {
     for (double capacity : {0.0, 0.75}) {
       MoeConfig c = world_config(world);
@@ -51,8 +51,19 @@ TEST(Protocol, ThreadsEqualOracleForWorldSizes) {
       Inputs in = make_inputs(c, 61, seed);
       in.tokens_per_rank.assign(static_cast<size_t>(world), 0);
       for (int64_t t = 0; t < 61; ++t) in.tokens_per_rank[static_cast<size_t>((t * t) % world)]++;  // uneven
-      expect_forward_equal(c, w, in, "W=" + std::to_string(world) + " capacity=" + std::to_string(capacity));
+      expect_forward_equal(c, w, in, label + " W=" + std::to_string(world) + " capacity=" + std::to_string(capacity));
     }
+  }
+}
+
+TEST(Protocol, ThreadsEqualOracleForWorldSizes) { expect_worlds_equal_oracle("load/store peers"); }
+
+// Peers on other nodes (GIN): rows staged and put per segment, flags as signals that add,
+// results in segment order. Every rank alone (lsa_size 1) and teams of two.
+TEST(Protocol, GinPeersEqualOracle) {
+  for (int lsa : {1, 2}) {
+    OptionsScope scope({.lsa_size = lsa});
+    expect_worlds_equal_oracle("GIN, teams of " + std::to_string(lsa));
   }
 }
 
@@ -79,7 +90,9 @@ TEST(Protocol, RandomCasesAgainstOracle) {
   }
 }
 
-TEST(Protocol, BackToBackLaunchesReuseFlagsWithEpochs) {
+// Back-to-back launches reuse the flags (and GIN signals, whose adds must keep reading as the
+// flag word of the launch) with no reset; load/store peers, and teams of two over GIN.
+void expect_back_to_back_launches_equal_oracle() {
   MoeConfig c = world_config(4);
   HostWeights w = HostWeights::random(c, test_seed(), 3.0);
   MoeLayer threads(c, w.views(), Backend::kThreads), oracle(c, w.views(), Backend::kCpu);
@@ -91,6 +104,25 @@ TEST(Protocol, BackToBackLaunchesReuseFlagsWithEpochs) {
     threads.forward(forward_args(in), {.y = y1.view()});
     oracle.forward(forward_args(in), {.y = y2.view()});
     ASSERT_LE(relative_error(y1, y2), 1e-12) << "launch " << launch;
+  }
+}
+
+TEST(Protocol, BackToBackLaunchesReuseFlagsWithEpochs) { expect_back_to_back_launches_equal_oracle(); }
+
+TEST(Protocol, BackToBackLaunchesOverGin) {
+  OptionsScope scope({.lsa_size = 2});
+  expect_back_to_back_launches_equal_oracle();
+}
+
+TEST(Protocol, RandomCasesOverGin) {
+  OptionsScope scope({.lsa_size = 1});
+  const uint64_t base = test_seed() + 1000;
+  for (int i = 0; i < 60 && !HasFailure(); ++i) {
+    RandomCase rc = make_random_case(base + static_cast<uint64_t>(i));
+    SCOPED_TRACE("replay: FUSEDMOE_TEST_SEED case " + std::to_string(base + static_cast<uint64_t>(i)) + " " + rc.describe);
+    Result threads = run_layer(rc.config, rc.weights, rc.inputs, Backend::kThreads, false);
+    Result oracle = run_layer(rc.config, rc.weights, rc.inputs, Backend::kCpu, false);
+    expect_same(threads, oracle, rc.config.dtype == DType::kFloat64 ? 1e-12 : 1e-6, rc.describe);
   }
 }
 
