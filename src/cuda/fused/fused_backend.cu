@@ -178,6 +178,15 @@ struct Workspace {
   }
   // Rank q's heap as this rank's kernel addresses it.
   unsigned char* heap_base() const { return nccl ? shared.base : heaps; }
+  GinLink gin_link() const {
+    GinLink g{};
+    g.on = nccl && shared.gin;
+    g.lsa_begin = shared.lsa_begin;
+    g.lsa_end = shared.lsa_end;
+    g.window = static_cast<ncclWindow_t>(shared.window);
+    if (g.on) g.comm = shared.dev_comm;
+    return g;
+  }
   int64_t kernel_heap_stride() const { return nccl ? shared.stride : static_cast<int64_t>(heap_stride); }
   // Heaps this process clears: all W (emulated) or its own (NCCL).
   int own_heaps() const { return nccl ? 1 : world; }
@@ -365,6 +374,7 @@ class FusedBackend {
     const int64_t max_tokens = *std::max_element(tokens_per_rank.begin(), tokens_per_rank.end());
     TilePlan plan = make_plan(c, max_tokens, DeviceInfo{});
     plan.layout.block_m = kTileM;
+    plan.layout.gin = transport.gin;  // peers on other nodes: staging sections (gin_link.cuh)
     const WorkspaceLayout layout = WorkspaceLayout::make(plan.layout);
     const int64_t max_local = c.max_local_experts();
     FUSEDMOE_CHECK(W * max_local <= kMaxSegments, "fused backend: world_size x local experts = " << W * max_local
@@ -486,6 +496,8 @@ class FusedBackend {
     p.heap_base = ws.heap_base();
     p.heap_stride = ws.kernel_heap_stride();
     p.layout = layout;
+    p.gin = ws.gin_link();
+    p.sent_row = p.gin.on ? s.alloc<int32_t>(Tn * k) : nullptr;
     p.control = ws.rank_control();
     p.task_capacity = ws.task_capacity;
     p.tasks = reinterpret_cast<Task*>(ws.control + ws.off_tasks());
@@ -517,9 +529,13 @@ class FusedBackend {
                    "capture (it synchronises the stream); turn it off with set_fused_timeline(false)");
     int grid = 0;
     if constexpr (!std::is_same_v<T, float>) {
-      if (hopper) grid = grid_size(fused_moe_kernel_sm90<T>, Sm90Tiles<T>::kThreads, Sm90Engine<T>::smem_bytes(), grid_ranks);
+      if (hopper)
+        grid = p.gin.on ? grid_size(fused_moe_kernel_sm90<T, true>, Sm90Tiles<T>::kThreads, Sm90Engine<T>::smem_bytes(), grid_ranks)
+                        : grid_size(fused_moe_kernel_sm90<T, false>, Sm90Tiles<T>::kThreads, Sm90Engine<T>::smem_bytes(), grid_ranks);
     }
-    if (grid == 0) grid = grid_size(fused_moe_kernel<T>, kThreads, PortableEngine<T>::smem_bytes(), grid_ranks);
+    if (grid == 0)
+      grid = p.gin.on ? grid_size(fused_moe_kernel<T, true>, kThreads, PortableEngine<T>::smem_bytes(), grid_ranks)
+                      : grid_size(fused_moe_kernel<T, false>, kThreads, PortableEngine<T>::smem_bytes(), grid_ranks);
     plan_router_split(p, grid / grid_ranks, max_chunks, noisy, s);
     if (timeline) attach_timeline(ws, p, grid, stream);
     if constexpr (!std::is_same_v<T, float>) {
@@ -527,7 +543,8 @@ class FusedBackend {
     }
     if (!hopper) {
       static_assert(sizeof(Params<T>) <= 32000, "kernel parameters too large");
-      cooperative_launch(fused_moe_kernel<T>, grid, kThreads, PortableEngine<T>::smem_bytes(), stream, p);
+      if (p.gin.on) cooperative_launch(fused_moe_kernel<T, true>, grid, kThreads, PortableEngine<T>::smem_bytes(), stream, p);
+      else cooperative_launch(fused_moe_kernel<T, false>, grid, kThreads, PortableEngine<T>::smem_bytes(), stream, p);
     }
     if (timeline) ws.publish_timeline(grid, stream);
 
@@ -673,7 +690,10 @@ class FusedBackend {
       tma.bs0 = Tiles::Plain::make_tma_b(reinterpret_cast<const Element*>(p.shared_w1), Ns1, H, S);
       tma.bs1 = Tiles::Plain::make_tma_b(reinterpret_cast<const Element*>(p.shared_w2), H, Is, S);
     }
-    cooperative_launch(fused_moe_kernel_sm90<T>, grid, Tiles::kThreads, Sm90Engine<T>::smem_bytes(), stream, p, tma);
+    if (p.gin.on)
+      cooperative_launch(fused_moe_kernel_sm90<T, true>, grid, Tiles::kThreads, Sm90Engine<T>::smem_bytes(), stream, p, tma);
+    else
+      cooperative_launch(fused_moe_kernel_sm90<T, false>, grid, Tiles::kThreads, Sm90Engine<T>::smem_bytes(), stream, p, tma);
   }
 
   static void check_pending_error(Workspace& ws, cudaStream_t stream) {

@@ -60,6 +60,7 @@
 
 #include <cstdint>
 
+#include "cuda/fused/gin_link.cuh"
 #include "cuda/router_device.cuh"
 #include "cuda/wmma_gemm.cuh"
 #include "fusedmoe/layout.hpp"
@@ -200,6 +201,8 @@ struct Params {
   unsigned char* heap_base;
   int64_t heap_stride;
   WorkspaceLayout layout;
+  GinLink gin;                   // peers on other nodes (gin_link.cuh); gin.on false otherwise
+  int32_t* sent_row;             // GIN: [T][k] recv_rows index the dispatch gave each kept row
   // Control
   RankControl* control;          // [W]
   Task* tasks;                   // [W][task_capacity]
@@ -252,11 +255,16 @@ __device__ __forceinline__ uint64_t global_ns() {
 }
 
 // ------------------------------------------------------------------------------- context --
-template <class T>
+template <class T, bool kGin>
 struct Ctx {
   const Params<T>& p;
   uint32_t epoch;
   int rank, blocks_per_rank, local_block;
+  // Some peers may be remote (GIN): false at compile time in the kernels built without GIN, so
+  // that their code is the code of a world without it (inlined GIN calls cost registers).
+  static constexpr bool gin_on = kGin;
+
+  __device__ bool remote(int q) const { return kGin && p.gin.remote(q); }
 
   __device__ unsigned char* heap(int q) const { return p.heap_base + q * p.heap_stride; }
   // Shared expert s of this rank: its GEMM0 output rows and GEMM1 output rows (token order).
@@ -305,9 +313,34 @@ struct Ctx {
   }
   __device__ bool wait_epoch(const uint64_t* flag, uint32_t expected, uint64_t* value, uint32_t what, int64_t a,
                              int64_t b) const {
+    return wait_loaded([flag] { return ld_acquire_sys(flag); }, expected, value, what, a, b);
+  }
+  // The same on this rank's GIN signal `signal` (a remote writer's flag word).
+  __device__ bool wait_signal(int64_t signal, uint32_t expected, uint64_t* value, uint32_t what, int64_t a,
+                              int64_t b) const {
+    return wait_loaded([&] { return gin_read(&p.gin, signal); }, expected, value, what, a, b);
+  }
+  // Dispatch flag of (source, local expert) of this rank; return flag of expert e of this rank.
+  __device__ bool wait_dispatch(int source, int local, uint64_t* value) const {
+    if (remote(source))
+      return wait_signal(p.layout.gin_dispatch_signal(source, local), epoch, value, kDispatchFlag, source, local);
+    return wait_flag(recv_flag(rank, source, local), value, kDispatchFlag, source, local);
+  }
+  __device__ bool wait_return(int e, uint64_t* value) const {
+    if (remote(p.owner[e]))
+      return wait_signal(p.layout.gin_return_signal(p.owner[e], p.local_index[e]), epoch, value, kReturnFlag, e, 0);
+    return wait_flag(ret_flag(rank, e), value, kReturnFlag, e, 0);
+  }
+  // This rank's record of what it last published on a remote rank's signal (gin_sent).
+  __device__ uint64_t* gin_sent(int64_t slot) const {
+    return reinterpret_cast<uint64_t*>(heap(rank) + p.layout.gin_sent.offset) + slot;
+  }
+  template <class Load>
+  __device__ bool wait_loaded(Load load, uint32_t expected, uint64_t* value, uint32_t what, int64_t a,
+                              int64_t b) const {
     const uint64_t start = global_ns();
     for (uint32_t spins = 0;; ++spins) {
-      const uint64_t v = ld_acquire_sys(flag);
+      const uint64_t v = load();
       if (epoch_reached(flag_epoch(v), expected)) {
         *value = v;
         return true;
@@ -532,14 +565,14 @@ __device__ __forceinline__ float act_of(FfnKind kind, float x) {
 // ------------------------------------------------------------------------------- phases --
 // Chunk c of rank r's tokens: first token and row count (0 for a rank without tokens, which
 // still has its one chunk of zero counts).
-template <class T>
-__device__ __forceinline__ void chunk_rows(const Ctx<T>& ctx, int64_t c, int64_t* t0, int64_t* rows) {
+template <class T, bool G>
+__device__ __forceinline__ void chunk_rows(const Ctx<T, G>& ctx, int64_t c, int64_t* t0, int64_t* rows) {
   const int64_t begin = ctx.p.rank_begin[ctx.rank], tokens = ctx.rank_tokens();
   *t0 = begin + c * kChunk;
   *rows = tokens > 0 ? (tokens - c * kChunk < kChunk ? tokens - c * kChunk : int64_t(kChunk)) : int64_t(0);
 }
-template <class T>
-__device__ __forceinline__ int64_t rank_chunks(const Ctx<T>& ctx) {
+template <class T, bool G>
+__device__ __forceinline__ int64_t rank_chunks(const Ctx<T, G>& ctx) {
   const int64_t tokens = ctx.rank_tokens();
   return tokens > 0 ? (tokens + kChunk - 1) / kChunk : 1;
 }
@@ -658,8 +691,8 @@ __device__ void router_logits_tile(const Params<T>& p, SharedUnion<T>& sm, int64
 
 // P1, portable logits of one chunk: x·Wgᵀ (+ bg) on mma.sync tensor cores (fp32), and the noisy
 // gate's noise term.
-template <class Pipe, class T>
-__device__ void router_logits(const Ctx<T>& ctx, SharedUnion<T>& sm, int64_t t0, int64_t rows) {
+template <class Pipe, class T, bool G>
+__device__ void router_logits(const Ctx<T, G>& ctx, SharedUnion<T>& sm, int64_t t0, int64_t rows) {
   const Params<T>& p = ctx.p;
   const int E = p.num_experts;
   const int64_t H = p.hidden;
@@ -689,8 +722,8 @@ __device__ void router_logits(const Ctx<T>& ctx, SharedUnion<T>& sm, int64_t t0,
 
 // P1, after the chunk's logits: gate + top-k per token (warp per token) and the chunk's expert
 // counts per choice j (choice-major slots need them for every chunk of the rank).
-template <class T>
-__device__ void router_gate(const Ctx<T>& ctx, RouterSmem& rs, int64_t c, int64_t t0, int64_t rows) {
+template <class T, bool G>
+__device__ void router_gate(const Ctx<T, G>& ctx, RouterSmem& rs, int64_t c, int64_t t0, int64_t rows) {
   const Params<T>& p = ctx.p;
   const int E = p.num_experts, k = p.top_k;
   // Every lane of a warp runs the gate (its shuffles span the warp); groups past the chunk's
@@ -718,8 +751,8 @@ __device__ void router_gate(const Ctx<T>& ctx, RouterSmem& rs, int64_t c, int64_
 
 // P1 with split routing, step 1: partial logits of (chunk, 128 experts, H slice) units over all
 // of the rank's blocks (a decode batch is one chunk: one block would run the whole gate GEMM).
-template <class Pipe, class T>
-__device__ void router_split_logits(const Ctx<T>& ctx, SharedUnion<T>& sm) {
+template <class Pipe, class T, bool G>
+__device__ void router_split_logits(const Ctx<T, G>& ctx, SharedUnion<T>& sm) {
   const Params<T>& p = ctx.p;
   const int E = p.num_experts, splits = p.router_splits;
   const int64_t H = p.hidden;
@@ -739,8 +772,8 @@ __device__ void router_split_logits(const Ctx<T>& ctx, SharedUnion<T>& sm) {
 // Step 2, after the rank's blocks finished step 1, a warp per token over all of them: logits =
 // sum of the parts in slice order (+ gate bias), gate + top-k, and the token's choices added to
 // its chunk's counts (zeroed in step 1; integer atomics, so the counts are exact).
-template <class T>
-__device__ void router_split_gate(const Ctx<T>& ctx, RouterSmem& rs) {
+template <class T, bool G>
+__device__ void router_split_gate(const Ctx<T, G>& ctx, RouterSmem& rs) {
   const Params<T>& p = ctx.p;
   const int E = p.num_experts, k = p.top_k, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t begin = p.rank_begin[ctx.rank], tokens = p.rank_begin[ctx.rank + 1] - begin;
@@ -769,8 +802,8 @@ __device__ void router_split_gate(const Ctx<T>& ctx, RouterSmem& rs) {
 
 // Pipe: the logits tile loop's cp.async buffers (RouterPipeSmem), over the first bytes of the
 // block's shared memory.
-template <class Pipe, class T>
-__device__ void router_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
+template <class Pipe, class T, bool G>
+__device__ void router_phase(const Ctx<T, G>& ctx, SharedUnion<T>& sm) {
   if (ctx.p.router_splits > 1) {
     const Params<T>& p = ctx.p;
     const int64_t n = static_cast<int64_t>(p.top_k) * p.max_chunks * p.num_experts;
@@ -798,14 +831,28 @@ __device__ void router_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
   }
 }
 
-template <class T>
-__device__ void signal_dispatch(const Ctx<T>& ctx, int e, int64_t count) {
-  const int owner = ctx.p.owner[e], local = ctx.p.local_index[e];
-  st_release_sys(ctx.recv_flag(owner, ctx.rank, local), make_flag(ctx.epoch, static_cast<uint32_t>(count)));
+// Raises the owner's dispatch flag of (this rank, e) = {epoch, count}. A remote owner (GIN) gets
+// the segment's staged rows and metadata put first (`psum`: rows this rank sends to the owner's
+// earlier local experts, dropless).
+template <class T, bool G>
+__device__ void signal_dispatch(const Ctx<T, G>& ctx, int e, int64_t count, int64_t psum) {
+  const Params<T>& p = ctx.p;
+  const int owner = p.owner[e], local = p.local_index[e];
+  const uint64_t flag = make_flag(ctx.epoch, static_cast<uint32_t>(count));
+  if (ctx.remote(owner)) {
+    const WorkspaceLayout& l = p.layout;
+    const int64_t first = l.recv_row(ctx.rank, local, psum, 0), out = l.out_row(owner, ctx.rank, first);
+    const int64_t row_bytes = p.hidden * static_cast<int64_t>(sizeof(T));
+    gin_put(&p.gin, owner, l.recv_rows.offset + first * row_bytes, l.out_rows.offset + out * row_bytes, count * row_bytes);
+    gin_publish(&p.gin, owner, l.gin_dispatch_signal(ctx.rank, local), ctx.gin_sent(l.gin_sent_dispatch(owner, local)),
+                flag, l.recv_meta.offset + first * 4, l.out_meta.offset + out * 4, count * 4);
+    return;
+  }
+  st_release_sys(ctx.recv_flag(owner, ctx.rank, local), flag);
 }
 
-template <class T>
-__device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
+template <class T, bool G>
+__device__ void dispatch_phase(const Ctx<T, G>& ctx, SharedUnion<T>& sm) {
   const Params<T>& p = ctx.p;
   DispatchSmem& s = sm.dispatch;
   const int r = ctx.rank;
@@ -824,7 +871,8 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
   // file comment, "Launches").
   for (int q = threadIdx.x; q < p.world; q += kThreads) {
     uint64_t seen = 0;
-    ctx.wait_epoch(ctx.launch_flag(r, q), previous_epoch(ctx.epoch), &seen, kLaunchFlag, q, 0);
+    if (ctx.remote(q)) ctx.wait_signal(p.layout.gin_launch_signal(q), previous_epoch(ctx.epoch), &seen, kLaunchFlag, q, 0);
+    else ctx.wait_epoch(ctx.launch_flag(r, q), previous_epoch(ctx.epoch), &seen, kLaunchFlag, q, 0);
   }
   team_sync();
   if (ctx.aborted()) return;
@@ -862,7 +910,7 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
       // Experts this rank sends nothing to still get their {epoch, 0} flag (from chunk 0); with
       // the planted fault every flag is raised here, before any row is written.
       for (int e = threadIdx.x; e < E; e += kThreads)
-        if (s.kept[e] == 0 || planted) signal_dispatch(ctx, e, s.kept[e]);
+        if (s.kept[e] == 0 || planted) signal_dispatch(ctx, e, s.kept[e], s.psum[e]);
       if (planted) {
         const uint64_t start = global_ns();
         while (global_ns() - start < 2000000ull) __nanosleep(1000);
@@ -896,6 +944,7 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
         if (lead) p.r.kept[t * k + j] = kept ? 1 : 0;
         if (kept) {
           s.list_dst[slot] = static_cast<int32_t>(p.layout.recv_row(r, p.local_index[e], s.psum[e], pos));
+          if (lead && ctx.gin_on) p.sent_row[t * k + j] = s.list_dst[slot];
           s.list_owner[slot] = p.owner[e];
           if ((slot / kWarps) % parts == part) atomicAdd(&s.written[e], 1);  // this part copies it
         } else {
@@ -910,8 +959,12 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
       const int32_t dst = s.list_dst[i];
       if (dst < 0) continue;
       const int64_t t = t0 + i / k;
-      unsigned char* h = ctx.heap(s.list_owner[i]);
-      T* out = reinterpret_cast<T*>(h + p.layout.recv_rows.offset + dst * row_bytes);
+      const int owner = s.list_owner[i];
+      // A remote owner's rows are staged here (out_rows / out_meta), put with the flag.
+      const bool staged = ctx.remote(owner);
+      unsigned char* h = staged ? ctx.heap(r) : ctx.heap(owner);
+      const int64_t row = staged ? p.layout.out_row(owner, r, dst) : dst;
+      T* out = reinterpret_cast<T*>(h + (staged ? p.layout.out_rows.offset : p.layout.recv_rows.offset) + row * row_bytes);
       const T* in = p.x + t * H;
       if (p.aligned && H % kVec == 0) {
         // 8 loads in flight per lane before their stores (a warp moves 4 KB per step).
@@ -929,7 +982,8 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
         for (int64_t col = lane; col < H; col += 32) out[col] = in[col];
       }
       if (lane == 0)
-        reinterpret_cast<int32_t*>(h + p.layout.recv_meta.offset)[dst] = static_cast<int32_t>((t - begin) * k + i % k);
+        reinterpret_cast<int32_t*>(h + (staged ? p.layout.out_meta.offset : p.layout.recv_meta.offset))[row] =
+            static_cast<int32_t>((t - begin) * k + i % k);
     }
     fence_proxy_async();  // the owner's GEMM may read the rows with TMA
     __threadfence_system();
@@ -943,7 +997,7 @@ __device__ void dispatch_phase(const Ctx<T>& ctx, SharedUnion<T>& sm) {
         if (static_cast<int64_t>(before) + n == s.kept[e]) {  // this block completed (r, e)
           *counter = 0;  // nobody adds to it again in this launch
           __threadfence_system();
-          signal_dispatch(ctx, e, s.kept[e]);
+          signal_dispatch(ctx, e, s.kept[e], s.psum[e]);
         }
       }
     }
@@ -967,14 +1021,14 @@ __device__ __forceinline__ int shared_n_tiles0(const Params<T>& p) {
   return static_cast<int>((p.shared_ffn + p.tile_n0 - 1) / p.tile_n0);
 }
 // Segments of a rank: its S shared experts, then W sources x its local experts.
-template <class T>
-__device__ __forceinline__ uint32_t rank_segments(const Ctx<T>& ctx) {
+template <class T, bool G>
+__device__ __forceinline__ uint32_t rank_segments(const Ctx<T, G>& ctx) {
   return static_cast<uint32_t>(ctx.p.num_shared + ctx.p.world * ctx.p.num_local[ctx.rank]);
 }
 
 // Reserves `count` queue slots and publishes tasks produced by make(i).
-template <class T, class Make>
-__device__ void push_tasks(const Ctx<T>& ctx, int count, Make make) {
+template <class T, class Make, bool G>
+__device__ void push_tasks(const Ctx<T, G>& ctx, int count, Make make) {
   const Params<T>& p = ctx.p;
   RankControl& ctl = p.control[ctx.rank];
   const uint32_t first = atomicAdd(&ctl.q_tail, static_cast<uint32_t>(count));
@@ -987,8 +1041,8 @@ __device__ void push_tasks(const Ctx<T>& ctx, int count, Make make) {
 }
 
 // Thread 0 of the block: claims and handles one segment. Returns false when none is left.
-template <class T>
-__device__ bool claim_segment(const Ctx<T>& ctx) {
+template <class T, bool G>
+__device__ bool claim_segment(const Ctx<T, G>& ctx) {
   const Params<T>& p = ctx.p;
   RankControl& ctl = p.control[ctx.rank];
   const int W = p.world;
@@ -1023,7 +1077,7 @@ __device__ bool claim_segment(const Ctx<T>& ctx) {
   const bool dropless = p.layout.p.capacity == 0;
   bool ok = true;
   for (int l = dropless ? 0 : local; l <= local && ok; ++l) {
-    ok = ctx.wait_flag(ctx.recv_flag(ctx.rank, source, l), &flag, kDispatchFlag, source, l);
+    ok = ctx.wait_dispatch(source, l, &flag);
     if (ok && l < local) psum += flag_count(flag);
   }
   uint32_t total = 0;
@@ -1054,8 +1108,8 @@ struct TaskView {
   bool gemm1, shared;
   int64_t rows;  // rows of the tile (<= kTileM)
 };
-template <class T>
-__device__ __forceinline__ TaskView view_of(const Ctx<T>& ctx, const Task& task) {
+template <class T, bool G>
+__device__ __forceinline__ TaskView view_of(const Ctx<T, G>& ctx, const Task& task) {
   const Params<T>& p = ctx.p;
   const int seg = task.seg & ~(kGemm1Bit | kSharedBit);
   TaskView v;
@@ -1077,8 +1131,8 @@ __device__ __forceinline__ TaskView view_of(const Ctx<T>& ctx, const Task& task)
   return v;
 }
 
-template <class T>
-__device__ void run_gemm0(const Ctx<T>& ctx, SharedUnion<T>& sm, const Task& task) {
+template <class T, bool G>
+__device__ void run_gemm0(const Ctx<T, G>& ctx, SharedUnion<T>& sm, const Task& task) {
   const Params<T>& p = ctx.p;
   const TaskView v = view_of(ctx, task);
   const int e = v.expert, n_tile = v.n_tile;
@@ -1156,8 +1210,8 @@ __device__ void run_gemm0(const Ctx<T>& ctx, SharedUnion<T>& sm, const Task& tas
   }
 }
 
-template <class T>
-__device__ void run_gemm1(const Ctx<T>& ctx, SharedUnion<T>& sm, const Task& task) {
+template <class T, bool G>
+__device__ void run_gemm1(const Ctx<T, G>& ctx, SharedUnion<T>& sm, const Task& task) {
   const Params<T>& p = ctx.p;
   const TaskView v = view_of(ctx, task);
   const int e = v.expert, n_tile = v.n_tile;
@@ -1167,11 +1221,15 @@ __device__ void run_gemm1(const Ctx<T>& ctx, SharedUnion<T>& sm, const Task& tas
   const T* a = (v.shared ? ctx.shared_hidden(e) : reinterpret_cast<const T*>(h + p.layout.hidden.offset)) +
                task.row_begin * I;
   const int32_t* meta = reinterpret_cast<const int32_t*>(h + p.layout.recv_meta.offset);
-  T* ret = v.shared ? ctx.shared_out(e) : reinterpret_cast<T*>(ctx.heap(v.source) + p.layout.ret_rows.offset);
+  // A remote source's rows are staged in out_ret at their recv_rows index (gin_link.cuh).
+  const bool staged = !v.shared && ctx.remote(v.source);
+  T* ret = v.shared ? ctx.shared_out(e)
+                    : reinterpret_cast<T*>(staged ? h + p.layout.out_ret.offset
+                                                  : ctx.heap(v.source) + p.layout.ret_rows.offset);
   const T* w2 = (v.shared ? p.shared_w2 : p.w2) + static_cast<int64_t>(e) * I * H;
   const T* bias2 = v.shared ? p.shared_b2 : p.b2;
   const T* b2 = bias2 ? bias2 + static_cast<int64_t>(e) * H : nullptr;
-  const bool in_order = v.shared;
+  const bool in_order = v.shared || staged;
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const int64_t n0 = static_cast<int64_t>(n_tile) * kTileN;
   auto col_of = [&](int c) -> int64_t { return n0 + c < H ? n0 + c : -1; };
@@ -1194,8 +1252,8 @@ __device__ void run_gemm1(const Ctx<T>& ctx, SharedUnion<T>& sm, const Task& tas
 }
 
 // After a task: dependency counters, GEMM1 pushes and return flags (thread 0).
-template <class T>
-__device__ void finish_task(const Ctx<T>& ctx, const Task& task) {
+template <class T, bool G>
+__device__ void finish_task(const Ctx<T, G>& ctx, const Task& task) {
   const Params<T>& p = ctx.p;
   const int source = task.seg / p.max_local, local = task.seg % p.max_local;
   const int m_tile = task.tile >> 16;
@@ -1252,7 +1310,16 @@ __device__ void finish_task(const Ctx<T>& ctx, const Task& task) {
       *counter = 0;
       __threadfence_system();
       const int e = p.global_expert[ctx.rank * p.max_local + loc];
-      st_release_sys(ctx.ret_flag(src, e), make_flag(ctx.epoch, static_cast<uint32_t>(count)));
+      const uint64_t flag = make_flag(ctx.epoch, static_cast<uint32_t>(count));
+      if (ctx.remote(src)) {  // the segment's staged results in one put, then the flag
+        const WorkspaceLayout& l = p.layout;
+        const int64_t row_bytes = p.hidden * static_cast<int64_t>(sizeof(T));
+        gin_publish(&p.gin, src, l.gin_return_signal(ctx.rank, loc), ctx.gin_sent(l.gin_sent_return(src, loc)), flag,
+                    l.ret_recv.offset + l.ret_recv_row(ctx.rank, src, seg_begin) * row_bytes,
+                    l.out_ret.offset + seg_begin * row_bytes, count * row_bytes);
+      } else {
+        st_release_sys(ctx.ret_flag(src, e), flag);
+      }
     }
   }
 }
@@ -1263,8 +1330,8 @@ __device__ void finish_task(const Ctx<T>& ctx, const Task& task) {
 // aborted).
 enum NextStep : int32_t { kRun = 0, kExit = 1, kSegment = 2 };
 
-template <class T>
-__device__ int32_t next_step(const Ctx<T>& ctx, Task* task) {
+template <class T, bool G>
+__device__ int32_t next_step(const Ctx<T, G>& ctx, Task* task) {
   const Params<T>& p = ctx.p;
   RankControl& ctl = p.control[ctx.rank];
   if (ctx.aborted()) return kExit;
@@ -1300,8 +1367,8 @@ __device__ int32_t next_step(const Ctx<T>& ctx, Task* task) {
 }
 
 // The portable engine: every task runs on the whole block (256 threads, mma.sync tiles).
-template <class T>
-__device__ void expert_phase(const Ctx<T>& ctx, SharedUnion<T>& sm, TaskSmem& ts) {
+template <class T, bool G>
+__device__ void expert_phase(const Ctx<T, G>& ctx, SharedUnion<T>& sm, TaskSmem& ts) {
   for (;;) {
     if (threadIdx.x == 0) ts.state = next_step(ctx, &ts.task);
     __syncthreads();
@@ -1371,8 +1438,8 @@ __device__ __forceinline__ void combine_row(const T* rows, const float (&w)[kMax
   }
 }
 
-template <class T>
-__device__ void combine_phase(const Ctx<T>& ctx) {
+template <class T, bool G>
+__device__ void combine_phase(const Ctx<T, G>& ctx) {
   const Params<T>& p = ctx.p;
   const int r = ctx.rank, k = p.top_k, E = p.num_experts;
   const int64_t begin = p.rank_begin[r], tokens = p.rank_begin[r + 1] - begin, H = p.hidden;
@@ -1398,7 +1465,7 @@ __device__ void combine_phase(const Ctx<T>& ctx) {
       const int32_t e = p.r.idx[g * k + lane];
       if (e >= 0 && p.r.kept[g * k + lane]) {
         uint64_t flag = 0;
-        ok = ctx.wait_flag(ctx.ret_flag(r, e), &flag, kReturnFlag, e, 0);
+        ok = ctx.wait_return(e, &flag);
         const int64_t expected = p.kept_rank[static_cast<int64_t>(r) * E + e];
         if (ok && flag_count(flag) != static_cast<uint32_t>(expected)) {
           ctx.fail(kCountMismatch, kReturnFlag, e, 0, static_cast<uint32_t>(expected), flag, 0);
@@ -1415,7 +1482,7 @@ __device__ void combine_phase(const Ctx<T>& ctx) {
       w[j] = use[j] ? p.r.weight[g * k + j] : 0.f;
     }
     const T* shared = S > 0 ? ctx.shared_out(0) + t * H : nullptr;
-    if (p.aligned && H % kVec == 0) {
+    if (p.aligned && H % kVec == 0 && !ctx.gin_on) {
       switch (k) {
         case 1: combine_row<T, 1>(ret + t * k * H, w, use, shared, S, shared_stride, p.y + g * H, H, lane); break;
         case 2: combine_row<T, 2>(ret + t * k * H, w, use, shared, S, shared_stride, p.y + g * H, H, lane); break;
@@ -1427,11 +1494,22 @@ __device__ void combine_phase(const Ctx<T>& ctx) {
         default: combine_row<T, 8>(ret + t * k * H, w, use, shared, S, shared_stride, p.y + g * H, H, lane); break;
       }
     } else {
+      // Rows from remote owners (GIN) are in ret_recv, at the index the dispatch recorded.
+      const T* row[kMaxTopK];
+#pragma unroll
+      for (int j = 0; j < kMaxTopK; ++j) {
+        row[j] = ret + (t * k + j) * H;
+        if (use[j] && ctx.remote(p.owner[p.r.idx[g * k + j]])) {
+          const int owner = p.owner[p.r.idx[g * k + j]];
+          row[j] = reinterpret_cast<const T*>(ctx.heap(r) + p.layout.ret_recv.offset) +
+                   p.layout.ret_recv_row(owner, r, p.sent_row[g * k + j]) * H;
+        }
+      }
       for (int64_t col = lane; col < H; col += 32) {
         float acc = 0.f;
 #pragma unroll
         for (int j = 0; j < kMaxTopK; ++j)
-          if (use[j]) acc = fmaf(w[j], to_f32(ret[(t * k + j) * H + col]), acc);
+          if (use[j]) acc = fmaf(w[j], to_f32(row[j][col]), acc);
         for (int s = 0; s < S; ++s) acc += to_f32(shared[s * shared_stride + col]);
         p.y[g * H + col] = from_f32<T>(acc);
       }
@@ -1443,15 +1521,15 @@ __device__ void combine_phase(const Ctx<T>& ctx) {
 // The body shared by both kernels. Engine::expert_phase(ctx, smem_raw) runs P3 on the whole
 // block; P1, P2 and P4 run on threads 0 .. kThreads-1 (team_sync); other threads only meet
 // the block-wide barriers between the phases.
-template <class T, class Engine>
+template <bool kGin, class T, class Engine>
 __device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char* smem_raw, const Engine& engine) {
   auto& sm = *reinterpret_cast<SharedUnion<T>*>(smem_raw);
   const bool team = threadIdx.x < kThreads;
   const int blocks_per_rank = static_cast<int>(gridDim.x) / p.grid_ranks;
   uint32_t epoch = *reinterpret_cast<volatile uint32_t*>(p.epoch_word) + 1u;
   if (epoch == 0) epoch = 1;
-  const Ctx<T> ctx{p, epoch, p.rank_base + static_cast<int>(blockIdx.x) / blocks_per_rank, blocks_per_rank,
-                   static_cast<int>(blockIdx.x) % blocks_per_rank};
+  const Ctx<T, kGin> ctx{p, epoch, p.rank_base + static_cast<int>(blockIdx.x) / blocks_per_rank, blocks_per_rank,
+                         static_cast<int>(blockIdx.x) % blocks_per_rank};
   RankControl& ctl = p.control[ctx.rank];
 
   uint64_t start = global_ns();
@@ -1493,9 +1571,19 @@ __device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char*
       // This grid's ranks announce the end of the launch in every rank's heap (failed or not: a
       // failure is raised on the host, and the next launch must not wait for this one).
       __threadfence_system();
-      for (int s = p.rank_base; s < p.rank_base + p.grid_ranks; ++s)
-        if (s != p.unfinished_rank)
-          for (int q = 0; q < p.world; ++q) st_release_sys(ctx.launch_flag(q, s), make_flag(epoch, 0));
+      for (int s = p.rank_base; s < p.rank_base + p.grid_ranks; ++s) {
+        if (s == p.unfinished_rank) continue;
+        for (int q = 0; q < p.world; ++q) {
+          if (ctx.remote(q)) {  // GIN: one grid per rank, so s is this grid's rank
+            const WorkspaceLayout& l = p.layout;
+            gin_publish(&p.gin, q, l.gin_launch_signal(s),
+                        reinterpret_cast<uint64_t*>(ctx.heap(s) + l.gin_sent.offset) + l.gin_sent_launch(q),
+                        make_flag(epoch, 0), 0, 0, 0);
+          } else {
+            st_release_sys(ctx.launch_flag(q, s), make_flag(epoch, 0));
+          }
+        }
+      }
     }
   }
 }
@@ -1503,10 +1591,12 @@ __device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char*
 template <class T>
 struct PortableEngine {
   __device__ void init_barriers(unsigned char*) const {}
-  __device__ void router_phase(const Ctx<T>& ctx, unsigned char* smem_raw) const {
+  template <bool G>
+  __device__ void router_phase(const Ctx<T, G>& ctx, unsigned char* smem_raw) const {
     fusedmoe::cuda::fused::router_phase<RouterPipe<T>>(ctx, *reinterpret_cast<SharedUnion<T>*>(smem_raw));
   }
-  __device__ void expert_phase(const Ctx<T>& ctx, unsigned char* smem_raw) const {
+  template <bool G>
+  __device__ void expert_phase(const Ctx<T, G>& ctx, unsigned char* smem_raw) const {
     auto& sm = *reinterpret_cast<SharedUnion<T>*>(smem_raw);
     auto& ts = *reinterpret_cast<TaskSmem*>(smem_raw + sizeof(SharedUnion<T>));
     fusedmoe::cuda::fused::expert_phase(ctx, sm, ts);
@@ -1515,10 +1605,11 @@ struct PortableEngine {
 };
 
 // The portable kernel (any GPU of compute capability >= 8.0; fp32 as TF32).
-template <class T>
+// kGin: built with the GIN paths (a world with ranks on other nodes), else without them.
+template <class T, bool kGin>
 __global__ void __launch_bounds__(kThreads) fused_moe_kernel(const __grid_constant__ Params<T> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  fused_forward(p, smem_raw, PortableEngine<T>{});
+  fused_forward<kGin>(p, smem_raw, PortableEngine<T>{});
 }
 
 }  // namespace fusedmoe::cuda::fused

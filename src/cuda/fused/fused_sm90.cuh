@@ -125,9 +125,9 @@ __device__ __forceinline__ void registers_returned_sync() {
 
 // Pipeline waits of the persistent kernel's tiles: bounded, and given up on the launch's abort
 // (the tile then goes on with whatever the stage holds; the launch reports the error).
-template <class T>
+template <class T, bool G>
 struct BoundedWait {
-  const Ctx<T>& ctx;
+  const Ctx<T, G>& ctx;
   template <class Pipeline, class State>
   __device__ __forceinline__ void acquire(Pipeline& pipeline, State const& state) const {
     ctx.wait_local([&] { return pipeline.producer_try_acquire(state).get() == cutlass::BarrierStatus::WaitDone; },
@@ -143,8 +143,8 @@ struct BoundedWait {
 
 // Planted faults (FusedOptions::stall): the thread idles until the launch aborts (a wait it
 // starves records the timeout and raises the abort word).
-template <class T>
-__device__ void stall_until_abort(const Ctx<T>& ctx) {
+template <class T, bool G>
+__device__ void stall_until_abort(const Ctx<T, G>& ctx) {
   while (!ctx.aborted()) __nanosleep(1000);
 }
 
@@ -157,7 +157,8 @@ struct Sm90Engine {
   }
 
   // The scheduler thread: TMA loads of one task into the pipeline.
-  __device__ void produce(const Ctx<T>& ctx, Sm90Smem<T>& s, typename Sm90Tiles<T>::Pipeline& pipeline,
+  template <bool G>
+  __device__ void produce(const Ctx<T, G>& ctx, Sm90Smem<T>& s, typename Sm90Tiles<T>::Pipeline& pipeline,
                           typename Sm90Tiles<T>::Plain::PipelineState& write_state, const Task& task) const {
     using namespace cute;
     using Cfg = typename Sm90Tiles<T>::Plain;
@@ -189,12 +190,12 @@ struct Sm90Engine {
     const int col1 = !v.gemm1 && p.gated ? I + col0 : col0 + Cfg::kHalfN;
     sm90::produce_k_tiles<Cfg>(s.gemm, pipeline, write_state, tma_a, nullptr, a_tiles, tma_b,
                                sm90::b_half_tiles<Cfg>(mB, v.expert, col0), sm90::b_half_tiles<Cfg>(mB, v.expert, col1),
-                               (k + Cfg::kBlockK - 1) / Cfg::kBlockK, BoundedWait<T>{ctx});
+                               (k + Cfg::kBlockK - 1) / Cfg::kBlockK, BoundedWait<T, G>{ctx});
   }
 
   // Consumers: mainloop and epilogue of one task.
-  template <class Accumulator>
-  __device__ void compute(const Ctx<T>& ctx, Sm90Smem<T>& s, typename Sm90Tiles<T>::Pipeline& pipeline,
+  template <class Accumulator, bool G>
+  __device__ void compute(const Ctx<T, G>& ctx, Sm90Smem<T>& s, typename Sm90Tiles<T>::Pipeline& pipeline,
                           typename Sm90Tiles<T>::Plain::PipelineState& read_state, Accumulator& accum,
                           const Task& task) const {
     using Cfg = typename Sm90Tiles<T>::Plain;
@@ -203,7 +204,7 @@ struct Sm90Engine {
     const int64_t H = p.hidden, I = v.shared ? p.shared_ffn : p.ffn, N1 = v.shared ? p.shared_in : p.ffn_in;
     const int k = static_cast<int>(v.gemm1 ? I : H);
     sm90::consume_tile<Cfg>(s.gemm, pipeline, read_state, (k + Cfg::kBlockK - 1) / Cfg::kBlockK,
-                            static_cast<int>(threadIdx.x), accum, BoundedWait<T>{ctx});
+                            static_cast<int>(threadIdx.x), accum, BoundedWait<T, G>{ctx});
     unsigned char* h = ctx.heap(ctx.rank);
     sm90::TileCoord tc{0, v.m_tile, v.n_tile, task.row_begin, task.row_end};
     char* staging = s.gemm.staging[threadIdx.x / 32];
@@ -220,9 +221,14 @@ struct Sm90Engine {
       if (p.gated) sm90::store_tile_typed<typename Sm90Tiles<T>::Gated, T>(st, tc, threadIdx.x, accum, staging);
       else sm90::store_tile_typed<Cfg, T>(st, tc, threadIdx.x, accum, staging);
     } else {
-      T* out = v.shared ? ctx.shared_out(v.expert) : reinterpret_cast<T*>(ctx.heap(v.source) + p.layout.ret_rows.offset);
+      // A remote source's rows (GIN) go to out_ret in segment order, like shared rows in order.
+      const bool staged = !v.shared && ctx.remote(v.source);
+      T* out = v.shared ? ctx.shared_out(v.expert)
+                        : reinterpret_cast<T*>(staged ? h + p.layout.out_ret.offset
+                                                      : ctx.heap(v.source) + p.layout.ret_rows.offset);
       const T* bias = v.shared ? p.shared_b2 : p.b2;
-      const int32_t* row_index = v.shared ? nullptr : reinterpret_cast<const int32_t*>(h + p.layout.recv_meta.offset);
+      const int32_t* row_index =
+          v.shared || staged ? nullptr : reinterpret_cast<const int32_t*>(h + p.layout.recv_meta.offset);
       const sm90::TileStore st{Epilogue::kIdentity, kType, out, nullptr, nullptr, bias ? bias + e * H : nullptr,
                                row_index, H, H, false};
       sm90::store_tile_typed<Cfg, T>(st, tc, threadIdx.x, accum, staging);
@@ -265,7 +271,8 @@ struct Sm90Engine {
                 "the router's buffers must not reach the expert phase's mbarriers");
 
   // P1 on the consumer warpgroups with the portable router (the producer warpgroup waits).
-  __device__ void router_phase(const Ctx<T>& ctx, unsigned char* smem_raw) const {
+  template <bool G>
+  __device__ void router_phase(const Ctx<T, G>& ctx, unsigned char* smem_raw) const {
     if (threadIdx.x < kThreads)
       fusedmoe::cuda::fused::router_phase<RouterPipe>(ctx, *reinterpret_cast<SharedUnion<T>*>(smem_raw));
   }
@@ -276,7 +283,8 @@ struct Sm90Engine {
   // Ordering: the consumers' stores, their fence.proxy.async and the barrier among them precede
   // consumer thread 0's arrive on done_full (release, CTA scope), which the finisher's wait
   // acquires before finish_task's gpu/system-scope fence and atomics.
-  __device__ void finisher(const Ctx<T>& ctx, Sm90Smem<T>& s) const {
+  template <bool G>
+  __device__ void finisher(const Ctx<T, G>& ctx, Sm90Smem<T>& s) const {
     using Barrier = cutlass::arch::ClusterBarrier;
     int slot = 0;
     uint32_t phase = 0;
@@ -291,7 +299,8 @@ struct Sm90Engine {
     }
   }
 
-  __device__ void expert_phase(const Ctx<T>& ctx, unsigned char* smem_raw) const {
+  template <bool G>
+  __device__ __forceinline__ void expert_phase(const Ctx<T, G>& ctx, unsigned char* smem_raw) const {
     using Tiles = Sm90Tiles<T>;
     using Cfg = typename Tiles::Plain;
     using Pipeline = typename Tiles::Pipeline;
@@ -405,13 +414,13 @@ struct Sm90Engine {
   }
 };
 
-// The Hopper kernel (sm_90a; bf16/fp16).
-template <class T>
+// The Hopper kernel (sm_90a; bf16/fp16). kGin: built with the GIN paths (fused_kernel.cuh).
+template <class T, bool kGin>
 __global__ void __launch_bounds__(Sm90Tiles<T>::kThreads, 1)
     fused_moe_kernel_sm90(const __grid_constant__ Params<T> p, const __grid_constant__ Sm90Tma<T> tma) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  fused_forward(p, smem_raw, Sm90Engine<T>{tma});
+  fused_forward<kGin>(p, smem_raw, Sm90Engine<T>{tma});
 #elif defined(__CUDA_ARCH__)
   if (threadIdx.x == 0 && blockIdx.x == 0)
     printf("fusedmoe fused kernel: the Hopper engine is not compiled for this GPU (needs sm_90a)\n");

@@ -8,6 +8,7 @@
 #include <nccl.h>
 #include <nccl_device.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -15,6 +16,7 @@
 #include "cuda/common.cuh"
 #include "cuda/fused/nccl_transport.hpp"
 #include "fusedmoe/error.hpp"
+#include "fusedmoe/layout.hpp"
 #include "fusedmoe/transport.hpp"
 
 namespace fusedmoe {
@@ -34,6 +36,8 @@ struct Nccl {
   ncclResult_t (*AllReduce)(const void*, void*, size_t, ncclDataType_t, ncclRedOp_t, ncclComm_t,
                             cudaStream_t) = nullptr;
   ncclTeam_t (*TeamLsa)(ncclComm_t) = nullptr;
+  ncclResult_t (*DevCommCreate)(ncclComm_t, const ncclDevCommRequirements_t*, ncclDevComm_t*) = nullptr;
+  ncclResult_t (*DevCommDestroy)(ncclComm_t, const ncclDevComm_t*) = nullptr;
   const char* (*GetErrorString)(ncclResult_t) = nullptr;
 };
 
@@ -71,6 +75,8 @@ const Nccl& nccl() {
       bind(lib.handle, lib.CommWindowDeregister, "ncclCommWindowDeregister");
       bind(lib.handle, lib.AllReduce, "ncclAllReduce");
       bind(lib.handle, lib.TeamLsa, "ncclTeamLsa");
+      bind(lib.handle, lib.DevCommCreate, "ncclDevCommCreate");
+      bind(lib.handle, lib.DevCommDestroy, "ncclDevCommDestroy");
       bind(lib.handle, lib.GetErrorString, "ncclGetErrorString");
     } catch (const Error& e) {
       failure = e.what();
@@ -93,16 +99,19 @@ struct Transport {
   int world = 1, rank = 0;
   uint64_t generation = 0;
   int* scratch = nullptr;  // one int on the device (barrier)
+  // World ranks [lsa_begin, lsa_end) share this rank's node (LSA team); gin: not all of them.
+  bool gin = false;
+  int lsa_begin = 0, lsa_end = 1;
 };
 Transport& transport() {
   static auto* t = new Transport();  // never destroyed (the CUDA runtime may be gone at exit)
   return *t;
 }
 
-// Peer q's heap as mapped on this GPU, for every q.
-__global__ void lsa_pointers(ncclWindow_t window, int world, uintptr_t* out) {
-  for (int q = threadIdx.x; q < world; q += blockDim.x)
-    out[q] = reinterpret_cast<uintptr_t>(ncclGetLsaPointer(window, 0, q));
+// The heap of LSA peer i (index in the LSA team) as mapped on this GPU, for every i.
+__global__ void lsa_pointers(ncclWindow_t window, int lsa_size, uintptr_t* out) {
+  for (int i = threadIdx.x; i < lsa_size; i += blockDim.x)
+    out[i] = reinterpret_cast<uintptr_t>(ncclGetLsaPointer(window, 0, i));
 }
 
 }  // namespace
@@ -110,7 +119,7 @@ __global__ void lsa_pointers(ncclWindow_t window, int world, uintptr_t* out) {
 TransportState transport_state() {
   Transport& t = transport();
   std::lock_guard<std::mutex> lock(t.mutex);
-  return TransportState{t.comm != nullptr, t.world, t.rank};
+  return TransportState{t.comm != nullptr, t.world, t.rank, t.gin};
 }
 
 uint64_t transport_generation() {
@@ -128,6 +137,7 @@ void nccl_barrier(cudaStream_t stream) {
 
 void nccl_free_heaps(SharedHeaps& heaps) {
   Transport& t = transport();
+  if (heaps.gin && t.comm) FUSEDMOE_NCCL_CHECK(nccl().DevCommDestroy(t.comm, &heaps.dev_comm));
   if (heaps.window && t.comm) FUSEDMOE_NCCL_CHECK(nccl().CommWindowDeregister(t.comm, static_cast<ncclWindow_t>(heaps.window)));
   if (heaps.local) FUSEDMOE_NCCL_CHECK(nccl().MemFree(heaps.local));
   heaps = SharedHeaps{};
@@ -148,21 +158,41 @@ void nccl_allocate_heaps(SharedHeaps& heaps, size_t bytes, cudaStream_t stream) 
   heaps.window = window;
   FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(local, 0, bytes, stream));
 
+  const int lsa_size = t.lsa_end - t.lsa_begin;
   uintptr_t* d_ptrs = nullptr;
-  FUSEDMOE_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&d_ptrs), sizeof(uintptr_t) * t.world, stream));
-  lsa_pointers<<<1, 64, 0, stream>>>(window, t.world, d_ptrs);
+  FUSEDMOE_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&d_ptrs), sizeof(uintptr_t) * lsa_size, stream));
+  lsa_pointers<<<1, 64, 0, stream>>>(window, lsa_size, d_ptrs);
   FUSEDMOE_CUDA_CHECK(cudaGetLastError());
-  std::vector<uintptr_t> ptrs(static_cast<size_t>(t.world));
-  FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(ptrs.data(), d_ptrs, sizeof(uintptr_t) * t.world, cudaMemcpyDeviceToHost, stream));
+  std::vector<uintptr_t> ptrs(static_cast<size_t>(lsa_size));
+  FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(ptrs.data(), d_ptrs, sizeof(uintptr_t) * lsa_size, cudaMemcpyDeviceToHost, stream));
   FUSEDMOE_CUDA_CHECK(cudaFreeAsync(d_ptrs, stream));
   FUSEDMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-  const int64_t stride = t.world > 1 ? static_cast<int64_t>(ptrs[1] - ptrs[0]) : static_cast<int64_t>(bytes);
-  for (int q = 0; q < t.world; ++q)
-    FUSEDMOE_CHECK(ptrs[static_cast<size_t>(q)] == ptrs[0] + static_cast<uintptr_t>(q) * static_cast<uintptr_t>(stride),
-                   "NCCL transport: the window's peer mappings are not evenly spaced (peer " << q << ")");
-  FUSEDMOE_CHECK(ptrs[static_cast<size_t>(t.rank)] != 0, "NCCL transport: no LSA mapping of this rank's heap");
-  heaps.base = reinterpret_cast<unsigned char*>(ptrs[0]);
+  const int64_t stride = lsa_size > 1 ? static_cast<int64_t>(ptrs[1] - ptrs[0]) : static_cast<int64_t>(bytes);
+  for (int i = 0; i < lsa_size; ++i)
+    FUSEDMOE_CHECK(ptrs[static_cast<size_t>(i)] == ptrs[0] + static_cast<uintptr_t>(i) * static_cast<uintptr_t>(stride),
+                   "NCCL transport: the window's peer mappings are not evenly spaced (LSA peer " << i << ")");
+  FUSEDMOE_CHECK(ptrs[static_cast<size_t>(t.rank - t.lsa_begin)] != 0, "NCCL transport: no LSA mapping of this rank's heap");
+  // World rank q of the team at base + q * stride (the team's first rank is lsa_begin).
+  heaps.base = reinterpret_cast<unsigned char*>(ptrs[0] - static_cast<uintptr_t>(t.lsa_begin) * static_cast<uintptr_t>(stride));
   heaps.stride = stride;
+  heaps.gin = t.gin;
+  heaps.lsa_begin = t.lsa_begin;
+  heaps.lsa_end = t.lsa_end;
+  if (t.gin) {
+    // One GIN context carries every put and signal (gin_link.cuh); the signals of every
+    // (writer, slot) of the layout (WorkspaceLayout::gin_signal_count). A device communicator
+    // per window: its signals start at zero with the zeroed heap (and its gin_sent records).
+    ncclDevCommRequirements reqs;
+    std::memset(&reqs, 0, sizeof(reqs));
+    reqs.ginContextCount = 1;
+    reqs.ginSignalCount = static_cast<int>(WorkspaceLayout::gin_signal_count(t.world));
+    const ncclResult_t created = nccl().DevCommCreate(t.comm, &reqs, &heaps.dev_comm);
+    FUSEDMOE_CHECK(created == ncclSuccess,
+                   "NCCL transport: ranks " << t.lsa_begin << ".." << t.lsa_end - 1 << " of " << t.world
+                   << " share this node and the others need GIN (GPU-initiated networking), but ncclDevCommCreate "
+                   "with GIN signals failed: " << nccl().GetErrorString(created)
+                   << " (a GIN-capable network and NCCL 2.28 or newer are needed)");
+  }
   nccl_barrier(stream);  // every rank's heap is zeroed before any kernel writes into a peer's
 }
 
@@ -189,6 +219,9 @@ void use_local_transport() {
   t.scratch = nullptr;
   t.world = 1;
   t.rank = 0;
+  t.gin = false;
+  t.lsa_begin = 0;
+  t.lsa_end = 1;
   ++t.generation;
 }
 
@@ -211,17 +244,24 @@ void use_nccl_transport(const NcclUniqueId& id, int world, int rank) {
   ncclComm_t comm = nullptr;
   FUSEDMOE_NCCL_CHECK(lib.CommInitRank(&comm, world, nid, rank));
   const ncclTeam_t lsa = lib.TeamLsa(comm);
-  if (lsa.nRanks != world) {
+  // Ranks outside the LSA team (other nodes) are reached through GIN; FUSEDMOE_NCCL_GIN=0
+  // refuses such a world instead.
+  const char* gin_env = std::getenv("FUSEDMOE_NCCL_GIN");
+  const bool gin_allowed = !(gin_env && gin_env[0] == '0');
+  if (lsa.nRanks != world && (!gin_allowed || lsa.stride != 1)) {
     lib.CommDestroy(comm);
     FUSEDMOE_CHECK(false, "NCCL transport: only " << lsa.nRanks << " of the " << world
-                   << " ranks are load/store accessible from rank " << rank
-                   << " (one node, NVLink or P2P); the inter-node (GIN) transport is not available");
+                   << " ranks are load/store accessible from rank " << rank << " (one node, NVLink or P2P)"
+                   << (gin_allowed ? " and they are not consecutive ranks" : " and FUSEDMOE_NCCL_GIN=0 refuses GIN"));
   }
   FUSEDMOE_CUDA_CHECK(cudaMalloc(&t.scratch, sizeof(int)));
   FUSEDMOE_CUDA_CHECK(cudaMemset(t.scratch, 0, sizeof(int)));
   t.comm = comm;
   t.world = world;
   t.rank = rank;
+  t.gin = lsa.nRanks != world;
+  t.lsa_begin = rank - lsa.rank;
+  t.lsa_end = t.lsa_begin + lsa.nRanks;
   ++t.generation;
 }
 

@@ -4,10 +4,14 @@
 // The kernel addresses rank q's heap as base + q * stride. That is exactly how NCCL lays out the
 // LSA mappings of a window (ncclGetLsaPointer: the LSA team's flat base plus the peer's index
 // times a fixed stride), so the kernel takes base and stride from ncclGetLsaPointer once per
-// window and needs no other change between emulated and real ranks.
+// window and needs no other change between emulated and real ranks. Ranks outside the LSA team
+// (other nodes) are reached through GIN: the window's device communicator carries the puts and
+// signals (gin_link.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
+#include <nccl.h>
+#include <nccl_device.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -17,6 +21,7 @@ namespace fusedmoe::cuda::fused {
 struct TransportState {
   bool nccl = false;
   int world = 1, rank = 0;
+  bool gin = false;  // some ranks are outside this rank's LSA team (reached through GIN)
 };
 TransportState transport_state();
 
@@ -27,6 +32,11 @@ struct SharedHeaps {
   int64_t stride = 0;              // bytes from rank q's heap to rank q + 1's
   size_t bytes = 0;                // per rank
   void* window = nullptr;          // ncclWindow_t
+  // Ranks outside [lsa_begin, lsa_end) are on other nodes: the kernel reaches them with GIN
+  // puts and signals through dev_comm (gin_link.cuh); base + q * stride is valid only inside.
+  bool gin = false;
+  int lsa_begin = 0, lsa_end = 0;
+  ncclDevComm dev_comm{};
 };
 
 // Collective (every rank, same `bytes`): a window of `bytes` per rank, zeroed, registered and
