@@ -35,6 +35,8 @@
 //               so a flag word f is published as SignalAdd(f - last) and the peer's signal
 //               then reads exactly f: dispatch, return and launch flags keep their
 //               {epoch | count} meaning. Each signal has one writer (ids: gin_*_signal).
+//   gin_signals [gin_signal_count(W)] uint64  (after gin_sent, fixed too) this rank's signals
+//               when GIN is emulated on one GPU (tests); NCCL keeps the real ones.
 //   out_rows    [W owners][rows_per_source][H]  rows for owner q at the within-source index
 //   out_meta    [W owners][rows_per_source]     they will have in q's recv_rows / recv_meta;
 //               one put per (owner, local expert) segment moves both.
@@ -82,7 +84,7 @@ struct WorkspaceLayout {
   int64_t rows_per_source = 0;
   int64_t m_tiles = 0;        // ceil(T_max / block_m): tiles of one (source, expert) or token range
   int64_t task_capacity = 0;  // worst-case number of tasks of one launch
-  Section launch_flags, gin_sent, recv_rows, recv_meta, recv_flags, hidden, ret_rows, ret_flags, counters, task_queue;
+  Section launch_flags, gin_sent, gin_signals, recv_rows, recv_meta, recv_flags, hidden, ret_rows, ret_flags, counters, task_queue;
   Section out_rows, out_meta, out_ret, ret_recv;  // GIN only (bytes 0 otherwise)
   int64_t total_bytes = 0;
 
@@ -116,6 +118,7 @@ struct WorkspaceLayout {
     const int64_t row_bytes = params.hidden_size * params.element_size;
     l.launch_flags = take((params.world_size > kMinLaunchSlots ? params.world_size : kMinLaunchSlots) * 8);
     l.gin_sent = take(params.gin ? params.world_size * kGinSlots * 8 : 0);
+    l.gin_signals = take(params.gin ? gin_signal_count(params.world_size) * 8 : 0);
     l.recv_rows = take(params.world_size * l.rows_per_source * row_bytes);
     l.recv_meta = take(params.world_size * l.rows_per_source * 4);
     l.recv_flags = take(params.world_size * params.max_local_experts * 8);

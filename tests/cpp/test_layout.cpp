@@ -12,7 +12,7 @@ namespace fusedmoe {
 namespace {
 
 std::vector<Section> sections(const WorkspaceLayout& l) {
-  return {l.launch_flags, l.recv_rows, l.recv_meta, l.recv_flags, l.hidden, l.ret_rows, l.ret_flags, l.counters, l.task_queue};
+  return {l.launch_flags, l.gin_sent, l.gin_signals, l.recv_rows, l.recv_meta, l.recv_flags, l.hidden, l.ret_rows, l.ret_flags, l.counters, l.task_queue, l.out_rows, l.out_meta, l.out_ret, l.ret_recv};
 }
 
 LayoutParams params(int64_t world, int64_t local, int64_t k, int64_t tokens, int64_t capacity) {
@@ -68,6 +68,59 @@ TEST(Layout, LaunchFlagsNeverMove) {
   EXPECT_TRUE(epoch_reached(0, previous_epoch(1)));  // fresh memory passes the first launch's gate
   EXPECT_TRUE(epoch_reached(0xffffffffu, previous_epoch(1)));  // and so does the launch before a wrap
   EXPECT_FALSE(epoch_reached(6, previous_epoch(8)));
+}
+
+// GIN (peers on other nodes): the staging sections exist only then and do not overlap; the
+// records and signals sit at offsets that no other parameter moves; every (writer, slot) has
+// its own signal id below the count; the exchange of blocks maps every (owner, source, row) to
+// a distinct staging row inside the section.
+TEST(Layout, GinSectionsAndSignals) {
+  for (auto p : {params(4, 2, 2, 17, 0), params(8, 4, 8, 33, 5), params(2, 1, 1, 3, 0)}) {
+    const WorkspaceLayout plain = WorkspaceLayout::make(p);
+    EXPECT_EQ(plain.gin_sent.bytes, 0);
+    EXPECT_EQ(plain.out_rows.bytes, 0);
+    EXPECT_EQ(plain.ret_recv.bytes, 0);
+    p.gin = true;
+    const WorkspaceLayout l = WorkspaceLayout::make(p);
+    const int64_t W = p.world_size;
+    EXPECT_EQ(l.gin_sent.offset, l.launch_flags.offset + l.launch_flags.bytes);
+    EXPECT_EQ(l.gin_sent.bytes, W * WorkspaceLayout::kGinSlots * 8);
+    EXPECT_EQ(l.gin_signals.bytes, WorkspaceLayout::gin_signal_count(W) * 8);
+    LayoutParams other = p;  // another problem on the same world: records and signals stay put
+    other.max_tokens *= 3;
+    other.hidden_size += 8;
+    const WorkspaceLayout moved = WorkspaceLayout::make(other);
+    EXPECT_EQ(moved.gin_sent.offset, l.gin_sent.offset);
+    EXPECT_EQ(moved.gin_signals.offset, l.gin_signals.offset);
+    std::set<int64_t> ids, sent;
+    for (int64_t a = 0; a < W; ++a) {
+      ids.insert(l.gin_launch_signal(a));
+      for (int64_t b = 0; b < W; ++b) sent.insert(l.gin_sent_launch(b) + 1000000 * a);
+      for (int64_t local = 0; local < p.max_local_experts; ++local) {
+        ids.insert(l.gin_dispatch_signal(a, local));
+        ids.insert(l.gin_return_signal(a, local));
+        for (int64_t b = 0; b < W; ++b) {
+          sent.insert(l.gin_sent_dispatch(b, local) + 1000000 * a);
+          sent.insert(l.gin_sent_return(b, local) + 1000000 * a);
+        }
+      }
+    }
+    EXPECT_EQ(static_cast<int64_t>(ids.size()), W * (2 * p.max_local_experts + 1));
+    EXPECT_LT(*ids.rbegin(), WorkspaceLayout::gin_signal_count(W));
+    EXPECT_EQ(static_cast<int64_t>(sent.size()), W * W * (2 * p.max_local_experts + 1));
+    for (int64_t slot : sent) EXPECT_LT(slot % 1000000, W * WorkspaceLayout::kGinSlots);
+    std::set<int64_t> staged;
+    for (int64_t owner = 0; owner < W; ++owner)
+      for (int64_t row = 0; row < l.rows_per_source; ++row) {
+        const int64_t source = (owner + 1) % W, recv = l.recv_row(source, 0, 0, row);
+        const int64_t out = l.out_row(owner, source, recv);
+        EXPECT_EQ(l.ret_recv_row(owner, source, recv), out);
+        EXPECT_GE(out, 0);
+        EXPECT_LT(out, W * l.rows_per_source);
+        staged.insert(out);
+      }
+    EXPECT_EQ(static_cast<int64_t>(staged.size()), W * l.rows_per_source);
+  }
 }
 
 // Worst case: every slot the router can produce lands inside the source's block, and distinct

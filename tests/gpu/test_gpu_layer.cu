@@ -509,6 +509,43 @@ TEST(FusedKernel, EmulatedRanksUnevenSkewedCapacity) {
   }
 }
 
+// The kernel's GIN paths (peers on other nodes: staged rows and results, puts per segment, flag
+// words as signal adds, the launch gate on signals) with GIN emulated on one GPU: emulated ranks
+// in teams of 1 or 2, puts as copies, signals as system-scope atomic adds in the receiver's heap.
+// Equal to the oracle on both engines and fp32, dropless and capacity, shared experts, uneven
+// and empty ranks; three launches per case (the signal adds must keep reading as the flags of
+// the launch); then a launch without GIN on the same workspace.
+TEST(FusedKernel, GinPathsOnEmulatedRanks) {
+  REQUIRE_GPU();
+  int cases = 0;
+  for (DType dt : {DType::kBFloat16, DType::kFloat32}) {
+    for (bool portable : {false, true}) {
+      if (portable && dt == DType::kFloat32) continue;
+      for (int lsa : {1, 2}) {
+        FusedOptionsScope gin({.sync_check = true, .portable_engine = portable, .gin_lsa_size = lsa});
+        for (bool capacity : {false, true}) {
+          MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, dt);
+          c.world_size = 4;
+          c.num_experts = 16;
+          c.top_k = 4;
+          c.num_shared_experts = capacity ? 0 : 1;
+          if (capacity) c.capacity_factor = 0.6;
+          const std::vector<int64_t> split = {130, 0, 61, 197};
+          GpuCase gc = fused_case(c, 388, split);
+          gc.gate_scale = 8.0;
+          for (int launch = 0; launch < 3; ++launch, ++cases)
+            check_case(gc, test_seed() + static_cast<uint64_t>(cases));
+        }
+      }
+    }
+  }
+  FusedOptionsScope sync({.sync_check = true});
+  MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
+  c.world_size = 4;
+  check_case(fused_case(c, 300), test_seed() + 99);
+  std::printf("GIN paths on emulated ranks: %d launches equal to the oracle\n", cases);
+}
+
 TEST(FusedKernel, AdversarialShapes) {
   REQUIRE_GPU();
   FusedOptionsScope sync({.sync_check = true});

@@ -142,6 +142,7 @@ struct Workspace {
   // old rows (any bits) there, which could read as a flag of its epoch, so those sections of
   // the new layout are cleared first.
   std::array<int64_t, 6> protocol_sections{};
+  bool protocol_gin = false;  // the last layout had the GIN sections
 
   RankControl* rank_control() const { return reinterpret_cast<RankControl*>(control); }
   size_t off_tasks() const { return WorkspaceLayout::align_up(sizeof(RankControl) * world, 256); }
@@ -178,13 +179,21 @@ struct Workspace {
   }
   // Rank q's heap as this rank's kernel addresses it.
   unsigned char* heap_base() const { return nccl ? shared.base : heaps; }
-  GinLink gin_link() const {
+  // Peers on other nodes: NCCL's GIN, or (tests, emulated ranks) teams of `emulated_lsa` ranks
+  // with GIN emulated by copies and atomics in the heaps (gin_link.cuh).
+  GinLink gin_link(const WorkspaceLayout& l, int emulated_lsa) const {
     GinLink g{};
-    g.on = nccl && shared.gin;
-    g.lsa_begin = shared.lsa_begin;
-    g.lsa_end = shared.lsa_end;
-    g.window = static_cast<ncclWindow_t>(shared.window);
-    if (g.on) g.comm = shared.dev_comm;
+    g.lsa_size = 1;
+    if (nccl && shared.gin) {
+      g.on = true;
+      g.lsa_size = shared.lsa_end - shared.lsa_begin;
+      g.window = static_cast<ncclWindow_t>(shared.window);
+      g.comm = shared.dev_comm;
+    } else if (!nccl && emulated_lsa > 0) {
+      g.on = g.emulated = true;
+      g.lsa_size = emulated_lsa;
+      g.signals_offset = l.gin_signals.offset;
+    }
     return g;
   }
   int64_t kernel_heap_stride() const { return nccl ? shared.stride : static_cast<int64_t>(heap_stride); }
@@ -246,14 +255,26 @@ struct Workspace {
 
   void use_layout(const WorkspaceLayout& l, cudaStream_t stream) {
     const std::array<int64_t, 6> sections = sections_of(l);
-    if (sections == protocol_sections) return;
+    if (sections == protocol_sections && l.p.gin == protocol_gin) return;
+    if (!nccl && (l.p.gin || protocol_gin)) {
+      // Emulated GIN (tests) before or now: launch flags of remote peers live in signals, and
+      // signals must read as what their writers recorded (gin_sent), so the state starts over:
+      // everything zero, epochs from 1, as after an allocation. (Real GIN never switches: its
+      // layouts always have the sections.)
+      clear(stream);
+      protocol_sections = sections;
+      protocol_gin = l.p.gin;
+      return;
+    }
     for (int q = 0; q < own_heaps(); ++q)
       for (const Section& section : {l.recv_flags, l.ret_flags, l.counters})
         FUSEDMOE_CUDA_CHECK(cudaMemsetAsync(heaps + q * heap_stride + section.offset, 0,
                                             static_cast<size_t>(section.bytes), stream));
+
     // Real ranks: no peer may raise a flag in this heap before it is cleared.
     if (nccl) nccl_barrier(stream);
     protocol_sections = sections;
+    protocol_gin = l.p.gin;
   }
 
   // (Re)allocates when the sizes grow or the shape of the problem changes; `l` is the layout
@@ -327,6 +348,7 @@ struct Workspace {
       clear(stream);
     }
     protocol_sections = sections_of(l);
+    protocol_gin = l.p.gin;
     if (nccl) nccl_barrier(stream);
   }
 };
@@ -374,7 +396,9 @@ class FusedBackend {
     const int64_t max_tokens = *std::max_element(tokens_per_rank.begin(), tokens_per_rank.end());
     TilePlan plan = make_plan(c, max_tokens, DeviceInfo{});
     plan.layout.block_m = kTileM;
-    plan.layout.gin = transport.gin;  // peers on other nodes: staging sections (gin_link.cuh)
+    // Peers on other nodes: staging sections (gin_link.cuh); or GIN emulated (tests).
+    const int emulated_lsa = !transport.nccl && options.gin_lsa_size > 0 && options.gin_lsa_size < W ? options.gin_lsa_size : 0;
+    plan.layout.gin = transport.gin || emulated_lsa > 0;
     const WorkspaceLayout layout = WorkspaceLayout::make(plan.layout);
     const int64_t max_local = c.max_local_experts();
     FUSEDMOE_CHECK(W * max_local <= kMaxSegments, "fused backend: world_size x local experts = " << W * max_local
@@ -496,7 +520,7 @@ class FusedBackend {
     p.heap_base = ws.heap_base();
     p.heap_stride = ws.kernel_heap_stride();
     p.layout = layout;
-    p.gin = ws.gin_link();
+    p.gin = ws.gin_link(layout, emulated_lsa);
     p.sent_row = p.gin.on ? s.alloc<int32_t>(Tn * k) : nullptr;
     p.control = ws.rank_control();
     p.task_capacity = ws.task_capacity;

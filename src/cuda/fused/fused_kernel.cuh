@@ -264,7 +264,7 @@ struct Ctx {
   // that their code is the code of a world without it (inlined GIN calls cost registers).
   static constexpr bool gin_on = kGin;
 
-  __device__ bool remote(int q) const { return kGin && p.gin.remote(q); }
+  __device__ bool remote(int q) const { return kGin && p.gin.remote(rank, q); }
 
   __device__ unsigned char* heap(int q) const { return p.heap_base + q * p.heap_stride; }
   // Shared expert s of this rank: its GEMM0 output rows and GEMM1 output rows (token order).
@@ -318,7 +318,7 @@ struct Ctx {
   // The same on this rank's GIN signal `signal` (a remote writer's flag word).
   __device__ bool wait_signal(int64_t signal, uint32_t expected, uint64_t* value, uint32_t what, int64_t a,
                               int64_t b) const {
-    return wait_loaded([&] { return gin_read(&p.gin, signal); }, expected, value, what, a, b);
+    return wait_loaded([&] { return gin_read(p.gin, heap(rank), signal); }, expected, value, what, a, b);
   }
   // Dispatch flag of (source, local expert) of this rank; return flag of expert e of this rank.
   __device__ bool wait_dispatch(int source, int local, uint64_t* value) const {
@@ -843,9 +843,12 @@ __device__ void signal_dispatch(const Ctx<T, G>& ctx, int e, int64_t count, int6
     const WorkspaceLayout& l = p.layout;
     const int64_t first = l.recv_row(ctx.rank, local, psum, 0), out = l.out_row(owner, ctx.rank, first);
     const int64_t row_bytes = p.hidden * static_cast<int64_t>(sizeof(T));
-    gin_put(&p.gin, owner, l.recv_rows.offset + first * row_bytes, l.out_rows.offset + out * row_bytes, count * row_bytes);
-    gin_publish(&p.gin, owner, l.gin_dispatch_signal(ctx.rank, local), ctx.gin_sent(l.gin_sent_dispatch(owner, local)),
-                flag, l.recv_meta.offset + first * 4, l.out_meta.offset + out * 4, count * 4);
+    unsigned char *self = ctx.heap(ctx.rank), *peer = ctx.heap(owner);
+    gin_put(p.gin, owner, self, peer, l.recv_rows.offset + first * row_bytes, l.out_rows.offset + out * row_bytes,
+            count * row_bytes);
+    gin_publish(p.gin, owner, self, peer, l.gin_dispatch_signal(ctx.rank, local),
+                ctx.gin_sent(l.gin_sent_dispatch(owner, local)), flag, l.recv_meta.offset + first * 4,
+                l.out_meta.offset + out * 4, count * 4);
     return;
   }
   st_release_sys(ctx.recv_flag(owner, ctx.rank, local), flag);
@@ -1314,7 +1317,8 @@ __device__ void finish_task(const Ctx<T, G>& ctx, const Task& task) {
       if (ctx.remote(src)) {  // the segment's staged results in one put, then the flag
         const WorkspaceLayout& l = p.layout;
         const int64_t row_bytes = p.hidden * static_cast<int64_t>(sizeof(T));
-        gin_publish(&p.gin, src, l.gin_return_signal(ctx.rank, loc), ctx.gin_sent(l.gin_sent_return(src, loc)), flag,
+        gin_publish(p.gin, src, ctx.heap(ctx.rank), ctx.heap(src), l.gin_return_signal(ctx.rank, loc),
+                    ctx.gin_sent(l.gin_sent_return(src, loc)), flag,
                     l.ret_recv.offset + l.ret_recv_row(ctx.rank, src, seg_begin) * row_bytes,
                     l.out_ret.offset + seg_begin * row_bytes, count * row_bytes);
       } else {
@@ -1574,11 +1578,11 @@ __device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char*
       for (int s = p.rank_base; s < p.rank_base + p.grid_ranks; ++s) {
         if (s == p.unfinished_rank) continue;
         for (int q = 0; q < p.world; ++q) {
-          if (ctx.remote(q)) {  // GIN: one grid per rank, so s is this grid's rank
+          if (kGin && p.gin.remote(s, q)) {
             const WorkspaceLayout& l = p.layout;
-            gin_publish(&p.gin, q, l.gin_launch_signal(s),
+            gin_publish(p.gin, q, ctx.heap(s), ctx.heap(q), l.gin_launch_signal(s),
                         reinterpret_cast<uint64_t*>(ctx.heap(s) + l.gin_sent.offset) + l.gin_sent_launch(q),
-                        make_flag(epoch, 0), 0, 0, 0);
+                        make_flag(epoch, 0));
           } else {
             st_release_sys(ctx.launch_flag(q, s), make_flag(epoch, 0));
           }

@@ -20,6 +20,10 @@ struct FusedOptions {
   bool flag_before_data = false;  // fault: raise every dispatch flag before writing the rows
   bool drop_shared_tiles = false; // fault: shared-expert GEMM1 tiles are never counted (the
                                   // combine's wait for them must time out)
+  // Tests of the GIN paths on one GPU: > 0 (and < world_size, emulated ranks): ranks form teams
+  // of this many, and the other teams are reached through the kernel's GIN paths with puts and
+  // signals emulated by copies and atomics in the heaps (gin_link.cuh).
+  int gin_lsa_size = 0;
   int unfinished_rank = -1;       // fault: this rank never announces the end of the launch (every
                                   // rank's next launch must time out waiting for it)
   // Faults of the Hopper engine's in-block waits: kStallScheduler — the scheduler thread of

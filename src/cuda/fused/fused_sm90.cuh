@@ -195,7 +195,7 @@ struct Sm90Engine {
 
   // Consumers: mainloop and epilogue of one task.
   template <class Accumulator, bool G>
-  __device__ void compute(const Ctx<T, G>& ctx, Sm90Smem<T>& s, typename Sm90Tiles<T>::Pipeline& pipeline,
+  __device__ __forceinline__ void compute(const Ctx<T, G>& ctx, Sm90Smem<T>& s, typename Sm90Tiles<T>::Pipeline& pipeline,
                           typename Sm90Tiles<T>::Plain::PipelineState& read_state, Accumulator& accum,
                           const Task& task) const {
     using Cfg = typename Sm90Tiles<T>::Plain;

@@ -21,8 +21,11 @@
 // different blocks for one segment (rows, then metadata) and the receiver reads its signals
 // on the context they arrive on.
 // What cannot be run here: any real GIN traffic (it needs a GIN-capable network between
-// nodes). What is tested: the index and signal arithmetic (tests/cpp/test_layout.cpp) and the
-// protocol with puts and signals emulated (tests/cpp/test_protocol.cpp, "Gin" tests).
+// nodes). What is tested: the index and signal arithmetic (tests/cpp/test_layout.cpp), the
+// protocol with puts and signals emulated on CPU threads (tests/cpp/test_protocol.cpp, "Gin"
+// tests), and this kernel's GIN paths with emulated ranks on one GPU (GinLink::emulated: a put
+// is a copy by the issuing thread, a signal a system-scope atomic add in the receiver's heap;
+// FusedOptions::gin_lsa_size, GPU test FusedKernel.GinPathsOnEmulatedRanks).
 #pragma once
 
 #include <nccl.h>
@@ -36,24 +39,46 @@ namespace fusedmoe::cuda::fused {
 
 struct GinLink {
   bool on;                 // some rank of the world is outside this rank's LSA team
-  int lsa_begin, lsa_end;  // world ranks [lsa_begin, lsa_end) are load/store peers
+  bool emulated;           // tests on one GPU: emulated ranks, puts as copies, signals in heaps
+  int lsa_size;            // LSA teams: ranks [i * lsa_size, (i + 1) * lsa_size)
+  int64_t signals_offset;  // emulated: this rank's signals (layout gin_signals) in its heap
   ncclWindow_t window;     // the heaps' window: source and destination of every put
   ncclDevComm comm;        // GIN context 0 and the signals
 
-  __host__ __device__ bool remote(int q) const { return on && (q < lsa_begin || q >= lsa_end); }
+  __host__ __device__ bool remote(int r, int q) const { return on && r / lsa_size != q / lsa_size; }
 };
 
+__device__ __forceinline__ void red_release_sys(uint64_t* p, uint64_t v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 // Reads this rank's signal `signal` (acquire), i.e. the flag word its writer last published.
-__device__ __forceinline__ uint64_t gin_read(const GinLink* link, int64_t signal) {
-  const GinLink& g = *link;
+// `self`: this rank's heap.
+__device__ __forceinline__ uint64_t gin_read(const GinLink& g, unsigned char* self, int64_t signal) {
+  if (g.emulated) {
+    uint64_t v;
+    const uint64_t* p = reinterpret_cast<const uint64_t*>(self + g.signals_offset) + signal;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+  }
   ncclGin gin(g.comm, 0);
   return gin.readSignal(static_cast<ncclGinSignal_t>(signal));
 }
 
-// Puts `bytes` from this rank's heap (offset `src`) to `peer`'s heap (offset `dst`), no signal.
-__device__ __forceinline__ void gin_put(const GinLink* link, int peer, int64_t dst, int64_t src, int64_t bytes) {
+// Puts `bytes` from this rank's heap (`self`, offset `src`) to `peer`'s heap (offset `dst`; the
+// emulation copies into `peer_heap`), no signal.
+__device__ __forceinline__ void gin_put(const GinLink& g, int peer, unsigned char* self, unsigned char* peer_heap,
+                                        int64_t dst, int64_t src, int64_t bytes) {
   if (bytes <= 0) return;
-  const GinLink& g = *link;
+  if (g.emulated) {  // one thread: test sizes only
+    const unsigned char* from = self + src;
+    unsigned char* to = peer_heap + dst;
+    int64_t i = 0;
+    if (((reinterpret_cast<uintptr_t>(from) | reinterpret_cast<uintptr_t>(to)) & 15u) == 0)
+      for (; i + 16 <= bytes; i += 16) *reinterpret_cast<uint4*>(to + i) = *reinterpret_cast<const uint4*>(from + i);
+    for (; i < bytes; ++i) to[i] = from[i];
+    return;
+  }
   ncclGin gin(g.comm, 0);
   gin.put(ncclTeamWorld(g.comm), peer, g.window, static_cast<size_t>(dst), g.window, static_cast<size_t>(src),
           static_cast<size_t>(bytes));
@@ -61,17 +86,24 @@ __device__ __forceinline__ void gin_put(const GinLink* link, int peer, int64_t d
 
 // Puts `bytes` as gin_put does, then publishes flag word `flag` on `peer`'s signal `signal`;
 // `last` (in this rank's gin_sent) holds the value this rank gave that signal before.
-__device__ __forceinline__ void gin_publish(const GinLink* link, int peer, int64_t signal, uint64_t* last, uint64_t flag,
-                                         int64_t dst, int64_t src, int64_t bytes) {
-  const GinLink& g = *link;
-  ncclGin gin(g.comm, 0);
-  const ncclGin_SignalAdd add{static_cast<ncclGinSignal_t>(signal), flag - *last};
+__device__ __forceinline__ void gin_publish(const GinLink& g, int peer, unsigned char* self, unsigned char* peer_heap,
+                                            int64_t signal, uint64_t* last, uint64_t flag, int64_t dst = 0,
+                                            int64_t src = 0, int64_t bytes = 0) {
+  const uint64_t add = flag - *last;
   *last = flag;
+  if (g.emulated) {
+    gin_put(g, peer, self, peer_heap, dst, src, bytes);
+    __threadfence_system();
+    red_release_sys(reinterpret_cast<uint64_t*>(peer_heap + g.signals_offset) + signal, add);
+    return;
+  }
+  ncclGin gin(g.comm, 0);
+  const ncclGin_SignalAdd signal_add{static_cast<ncclGinSignal_t>(signal), add};
   if (bytes > 0)
     gin.put(ncclTeamWorld(g.comm), peer, g.window, static_cast<size_t>(dst), g.window, static_cast<size_t>(src),
-            static_cast<size_t>(bytes), add);
+            static_cast<size_t>(bytes), signal_add);
   else
-    gin.signal(ncclTeamWorld(g.comm), peer, add);
+    gin.signal(ncclTeamWorld(g.comm), peer, signal_add);
 }
 
 }  // namespace fusedmoe::cuda::fused

@@ -248,11 +248,14 @@ void use_nccl_transport(const NcclUniqueId& id, int world, int rank) {
   // refuses such a world instead.
   const char* gin_env = std::getenv("FUSEDMOE_NCCL_GIN");
   const bool gin_allowed = !(gin_env && gin_env[0] == '0');
-  if (lsa.nRanks != world && (!gin_allowed || lsa.stride != 1)) {
+  // The kernel takes teams as [i * size, (i + 1) * size): consecutive ranks, equal nodes.
+  const bool aligned_teams = lsa.stride == 1 && world % lsa.nRanks == 0 && (rank - lsa.rank) % lsa.nRanks == 0;
+  if (lsa.nRanks != world && (!gin_allowed || !aligned_teams)) {
     lib.CommDestroy(comm);
     FUSEDMOE_CHECK(false, "NCCL transport: only " << lsa.nRanks << " of the " << world
                    << " ranks are load/store accessible from rank " << rank << " (one node, NVLink or P2P)"
-                   << (gin_allowed ? " and they are not consecutive ranks" : " and FUSEDMOE_NCCL_GIN=0 refuses GIN"));
+                   << (gin_allowed ? " and the nodes are not equal blocks of consecutive ranks"
+                                   : " and FUSEDMOE_NCCL_GIN=0 refuses GIN"));
   }
   FUSEDMOE_CUDA_CHECK(cudaMalloc(&t.scratch, sizeof(int)));
   FUSEDMOE_CUDA_CHECK(cudaMemset(t.scratch, 0, sizeof(int)));
