@@ -542,6 +542,7 @@ class FusedBackend {
     p.flag_before_data = options.flag_before_data;
     p.drop_shared_tiles = options.drop_shared_tiles;
     p.unfinished_rank = options.unfinished_rank;
+    p.launch_slots = transport.nccl ? W : ws.world;
     p.stall = options.stall;
 
     bool timeline = false;

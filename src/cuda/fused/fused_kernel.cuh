@@ -223,6 +223,8 @@ struct Params {
   bool drop_shared_tiles;  // FusedOptions::drop_shared_tiles
   int unfinished_rank;     // FusedOptions::unfinished_rank
   int stall;  // FusedOptions::Stall (Hopper engine, block 0)
+  // Emulated ranks: heaps of the workspace (>= world: it is shared by layers of other worlds).
+  int launch_slots;
 };
 
 // ------------------------------------------------------------------------- memory order --
@@ -1573,12 +1575,16 @@ __device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char*
       __threadfence();
       *reinterpret_cast<volatile uint32_t*>(p.epoch_word) = epoch;
       // This grid's ranks announce the end of the launch in every rank's heap (failed or not: a
-      // failure is raised on the host, and the next launch must not wait for this one).
+      // failure is raised on the host, and the next launch must not wait for this one). With
+      // emulated ranks the whole workspace's slots: a later layer of a larger world on the same
+      // workspace waits for ranks this launch did not have (one grid ran them all: all ended).
       __threadfence_system();
-      for (int s = p.rank_base; s < p.rank_base + p.grid_ranks; ++s) {
+      const bool emulated = p.grid_ranks == p.world;
+      const int slots = emulated ? p.launch_slots : p.world;
+      for (int s = emulated ? 0 : p.rank_base; s < (emulated ? slots : p.rank_base + p.grid_ranks); ++s) {
         if (s == p.unfinished_rank) continue;
-        for (int q = 0; q < p.world; ++q) {
-          if (kGin && p.gin.remote(s, q)) {
+        for (int q = 0; q < slots; ++q) {
+          if (kGin && s < p.world && q < p.world && p.gin.remote(s, q)) {
             const WorkspaceLayout& l = p.layout;
             gin_publish(p.gin, q, ctx.heap(s), ctx.heap(q), l.gin_launch_signal(s),
                         reinterpret_cast<uint64_t*>(ctx.heap(s) + l.gin_sent.offset) + l.gin_sent_launch(q),
