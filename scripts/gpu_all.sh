@@ -99,7 +99,7 @@ if [ "${SANITIZE:-1}" != 0 ] && command -v compute-sanitizer >/dev/null; then
   for tool in ${SANITIZERS:-memcheck racecheck}; do
     step "compute-sanitizer $tool (small cases)"
     FUSEDMOE_FUSED_TIMEOUT_MS=120000 compute-sanitizer --tool "$tool" --error-exitcode 3 "$BUILD_DIR/tests/gpu/fusedmoe_gpu_tests" \
-      --gtest_filter='All/GpuKinds.ForwardBackwardMatchOracle/fp32_softmax_swiglu:All/GpuKinds.ForwardBackwardMatchOracle/bf16_gshard_geglu:GpuLayer.CapacityAndSharedExperts:All/FusedKinds.MatchesOracleAtW1AndW4/bf16_softmax_swiglu:All/FusedKinds.MatchesOracleAtW1AndW4/fp32_noisy_geglu:FusedKernel.DecodeShapesSplitRouting:FusedKernel.SharedExperts' \
+      --gtest_filter='All/GpuKinds.ForwardBackwardMatchOracle/fp32_softmax_swiglu:All/GpuKinds.ForwardBackwardMatchOracle/bf16_gshard_geglu:GpuLayer.CapacityAndSharedExperts:All/FusedKinds.MatchesOracleAtW1AndW4/bf16_softmax_swiglu:All/FusedKinds.MatchesOracleAtW1AndW4/fp32_noisy_geglu:FusedKernel.DecodeShapesSplitRouting:FusedKernel.SharedExperts:FusedKernel.GinPathsOnEmulatedRanks' \
       >"$OUT/sanitizer_$tool.log" 2>&1 || status=1
     tail -4 "$OUT/sanitizer_$tool.log"
   done
