@@ -79,9 +79,9 @@ TEST(Protocol, AllTokensToOneExpertAndEmptyRanks) {
   expect_forward_equal(c, w, in, "one expert, capacity");
 }
 
-TEST(Protocol, RandomCasesAgainstOracle) {
-  const uint64_t base = test_seed();
-  for (int i = 0; i < 150 && !HasFailure(); ++i) {
+// `count` random cases from seed `base` on the threads backend against the oracle.
+void expect_random_cases_equal_oracle(uint64_t base, int count) {
+  for (int i = 0; i < count && !::testing::Test::HasFailure(); ++i) {
     RandomCase rc = make_random_case(base + static_cast<uint64_t>(i));
     SCOPED_TRACE("replay: FUSEDMOE_TEST_SEED case " + std::to_string(base + static_cast<uint64_t>(i)) + " " + rc.describe);
     Result threads = run_layer(rc.config, rc.weights, rc.inputs, Backend::kThreads, false);
@@ -89,6 +89,8 @@ TEST(Protocol, RandomCasesAgainstOracle) {
     expect_same(threads, oracle, rc.config.dtype == DType::kFloat64 ? 1e-12 : 1e-6, rc.describe);
   }
 }
+
+TEST(Protocol, RandomCasesAgainstOracle) { expect_random_cases_equal_oracle(test_seed(), 150); }
 
 // Back-to-back launches reuse the flags (and GIN signals, whose adds must keep reading as the
 // flag word of the launch) with no reset; load/store peers, and teams of two over GIN.
@@ -116,14 +118,7 @@ TEST(Protocol, BackToBackLaunchesOverGin) {
 
 TEST(Protocol, RandomCasesOverGin) {
   OptionsScope scope({.lsa_size = 1});
-  const uint64_t base = test_seed() + 1000;
-  for (int i = 0; i < 60 && !HasFailure(); ++i) {
-    RandomCase rc = make_random_case(base + static_cast<uint64_t>(i));
-    SCOPED_TRACE("replay: FUSEDMOE_TEST_SEED case " + std::to_string(base + static_cast<uint64_t>(i)) + " " + rc.describe);
-    Result threads = run_layer(rc.config, rc.weights, rc.inputs, Backend::kThreads, false);
-    Result oracle = run_layer(rc.config, rc.weights, rc.inputs, Backend::kCpu, false);
-    expect_same(threads, oracle, rc.config.dtype == DType::kFloat64 ? 1e-12 : 1e-6, rc.describe);
-  }
+  expect_random_cases_equal_oracle(test_seed() + 1000, 60);
 }
 
 TEST(Protocol, SilentRankIsReportedWithinTimeout) {
