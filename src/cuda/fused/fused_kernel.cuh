@@ -248,6 +248,14 @@ __device__ __forceinline__ void st_release_gpu(uint32_t* p, uint32_t v) {
 // portable kernel; the two consumer warpgroups of the Hopper kernel, whose third warpgroup only
 // takes part in the expert phase): their barrier is named barrier 1 over kThreads threads.
 __device__ __forceinline__ void team_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); }
+// team_sync that also tells every thread of the team whether any of them passed `v`: a decision
+// all of them take alike (a thread leaving alone would strand the others at the next team_sync).
+__device__ __forceinline__ bool team_any(bool v) {
+  uint32_t any;
+  asm volatile("{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, 1, %2, p;\n selp.u32 %0, 1, 0, q;\n}"
+               : "=r"(any) : "r"(static_cast<uint32_t>(v)), "n"(kThreads) : "memory");
+  return any != 0;
+}
 // Orders this thread's generic-proxy global writes before later async-proxy (TMA) accesses.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async;" ::: "memory"); }
 __device__ __forceinline__ uint64_t global_ns() {
@@ -879,8 +887,7 @@ __device__ void dispatch_phase(const Ctx<T, G>& ctx, SharedUnion<T>& sm) {
     if (ctx.remote(q)) ctx.wait_signal(p.layout.gin_launch_signal(q), previous_epoch(ctx.epoch), &seen, kLaunchFlag, q, 0);
     else ctx.wait_epoch(ctx.launch_flag(r, q), previous_epoch(ctx.epoch), &seen, kLaunchFlag, q, 0);
   }
-  team_sync();
-  if (ctx.aborted()) return;
+  if (team_any(ctx.aborted())) return;  // nothing goes into a heap of a launch that failed
   for (int64_t u = ctx.local_block; u < chunks * parts; u += ctx.blocks_per_rank) {
     const int64_t c = u % chunks, part = u / chunks;
     const bool lead = part == 0;  // the chunk's first part writes the chunk-wide results
