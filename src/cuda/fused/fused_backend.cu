@@ -134,7 +134,7 @@ struct Workspace {
   bool nccl = false;
   SharedHeaps shared;
   unsigned char* heaps = nullptr;
-  unsigned char* control = nullptr;  // RankControl[W] | tasks | ready | counters | words | record
+  unsigned char* control = nullptr;  // RankControl[W] | tasks | ready | counters | words | record | expert counts
   ErrorRecord* host_record = nullptr;  // pinned
   cudaEvent_t record_copied = nullptr;
   bool record_pending = false;
@@ -151,7 +151,12 @@ struct Workspace {
   size_t off_seg_done() const { return off_dispatch() + WorkspaceLayout::align_up(4 * world * experts, 256); }
   size_t off_words() const { return off_seg_done() + WorkspaceLayout::align_up(4 * world * segments, 256); }
   size_t off_record() const { return off_words() + 256; }
-  size_t total() const { return off_record() + WorkspaceLayout::align_up(sizeof(ErrorRecord), 256); }
+  size_t off_counters() const { return off_record() + WorkspaceLayout::align_up(sizeof(ErrorRecord), 256); }
+  size_t total() const { return off_counters() + WorkspaceLayout::align_up(16 * experts, 256); }
+  // [2][experts]: the routed and kept counts a launch accumulates (zeroed by its last block).
+  unsigned long long* expert_counters() const {
+    return reinterpret_cast<unsigned long long*>(control + off_counters());
+  }
   uint32_t* word(int i) const { return reinterpret_cast<uint32_t*>(control + off_words()) + i; }
 
   TimelineRecord* timeline = nullptr;  // [timeline_blocks][kTimelineCapacity], then counts
@@ -511,11 +516,13 @@ class FusedBackend {
     }
     p.chunk_counts = s.alloc<int32_t>(W * k * max_chunks * E);
     p.kept_rank = s.alloc<int64_t>(W * E);
-    auto* counts = s.zeros<unsigned long long>(2 * E);
-    p.routed = counts;
-    p.kept_total = counts + E;
-    r.routed = reinterpret_cast<int64_t*>(p.routed);
-    r.kept_count = reinterpret_cast<int64_t*>(p.kept_total);
+    // Counts: accumulated in the workspace (zero between launches), written out by the kernel.
+    p.routed = ws.expert_counters();
+    p.kept_total = p.routed + ws.experts;
+    p.routed_out = out.expert_counts ? out.expert_counts : s.alloc<int64_t>(E);
+    p.kept_out = out.kept_counts ? out.kept_counts : s.alloc<int64_t>(E);
+    r.routed = p.routed_out;
+    r.kept_count = p.kept_out;
 
     p.heap_base = ws.heap_base();
     p.heap_stride = ws.kernel_heap_stride();
@@ -574,10 +581,6 @@ class FusedBackend {
     if (timeline) ws.publish_timeline(grid, stream);
 
     if (out.topk_weight.defined()) convert<T>(r.weight, static_cast<T*>(out.topk_weight.data), Tn * k, stream);
-    if (out.expert_counts)
-      FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(out.expert_counts, p.routed, sizeof(int64_t) * E, cudaMemcpyDeviceToDevice, stream));
-    if (out.kept_counts)
-      FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(out.kept_counts, p.kept_total, sizeof(int64_t) * E, cudaMemcpyDeviceToDevice, stream));
     if (out.aux_loss || out.z_loss) balance_losses(p.router, r, out.aux_loss, out.z_loss, stream);
 
     // The error record comes back to pinned memory after the kernel; checked now (sync_check)

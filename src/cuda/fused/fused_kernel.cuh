@@ -195,8 +195,10 @@ struct Params {
   int64_t* kept_rank;            // [W][E] kept rows of (source rank, expert)
   uint32_t* dispatch_written;    // [W][E] arrival counters (reset by their completer)
   uint32_t* seg_done;            // [W][W * max_local] GEMM1 tiles done per segment of each rank
-  unsigned long long* routed;    // [E] (zeroed by the host) routed counts, all ranks
-  unsigned long long* kept_total;// [E] (zeroed by the host)
+  unsigned long long* routed;    // [E] routed counts, all ranks (workspace: the last block of a
+  unsigned long long* kept_total;// [E]  launch copies them out and zeroes them for the next)
+  int64_t* routed_out;           // [E] where the launch's routed and kept counts go
+  int64_t* kept_out;             // [E]
   // Heaps
   unsigned char* heap_base;
   int64_t heap_stride;
@@ -1570,13 +1572,29 @@ __device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char*
   start = global_ns();
   if (team && !ctx.aborted()) combine_phase(ctx);
 
-  // The last block of the launch resets the control words and publishes the next epoch.
+  // The last block of the launch hands out the expert counts and zeroes them, resets the
+  // control words and publishes the next epoch.
   __syncthreads();
+  bool last = false;
   if (threadIdx.x == 0) {
     ctx.record(kEventCombine, start);
     __threadfence();
-    const uint32_t finished = atomicAdd(p.blocks_done, 1u) + 1u;
-    if (finished == gridDim.x) {
+    last = atomicAdd(p.blocks_done, 1u) + 1u == gridDim.x;
+  }
+  // (Broadcast by the barrier: a static __shared__ variable would move the dynamic shared
+  // memory off the alignment that the Hopper engine's swizzled tiles need.)
+  const bool last_block = __syncthreads_or(last) != 0;
+  if (last_block) {
+    __threadfence();
+    for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {  // only atomics wrote them: L2
+      p.routed_out[e] = static_cast<int64_t>(__ldcg(p.routed + e));
+      p.kept_out[e] = static_cast<int64_t>(__ldcg(p.kept_total + e));
+      p.routed[e] = 0;
+      p.kept_total[e] = 0;
+    }
+  }
+  if (threadIdx.x == 0) {
+    if (last_block) {
       for (int q = 0; q < p.world; ++q) p.control[q] = RankControl{};
       *p.blocks_done = 0;
       __threadfence();
