@@ -220,14 +220,53 @@ bool oracle_for(const GpuCase& gc, GpuRun& run, Result* ref) {
   return true;
 }
 
-// Runs the GPU layer and the oracle; compares everything.
+// Whether a kept row of an fp32 ReLU layer has a pre-activation within rounding of 0: the GPU's
+// fp32 sum and the fp64 oracle may then take different sides of the kink, and the gradients
+// differ by that element's whole contribution (~1e-3 against fp32's 2e-5 tolerance) — a property
+// of the drawn inputs, not of the code. `margin`: 8 sqrt(H) fp32 ulps of the sum of |terms|.
+bool near_relu_kink(const GpuRun& run, const Result& ref, const MoeConfig& c) {
+  if (c.ffn != FfnKind::kReluMlp || c.dtype != DType::kFloat32 || !run.rounded.w1.defined()) return false;
+  const int64_t H = c.hidden_size, N = c.ffn_in_width(), k = c.top_k;
+  const std::vector<double> x = run.in.x.to_double(), w1 = run.rounded.w1.to_double();
+  const std::vector<double> b1 = run.rounded.b1.defined() ? run.rounded.b1.to_double() : std::vector<double>();
+  const int64_t T = static_cast<int64_t>(x.size()) / H;
+  const double margin = 8.0 * std::sqrt(static_cast<double>(H)) * std::ldexp(1.0, -24);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < k; ++j) {
+      const size_t i = static_cast<size_t>(t * k + j);
+      if (!ref.kept[i] || ref.idx[i] < 0) continue;
+      const int64_t e = ref.idx[i];
+      for (int64_t n = 0; n < N; ++n) {
+        double pre = b1.empty() ? 0.0 : b1[static_cast<size_t>(e * N + n)], size = std::abs(pre);
+        for (int64_t h = 0; h < H; ++h) {
+          const double v = x[static_cast<size_t>(t * H + h)] * w1[static_cast<size_t>((e * H + h) * N + n)];
+          pre += v;
+          size += std::abs(v);
+        }
+        if (std::abs(pre) <= margin * size) return true;
+      }
+    }
+  return false;
+}
+
+// Runs the GPU layer and the oracle; compares everything. Inputs with an fp32 ReLU
+// pre-activation at the kink (near_relu_kink) are drawn again from the next seed.
 void check_case(const GpuCase& gc, uint64_t seed) {
-  GpuRun run = run_gpu(gc, seed);
-  if (::testing::Test::HasFailure()) return;
-  Result ref;
-  if (!oracle_for(gc, run, &ref))
-    GTEST_SKIP() << "routing differs at a near tie in a GShard training run (cannot force drops)";
-  expect_same(run.gpu, ref, tolerance(gc.config), std::string("gpu (") + to_string(gc.backend) + ") vs oracle");
+  for (int draw = 0;; ++draw) {
+    GpuRun run = run_gpu(gc, seed);
+    if (::testing::Test::HasFailure()) return;
+    Result ref;
+    if (!oracle_for(gc, run, &ref))
+      GTEST_SKIP() << "routing differs at a near tie in a GShard training run (cannot force drops)";
+    if (draw < 8 && gc.with_backward && near_relu_kink(run, ref, gc.config)) {
+      std::printf("inputs of seed %llu drawn again: a ReLU pre-activation within fp32 rounding of 0\n",
+                  static_cast<unsigned long long>(seed));
+      seed += 0x9e3779b97f4a7c15ull;
+      continue;
+    }
+    expect_same(run.gpu, ref, tolerance(gc.config), std::string("gpu (") + to_string(gc.backend) + ") vs oracle");
+    return;
+  }
 }
 
 bool have_gpu() {
