@@ -211,7 +211,7 @@ class ThreadsBackend final : public BackendImpl {
           const int64_t out = layout.out_row(owner, rank, first);
           transport.gin_put(owner, layout.recv_rows.offset + first * row_bytes(), rank,
                             layout.out_rows.offset + out * row_bytes(), static_cast<size_t>(count * row_bytes()),
-                            layout.gin_dispatch_signal(rank, local), 0);
+                            /*signal=*/-1, 0);
           gin_publish(rank, owner, layout.gin_dispatch_signal(rank, local), layout.gin_sent_dispatch(owner, local), flag,
                       layout.recv_meta.offset + first * 4, layout.out_meta.offset + out * 4, count * 4);
         }

@@ -18,8 +18,9 @@
 // Peers on another node (NCCL GIN) take puts of registered memory instead of stores, and their
 // flags are signals that only add; the same object emulates them:
 //   gin_put(dst_rank, dst_offset, src_rank, src_offset, bytes, signal, add)
-//                                            copy, then add to dst_rank's signal (release): the
-//                                            payload is visible to whoever acquires the signal
+//                                            copy, then (signal >= 0) add to dst_rank's signal
+//                                            (release): the payload is visible to whoever
+//                                            acquires the signal
 //   wait_signal(rank, signal, epoch, ...)    as wait, on one of this rank's signals
 #pragma once
 
@@ -94,6 +95,7 @@ class CpuThreadsTransport {
   void gin_put(int dst_rank, int64_t dst_offset, int src_rank, int64_t src_offset, size_t bytes, int64_t signal,
                uint64_t add) {
     if (bytes > 0) std::memcpy(heap(dst_rank) + dst_offset, heap(src_rank) + src_offset, bytes);
+    if (signal < 0) return;
     std::atomic_ref<uint64_t>(signals_[static_cast<size_t>(dst_rank)][static_cast<size_t>(signal)])
         .fetch_add(add, std::memory_order_release);
   }

@@ -766,23 +766,27 @@ TEST(FusedKernel, SilentRankIsReportedWithinFiveSeconds) {
 // must not raise a peer's flags of launch n + 1 while the peer still runs launch n). A rank
 // whose launch never announced its end (planted fault) is reported by the next launch, naming
 // it, within the 5 s bound; the launch after is correct again.
+// With GIN emulated (gin_lsa_size 1) every peer is remote and the wait reads a signal: bounded too.
 TEST(FusedKernel, UnfinishedPreviousLaunchIsReported) {
   REQUIRE_GPU();
   MoeConfig c = small(GateKind::kSoftmaxTopK, FfnKind::kSwiGlu, DType::kBFloat16);
   c.world_size = 4;
-  {
-    FusedOptionsScope fault({.timeout_ms = 1000, .sync_check = true, .unfinished_rank = 1});
-    check_case(fused_case(c, 300), test_seed());  // complete, only its end is not announced
+  for (int gin : {0, 1}) {
+    {
+      FusedOptionsScope fault({.timeout_ms = 1000, .sync_check = true, .gin_lsa_size = gin, .unfinished_rank = 1});
+      check_case(fused_case(c, 300), test_seed());  // complete, only its end is not announced
+    }
+    {
+      FusedOptionsScope sync({.timeout_ms = 1000, .sync_check = true, .gin_lsa_size = gin});
+      const Reported r = run_expecting_error(fused_case(c, 300), test_seed() + 1);
+      EXPECT_NE(r.message.find("end of the previous launch of rank 1"), std::string::npos) << r.message;
+      EXPECT_LT(r.seconds, 5.0);
+      std::printf("unfinished previous launch (GIN %s) reported after %.2f s: %s\n", gin ? "emulated" : "off",
+                  r.seconds, r.message.c_str());
+    }
+    FusedOptionsScope sync({.sync_check = true, .gin_lsa_size = gin});
+    check_case(fused_case(c, 300), test_seed() + 2);
   }
-  {
-    FusedOptionsScope sync({.timeout_ms = 1000, .sync_check = true});
-    const Reported r = run_expecting_error(fused_case(c, 300), test_seed() + 1);
-    EXPECT_NE(r.message.find("end of the previous launch of rank 1"), std::string::npos) << r.message;
-    EXPECT_LT(r.seconds, 5.0);
-    std::printf("unfinished previous launch reported after %.2f s: %s\n", r.seconds, r.message.c_str());
-  }
-  FusedOptionsScope sync({.sync_check = true});
-  check_case(fused_case(c, 300), test_seed() + 2);
 }
 
 // The combine's wait for the rank's shared-expert tiles is bounded: with their count never

@@ -1514,8 +1514,8 @@ __device__ void combine_phase(const Ctx<T, G>& ctx) {
 #pragma unroll
       for (int j = 0; j < kMaxTopK; ++j) {
         row[j] = ret + (t * k + j) * H;
-        if (use[j] && ctx.remote(p.owner[p.r.idx[g * k + j]])) {
-          const int owner = p.owner[p.r.idx[g * k + j]];
+        const int owner = use[j] ? p.owner[p.r.idx[g * k + j]] : 0;
+        if (use[j] && ctx.remote(owner)) {
           row[j] = reinterpret_cast<const T*>(ctx.heap(r) + p.layout.ret_recv.offset) +
                    p.layout.ret_recv_row(owner, r, p.sent_row[g * k + j]) * H;
         }
