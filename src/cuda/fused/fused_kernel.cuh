@@ -53,7 +53,8 @@
 // (nvcuda::wmma; fp32 data as TF32; gated tiles interleave gate and up columns per 16), 8 warps
 // of 64 x 32 outputs, 256 threads, any GPU of compute capability >= 8.0 — and the Hopper engine
 // of fused_sm90.cuh (wgmma + TMA tiles of src/cuda/gemm, a scheduler warpgroup, 384 threads).
-// P1, P2 and P4 are the same code for both: threads 0-255, named barrier 1 (team_sync).
+// P1, P2 and P4 are the same code for both: P1 and P2 on threads 0-255, named barrier 1
+// (team_sync); P4 on every warp of the block.
 #pragma once
 
 #include <mma.h>
@@ -1478,7 +1479,9 @@ __device__ void combine_phase(const Ctx<T, G>& ctx) {
   const Params<T>& p = ctx.p;
   const int r = ctx.rank, k = p.top_k, E = p.num_experts;
   const int64_t begin = p.rank_begin[r], tokens = p.rank_begin[r + 1] - begin, H = p.hidden;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Every warp of the block: the Hopper kernel's producer warpgroup, idle here, adds half as
+  // many tokens in flight (a warp's token waits on its loads one row segment after the other).
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = static_cast<int>(blockDim.x) / 32;
   const T* ret = reinterpret_cast<const T*>(ctx.heap(r) + p.layout.ret_rows.offset);
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   // The kept flags of the rank's tokens are written by every block of the rank in P2.
@@ -1490,10 +1493,10 @@ __device__ void combine_phase(const Ctx<T, G>& ctx) {
     const int64_t shared_tiles = static_cast<int64_t>(S) * ((tokens + kTileM - 1) / kTileM) * n_tiles1(p);
     if (shared_tiles > 0) ctx.wait_count(&p.control[r].shared_gemm1, static_cast<uint32_t>(shared_tiles), kSharedTiles, r);
   }
-  team_sync();
+  __syncthreads();
   if (ctx.aborted()) return;
-  for (int64_t t = static_cast<int64_t>(ctx.local_block) * kWarps + warp; t < tokens;
-       t += static_cast<int64_t>(ctx.blocks_per_rank) * kWarps) {
+  for (int64_t t = static_cast<int64_t>(ctx.local_block) * warps + warp; t < tokens;
+       t += static_cast<int64_t>(ctx.blocks_per_rank) * warps) {
     const int64_t g = begin + t;
     bool ok = true;
     if (lane < k) {
@@ -1554,7 +1557,7 @@ __device__ void combine_phase(const Ctx<T, G>& ctx) {
 
 // ------------------------------------------------------------------------------- kernel --
 // The body shared by both kernels. Engine::expert_phase(ctx, smem_raw) runs P3 on the whole
-// block; P1, P2 and P4 run on threads 0 .. kThreads-1 (team_sync); other threads only meet
+// block; P1 and P2 run on threads 0 .. kThreads-1 (team_sync), P4 on all; other threads only meet
 // the block-wide barriers between the phases.
 template <bool kGin, class T, class Engine>
 __device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char* smem_raw, const Engine& engine) {
@@ -1578,9 +1581,12 @@ __device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char*
     atomicAdd(&ctl.barrier, 1u);
     ctx.wait_count(&ctl.barrier, static_cast<uint32_t>(blocks_per_rank), kRankBarrier, ctx.rank);
   }
-  __syncthreads();
+  // Whether the launch has failed is one decision for the whole block (a block-wide vote): the
+  // phases meet at team barriers, and a thread that skipped one on an abort word raised between
+  // two threads' reads would leave the others waiting there.
+  const bool failed_before_dispatch = __syncthreads_or(ctx.aborted()) != 0;
   start = global_ns();
-  if (team && !ctx.aborted() && ctx.rank != p.silent_rank) dispatch_phase(ctx, sm);
+  if (team && !failed_before_dispatch && ctx.rank != p.silent_rank) dispatch_phase(ctx, sm);
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -1588,9 +1594,9 @@ __device__ __forceinline__ void fused_forward(const Params<T>& p, unsigned char*
     atomicAdd(&ctl.dispatched, 1u);
   }
   engine.expert_phase(ctx, smem_raw);
-  __syncthreads();
+  const bool failed_before_combine = __syncthreads_or(ctx.aborted()) != 0;  // one decision, as above
   start = global_ns();
-  if (team && !ctx.aborted()) combine_phase(ctx);
+  if (!failed_before_combine) combine_phase(ctx);  // every thread of the block
 
   // The last block of the launch hands out the expert counts and zeroes them, resets the
   // control words and publishes the next epoch.

@@ -2,8 +2,9 @@
 // (P3) on the wgmma/TMA tile functions of src/cuda/gemm/grouped_gemm_sm90.cuh, for bf16/fp16.
 //
 // Block: 384 threads. Warpgroups 0-1 are the consumers (wgmma mainloop + epilogue, 232
-// registers each via setmaxnreg) and also run P1, P2 and P4 of fused_kernel.cuh (threads 0-255,
-// named barrier 1). Warpgroup 2 is the producer (40 registers); one thread of it is the block's
+// registers each via setmaxnreg) and also run P1 and P2 of fused_kernel.cuh (threads 0-255,
+// named barrier 1); P4 runs on all three warpgroups. Warpgroup 2 is the producer (40 registers
+// in the expert phase); one thread of it is the block's
 // scheduler: it claims segments and queue slots (next_step, fused_kernel.cuh), hands each task
 // to the consumers through a two-slot ring in shared memory (mbarriers full/empty), then issues
 // the task's TMA loads into the 4-stage pipeline (PipelineTmaAsync). So the scheduler looks for
