@@ -140,13 +140,22 @@ int64_t MoeConfig::capacity(int64_t num_tokens) const {
   return std::min<int64_t>(num_tokens, static_cast<int64_t>(c));
 }
 
+// The default placement (no expert_placement): contiguous blocks of ceil(E / W) experts, so
+// every query below is arithmetic. An explicit placement is scanned (these are called per
+// expert, and per row by the CPU backends: O(1) where it can be).
+namespace {
+int64_t block_experts(const MoeConfig& c) {
+  return c.world_size >= 1 ? (c.num_experts + c.world_size - 1) / c.world_size : 0;
+}
+}  // namespace
+
 int MoeConfig::expert_rank(int64_t expert_idx) const {
   if (!expert_placement.empty()) return expert_placement[static_cast<size_t>(expert_idx)];
-  int64_t per_rank = (num_experts + world_size - 1) / world_size;
-  return static_cast<int>(expert_idx / per_rank);
+  return static_cast<int>(expert_idx / block_experts(*this));
 }
 
 int64_t MoeConfig::expert_local_index(int64_t expert_idx) const {
+  if (expert_placement.empty()) return expert_idx % block_experts(*this);
   int owner = expert_rank(expert_idx);
   int64_t local = 0;
   for (int64_t e = 0; e < expert_idx; ++e) local += expert_rank(e) == owner;
@@ -154,18 +163,28 @@ int64_t MoeConfig::expert_local_index(int64_t expert_idx) const {
 }
 
 int64_t MoeConfig::num_local_experts(int rank_idx) const {
+  if (expert_placement.empty()) {
+    const int64_t block = block_experts(*this);
+    return std::clamp<int64_t>(num_experts - rank_idx * block, 0, block);
+  }
   int64_t n = 0;
   for (int64_t e = 0; e < num_experts; ++e) n += expert_rank(e) == rank_idx;
   return n;
 }
 
 int64_t MoeConfig::max_local_experts() const {
+  if (expert_placement.empty()) return num_experts > 0 ? block_experts(*this) : 0;  // rank 0's
   int64_t best = 0;
   for (int r = 0; r < world_size; ++r) best = std::max(best, num_local_experts(r));
   return best;
 }
 
 int64_t MoeConfig::global_expert(int rank_idx, int64_t local_idx) const {
+  if (expert_placement.empty()) {
+    FUSEDMOE_CHECK(local_idx >= 0 && local_idx < num_local_experts(rank_idx),
+                   "local expert " << local_idx << " does not exist on rank " << rank_idx);
+    return rank_idx * block_experts(*this) + local_idx;
+  }
   int64_t seen = 0;
   for (int64_t e = 0; e < num_experts; ++e) {
     if (expert_rank(e) != rank_idx) continue;

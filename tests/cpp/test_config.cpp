@@ -81,6 +81,33 @@ TEST(Config, DerivedValues) {
   EXPECT_EQ(c.global_expert(0, 1), 5);
 }
 
+// The default placement answers by arithmetic, an explicit one by scanning: the same placement
+// given explicitly must give the same answers, for every E and W (including uneven and empty
+// last ranks).
+TEST(Config, DefaultPlacementEqualsTheSamePlacementGivenExplicitly) {
+  for (int64_t E = 1; E <= 40; ++E) {
+    for (int W = 1; W <= 12; ++W) {
+      MoeConfig implicit = valid();
+      implicit.num_experts = E;
+      implicit.world_size = W;
+      MoeConfig explicit_ = implicit;
+      const int64_t block = (E + W - 1) / W;
+      for (int64_t e = 0; e < E; ++e) explicit_.expert_placement.push_back(static_cast<int>(e / block));
+      EXPECT_EQ(implicit.max_local_experts(), explicit_.max_local_experts()) << "E " << E << " W " << W;
+      for (int64_t e = 0; e < E; ++e) {
+        EXPECT_EQ(implicit.expert_rank(e), explicit_.expert_rank(e));
+        EXPECT_EQ(implicit.expert_local_index(e), explicit_.expert_local_index(e)) << "E " << E << " W " << W;
+      }
+      for (int r = 0; r < W; ++r) {
+        ASSERT_EQ(implicit.num_local_experts(r), explicit_.num_local_experts(r)) << "E " << E << " W " << W;
+        for (int64_t l = 0; l < implicit.num_local_experts(r); ++l)
+          EXPECT_EQ(implicit.global_expert(r, l), explicit_.global_expert(r, l));
+        EXPECT_THROW(implicit.global_expert(r, implicit.num_local_experts(r)), Error);
+      }
+    }
+  }
+}
+
 TEST(Config, ParsersAcceptNamesAndRejectOthersByArgument) {
   EXPECT_EQ(parse_ffn_kind("SwiGLU"), FfnKind::kSwiGlu);
   EXPECT_EQ(parse_gate_kind("noisy-topk"), GateKind::kNoisyTopK);
