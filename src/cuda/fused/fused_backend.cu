@@ -453,9 +453,9 @@ class FusedBackend {
       for (int64_t l = 0; l < max_local; ++l) p.global_expert[q * max_local + l] = -1;
     }
     p.rank_begin[W] = running;
-    // The placement tables in one pass over the experts (MoeConfig's per-expert queries scan
-    // the experts each: filled that way the tables took ~70 us of host time per call at E = 64,
-    // all of it before the launch).
+    // The placement tables in one pass over the experts, for any placement (with an explicit
+    // one MoeConfig's per-expert queries each scan the experts: filled through them the tables
+    // took ~70 us of host time per call at E = 64, all of it before the launch).
     for (int64_t e = 0; e < E; ++e) {
       const int owner = c.expert_rank(e);
       const int32_t local = p.num_local[owner]++;
