@@ -103,6 +103,15 @@ void launch(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream) {
 
   const auto* a = static_cast<const ElementAB*>(args.a);
   const auto* b = static_cast<const ElementAB*>(args.b);
+  // The gated pre-activation through TMA stores (store_tile_fixed): 16-bit of the operands' type,
+  // 16-B aligned rows. FUSEDMOE_NO_PRE_TMA_STORE=1 keeps the warps' own stores (comparisons).
+  const bool pre_tma = kGated && args.pre_activation != nullptr && args.c_type == args.a_type &&
+                       reinterpret_cast<uintptr_t>(args.pre_activation) % 16 == 0 && n % 8 == 0 &&
+                       !env_flag_set("FUSEDMOE_NO_PRE_TMA_STORE");
+  // The output likewise (FUSEDMOE_NO_OUT_TMA_STORE=1 keeps the warps' own stores).
+  const bool c_tma = args.c != nullptr && args.c_type == args.a_type && !args.accumulate &&
+                     reinterpret_cast<uintptr_t>(args.c) % 16 == 0 && n_out % 8 == 0 &&
+                     !env_flag_set("FUSEDMOE_NO_OUT_TMA_STORE");
   Params params{
       .tma_a = Cfg::make_tma_a(a, int(rows_bound), k),
       .tma_b = Cfg::make_tma_b(b, n, k, args.num_groups),
@@ -123,6 +132,12 @@ void launch(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream) {
       .row_scale = args.row_scale,
       .accumulate = args.accumulate,
       .activation_input = args.activation_input,
+      .tma_chunk_pre = pre_tma ? Cfg::make_tma_chunk(static_cast<ElementAB*>(args.pre_activation), int(rows_bound), n)
+                               : typename Cfg::TmaChunk{},
+      .pre_tma = pre_tma,
+      .tma_chunk_c = c_tma ? Cfg::make_tma_chunk(static_cast<ElementAB*>(args.c), int(rows_bound), n_out)
+                           : typename Cfg::TmaChunk{},
+      .c_tma = c_tma,
   };
 
   const size_t smem_bytes =
@@ -169,6 +184,10 @@ void launch_wgrad(const GroupedWgradArgs& args, cudaStream_t stream) {
           .row_scale = nullptr,
           .accumulate = args.accumulate,
           .activation_input = nullptr,
+          .tma_chunk_pre = {},
+          .pre_tma = false,
+          .tma_chunk_c = {},
+          .c_tma = false,
       },
       .tma_c = tma_store ? sm90::WgradStore<Cfg>::make_tma_c(static_cast<ElementAB*>(args.c), m, n,
                                                              args.num_groups)
