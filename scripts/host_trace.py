@@ -47,6 +47,9 @@ def analyse(trace_path: str, label: str) -> None:
     print(f"\n== {label}: host call {mark['dur'] / 1e3:.3f} ms; first kernel {(g0 - t0) / 1e3:.3f} ms after the call "
           f"starts; GPU span {(g1 - g0) / 1e3:.3f} ms, busy {busy / 1e3:.3f} ms, idle {(g1 - g0 - busy) / 1e3:.3f} ms; "
           f"end-to-end {(g1 - t0) / 1e3:.3f} ms; {len(kernels)} GPU ops")
+    print("   GPU ops (start offset from the first, duration):")
+    for e in kernels[:40]:
+        print(f"     {(e['ts'] - g0) / 1e3:8.3f} ms {e['dur']:8.1f} us {e['name'][:90]}")
     per = collections.defaultdict(lambda: [0, 0.0, 0.0])
     for e in runtime:
         p = per[e["name"]]
@@ -102,7 +105,10 @@ def main() -> None:
                  ("torch-fwd", bench.torch_grouped_mm_pipeline, False),
                  ("modular-fwdbwd", bench.forward_backward(bench.fusedmoe_layer), True),
                  ("torch-fwdbwd", bench.forward_backward(bench.torch_grouped_mm_pipeline), True)]
+        only = os.environ.get("HOST_TRACE_PATHS")
         for label, fn, grad in paths:
+            if only and label not in only.split(","):
+                continue
             inputs = bench.make_inputs(p, sets=1, requires_grad=grad)[0]
             with torch.enable_grad() if grad else torch.no_grad():
                 for _ in range(3):
