@@ -74,7 +74,7 @@ if [ -x "$BUILD_DIR/tests/gpu/fusedmoe_gemm_tests" ]; then
   step "grouped GEMM engine: tests + benchmark"
   "$BUILD_DIR/tests/gpu/fusedmoe_gemm_tests" --results "$OUT/gemm_ours.txt" >"$OUT/gemm_tests.log" 2>&1 || status=1
   grep -iE "fail|passed|TFLOP|error" "$OUT/gemm_tests.log" | tail -12
-  python3 tests/gpu/gemm/bench_torch.py --ours "$OUT/gemm_ours.txt" 2>&1 | tail -8 | tee "$OUT/gemm_torch.log"
+  python3 tests/gpu/gemm/bench_torch.py --ours "$OUT/gemm_ours.txt" 2>&1 | tee "$OUT/gemm_torch.log" | grep -vE "^  " | tail -16
 fi
 
 export LD_LIBRARY_PATH="$PWD/$BUILD_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
