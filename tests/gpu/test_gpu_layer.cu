@@ -224,7 +224,7 @@ bool oracle_for(const GpuCase& gc, GpuRun& run, Result* ref) {
 // sum (every dtype accumulates in fp32) and the fp64 oracle may then take different sides of the
 // kink, and the gradients differ by that element's whole contribution — a property of the drawn
 // inputs, not of the code (fp32: ~1e-3 against a 2e-5 tolerance; bf16 on a small config: dx, d_w1
-// and d_b1 at 0.08-0.09 against 0.08, with y and d_w2 exact to rounding). `margin`: 8 sqrt(H)
+// and d_b1 at 0.08-0.09 against 0.08, with y and d_w2 within tolerance). `margin`: 8 sqrt(H)
 // fp32 ulps of the sum of |terms|.
 bool near_relu_kink(const GpuRun& run, const Result& ref, const MoeConfig& c) {
   if (c.ffn != FfnKind::kReluMlp || !run.rounded.w1.defined()) return false;

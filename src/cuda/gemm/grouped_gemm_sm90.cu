@@ -108,8 +108,10 @@ void launch(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream) {
   const bool pre_tma = kGated && args.pre_activation != nullptr && args.c_type == args.a_type &&
                        reinterpret_cast<uintptr_t>(args.pre_activation) % 16 == 0 && n % 8 == 0 &&
                        !env_flag_set("FUSEDMOE_NO_PRE_TMA_STORE");
-  // The output likewise (FUSEDMOE_NO_OUT_TMA_STORE=1 keeps the warps' own stores).
-  const bool c_tma = args.c != nullptr && args.c_type == args.a_type && !args.accumulate &&
+  // The output likewise, forward kernels only (store_tile_fixed; FUSEDMOE_NO_OUT_TMA_STORE=1 keeps
+  // the warps' own stores).
+  const bool c_tma = kOperands == sm90::Operands::kForward && args.c != nullptr && args.c_type == args.a_type &&
+                     !args.accumulate &&
                      reinterpret_cast<uintptr_t>(args.c) % 16 == 0 && n_out % 8 == 0 &&
                      !env_flag_set("FUSEDMOE_NO_OUT_TMA_STORE");
   Params params{

@@ -551,12 +551,17 @@ __device__ __forceinline__ uint32_t chunk_tma_offset(int row, int col) {  // col
   return uint32_t(row * 64 + ((unit ^ ((row / 2) % 4)) << 4) + (col % 8) * 2);
 }
 
-// Before writing buffer `count % 2`: the store issued two chunks ago (from the same buffer) has
-// been read. Warp-collective.
-__device__ __forceinline__ char* chunk_tma_buffer(char* staging, int count, int lane) {
-  if (lane == 0) tma_store_wait<1>();
+// Where a chunk is written: via_tma, buffer `count % 2` once the store issued two chunks ago
+// (from the same buffer) has read it; otherwise the staging area of the register path, once
+// every earlier store (count of them) has read it. Warp-collective.
+__device__ __forceinline__ char* chunk_buffer(bool via_tma, char* staging, int count, int lane) {
+  if (!via_tma && count == 0) return staging;
+  if (lane == 0) {
+    if (via_tma) tma_store_wait<1>();
+    else tma_store_wait<0>();
+  }
   __syncwarp();
-  return staging + (count % 2) * 1024;
+  return via_tma ? staging + (count % 2) * 1024 : staging;
 }
 
 // After the warp's writes to `buffer`: the chunk at (row, col) of the descriptor's matrix.
@@ -653,9 +658,7 @@ __device__ __forceinline__ void store_tile_fixed(TileStore const& params, TileCo
           // One copy of the register writes for both paths (a second one in a branch of its own
           // made ptxas serialise the kernel's wgmmas).
           const bool via_tma = warp_tma && col0 + SS::kChunkCols <= n_out;  // warp-uniform
-          char* buffer = staging;
-          if (via_tma) buffer = chunk_tma_buffer(staging, tma_count, lane);
-          else if (tma_count > 0) chunk_tma_drain(lane);
+          char* buffer = chunk_buffer(via_tma, staging, tma_count, lane);
           CUTE_UNROLL
           for (int q = 0; q < kRegsPerChunk; q += 2) {
             const int i = chunk * kRegsPerChunk + q + half * kHalf;
@@ -690,9 +693,7 @@ __device__ __forceinline__ void store_tile_fixed(TileStore const& params, TileCo
     const int col0 = col_base + chunk * SS::kChunkCols;
     if (col0 >= n_out) break;
     const bool via_tma = out_tma && col0 + SS::kChunkCols <= n_out;  // warp-uniform
-    char* buffer = staging;
-    if (via_tma) buffer = chunk_tma_buffer(staging, out_count, lane);
-    else if (out_count > 0) chunk_tma_drain(lane);
+    char* buffer = chunk_buffer(via_tma, staging, out_count, lane);
     CUTE_UNROLL
     for (int q = 0; q < kRegsPerChunk; q += 2) {
       const int i = chunk * kRegsPerChunk + q;
