@@ -710,20 +710,11 @@ class FusedBackend {
         .as = {},
         .bs0 = {},
         .bs1 = {},
-        .h = {},
-        .h_on = false,
         .x_rows = static_cast<int>(std::max<int64_t>(1, p.router.num_tokens)),
         .shared_rows = static_cast<int>(std::max<int64_t>(1, p.grid_ranks * p.num_shared * p.shared_rows_cap)),
         .rows_cap = rows_cap,
         .act = epilogue_of(c.ffn),
     };
-    // GEMM0's output rows by TMA stores (fused_sm90.cuh) where the grid runs one rank;
-    // FUSEDMOE_NO_OUT_TMA_STORE=1 keeps the warps' stores (comparisons), as in the grouped GEMM.
-    const char* no_tma = std::getenv("FUSEDMOE_NO_OUT_TMA_STORE");
-    if (p.grid_ranks == 1 && !(no_tma && no_tma[0] != '\0' && no_tma[0] != '0')) {
-      tma.h = Tiles::Plain::make_tma_chunk(const_cast<Element*>(at(layout.hidden.offset)), rows_cap, I);
-      tma.h_on = true;
-    }
     if (p.num_shared > 0) {
       const int S = p.num_shared, Is = static_cast<int>(p.shared_ffn), Ns1 = static_cast<int>(p.shared_in);
       tma.ax = Tiles::make_a(reinterpret_cast<const Element*>(p.x), tma.x_rows, H, 1, 0);

@@ -91,11 +91,6 @@ struct Sm90Tma {
   typename Sm90Tiles<T>::TmaA as;   // shared_hidden (grid ranks x S x rows_cap, Is, 1)
   typename Sm90Tiles<T>::TmaB bs0;  // shared_w1 as (Ns1, H, S)
   typename Sm90Tiles<T>::TmaB bs1;  // shared_w2 as (H, Is, S)
-  // hidden of this grid's one rank as a [rows_cap, I] matrix (Config::TmaChunk): GEMM0 tasks
-  // write their 16 x 32 chunks with TMA stores (store_tile_fixed) when h_on. Only where the grid
-  // runs one rank (W = 1, or one process per GPU): emulated ranks keep the warps' stores.
-  typename Sm90Tiles<T>::Plain::TmaChunk h;
-  bool h_on;
   int x_rows;                      // rows of x
   int shared_rows;                 // rows of shared_hidden
   int rows_cap;                    // rows of recv_rows / hidden in one heap
@@ -222,14 +217,10 @@ struct Sm90Engine {
     if (!v.gemm1) {
       T* out = v.shared ? ctx.shared_hidden(v.expert) : reinterpret_cast<T*>(h + p.layout.hidden.offset);
       const T* bias = v.shared ? p.shared_b1 : p.b1;
-      const bool via_tma = tma.h_on && !v.shared;
       const sm90::TileStore st{tma.act, kType, out, nullptr, nullptr, bias ? bias + e * N1 : nullptr, nullptr, N1, I,
-                               false, nullptr, nullptr, via_tma ? tma.h.get_tma_descriptor() : nullptr};
+                               false};
       if (p.gated) sm90::store_tile_typed<typename Sm90Tiles<T>::Gated, T>(st, tc, threadIdx.x, accum, staging);
       else sm90::store_tile_typed<Cfg, T>(st, tc, threadIdx.x, accum, staging);
-      // The rows go to GEMM1 tasks of any block once this task is handed to the finisher: the
-      // lane that issued a warp's TMA stores waits until they are written (not only read).
-      if (via_tma) sm90::chunk_tma_complete(static_cast<int>(threadIdx.x) % 32);
     } else {
       // A remote source's rows (GIN) go to out_ret in segment order, like shared rows in order.
       const bool staged = !v.shared && ctx.remote(v.source);

@@ -576,13 +576,6 @@ __device__ __forceinline__ void chunk_tma_issue(const void* desc, const char* bu
   }
 }
 
-// Before other blocks may read what the warp's TMA stores wrote (a hand-over that a release
-// publishes): those stores are complete, writes included. Warp-collective.
-__device__ __forceinline__ void chunk_tma_complete(int lane) {
-  if (lane == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
-  __syncwarp();
-}
-
 // Before the staging area is used by the register path again: every TMA store has read it.
 __device__ __forceinline__ void chunk_tma_drain(int lane) {
   if (lane == 0) tma_store_wait<0>();
