@@ -15,8 +15,11 @@
 namespace fusedmoe {
 
 // kSchedule: the Hopper engine's scheduler thread looking up its next task (overlaps the
-// consumers' GEMM tasks of the same block).
-enum class FusedEventKind : int32_t { kRouter = 0, kDispatch = 1, kGemm0 = 2, kGemm1 = 3, kCombine = 4, kSchedule = 5 };
+// consumers' GEMM tasks of the same block). Parts of a phase (inside its interval): kRouterLogits,
+// a chunk's gate GEMM in the router phase; kDispatchCopy, a chunk's row copies in the dispatch.
+enum class FusedEventKind : int32_t {
+  kRouter = 0, kDispatch = 1, kGemm0 = 2, kGemm1 = 3, kCombine = 4, kSchedule = 5, kRouterLogits = 6, kDispatchCopy = 7
+};
 
 struct FusedEvent {
   int64_t start_ns, end_ns;  // GPU global timer

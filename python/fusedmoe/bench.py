@@ -228,7 +228,8 @@ def profile_kernels(p: Problem) -> None:
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=16, max_name_column_width=150))
 
 
-TIMELINE_KINDS = ("router", "dispatch", "GEMM0", "GEMM1", "combine", "schedule")
+TIMELINE_KINDS = ("router", "dispatch", "GEMM0", "GEMM1", "combine", "schedule", "router logits", "dispatch copy")
+PART_KINDS = (5, 6, 7)  # inside another phase's interval: drawn thin, not counted as busy on their own
 
 
 def union_ns(intervals) -> int:
@@ -248,14 +249,14 @@ def union_ns(intervals) -> int:
 
 def timeline_stats(events) -> dict:
     """SM busy % and overlap of dispatch with expert compute from timeline rows
-    (start_ns, end_ns, block, sm, rank, kind); the scheduler's lookups (kind 5) do not count
-    as busy."""
+    (start_ns, end_ns, block, sm, rank, kind); the scheduler's lookups and the parts of phases
+    (PART_KINDS) do not count as busy on their own."""
     t0 = min(e[0] for e in events)
     span = max(e[1] for e in events) - t0
     blocks = sorted({e[2] for e in events})
     busy = gemm = 0
     for b in blocks:
-        mine = [(e[0], e[1]) for e in events if e[2] == b and e[5] != 5]  # not the scheduler's lookups
+        mine = [(e[0], e[1]) for e in events if e[2] == b and e[5] not in PART_KINDS]  # parts of phases, lookups
         busy += union_ns(mine)
         gemm += union_ns([(e[0], e[1]) for e in events if e[2] == b and e[5] in (2, 3)])
     dispatch = [(e[0], e[1]) for e in events if e[5] == 1]
@@ -301,13 +302,14 @@ def timeline_report(p: Problem, world: int, out_dir: str) -> dict:
         import matplotlib.pyplot as plt
         t0 = min(e[0] for e in events)
         fig, ax = plt.subplots(figsize=(12, 6))
-        colors = ("tab:gray", "tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple")
+        colors = ("tab:gray", "tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "black", "tab:brown")
         for kind, name in enumerate(TIMELINE_KINDS):
             for block in sorted({e[2] for e in events}):
                 bars = [((e[0] - t0) / 1e3, (e[1] - e[0]) / 1e3) for e in events if e[5] == kind and e[2] == block]
                 if bars:
                     # the scheduler's lookups overlap the block's GEMM tasks: a thin bar
-                    ax.broken_barh(bars, (block - 0.1, 0.2) if kind == 5 else (block - 0.4, 0.8), facecolors=colors[kind])
+                    ax.broken_barh(bars, (block - 0.1, 0.2) if kind in PART_KINDS else (block - 0.4, 0.8),
+                                   facecolors=colors[kind])
             ax.plot([], [], color=colors[kind], linewidth=6, label=name)
         ax.set_xlabel("µs since the first block started")
         ax.set_ylabel("block (rank = block / blocks per rank)")

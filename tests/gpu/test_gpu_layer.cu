@@ -634,30 +634,6 @@ TEST(FusedKernel, AdversarialShapes) {
   }
 }
 
-// GEMM0's hidden rows by TMA stores (the grid runs one rank) and by the warps' own stores
-// (FUSEDMOE_NO_OUT_TMA_STORE=1) give the same bits. The shapes have segments that end inside a
-// warp's 16 rows and widths I that end inside a 32-column chunk (both take the warps' stores).
-TEST(FusedKernel, HiddenRowsByTmaStoresEqualWarpStores) {
-  REQUIRE_GPU();
-  FusedOptionsScope sync({.sync_check = true});
-  for (FfnKind ffn : {FfnKind::kSwiGlu, FfnKind::kReluMlp}) {
-    MoeConfig c = small(GateKind::kSoftmaxTopK, ffn, DType::kBFloat16);
-    c.hidden_size = 520;
-    c.ffn_size = ffn == FfnKind::kSwiGlu ? 272 : 600;
-    c.expert_bias = true;
-    const GpuCase gc = fused_case(c, 1031);
-    check_case(gc, test_seed() + 5);  // the TMA path against the oracle
-    setenv("FUSEDMOE_NO_OUT_TMA_STORE", "1", 1);
-    const GpuRun warps = run_gpu(gc, test_seed() + 6);
-    unsetenv("FUSEDMOE_NO_OUT_TMA_STORE");
-    const GpuRun tma = run_gpu(gc, test_seed() + 6);
-    ASSERT_EQ(warps.gpu.y.numel(), tma.gpu.y.numel());
-    int64_t differ = 0;
-    for (int64_t i = 0; i < tma.gpu.y.numel(); ++i) differ += warps.gpu.y.get(i) != tma.gpu.y.get(i);
-    EXPECT_EQ(differ, 0) << to_string(ffn) << ": outputs differ between the two store paths";
-  }
-}
-
 // Decode-like batches: few tokens, wide rows. The gate GEMM is split along H over the rank's
 // blocks (split routing) and each chunk's rows are copied by several blocks; both engines,
 // gate bias, capacity overflow, several emulated ranks.
@@ -984,7 +960,7 @@ TEST(FusedKernel, TimelineRecordsEveryPhaseAndTask) {
     int blocks = 0;
     const std::vector<FusedEvent> events = fused_timeline(&blocks);
     ASSERT_GT(blocks, 0);
-    std::map<int, std::array<int, 6>> per_block;
+    std::map<int, std::array<int, 8>> per_block;
     int gemm0 = 0, gemm1 = 0;
     for (const FusedEvent& e : events) {
       EXPECT_LE(e.start_ns, e.end_ns);

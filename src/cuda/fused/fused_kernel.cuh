@@ -81,7 +81,8 @@ constexpr int kMaxShared = 8;       // shared experts
 // ---------------------------------------------------------------------------- error record --
 enum ErrorCode : uint32_t { kNoError = 0, kTimeout = 1, kCountMismatch = 2 };
 enum EventKind : int32_t {
-  kEventRouter = 0, kEventDispatch = 1, kEventGemm0 = 2, kEventGemm1 = 3, kEventCombine = 4, kEventSchedule = 5
+  kEventRouter = 0, kEventDispatch = 1, kEventGemm0 = 2, kEventGemm1 = 3, kEventCombine = 4, kEventSchedule = 5,
+  kEventRouterLogits = 6, kEventDispatchCopy = 7  // parts of P1 and P2 (thread 0 records them)
 };
 enum WaitWhat : uint32_t {
   kDispatchFlag = 1, kReturnFlag = 2, kRankBarrier = 3, kQueueSlot = 4,
@@ -839,7 +840,9 @@ __device__ void router_phase(const Ctx<T, G>& ctx, SharedUnion<T>& sm) {
   for (int64_t c = ctx.local_block; c < rank_chunks(ctx); c += ctx.blocks_per_rank) {
     int64_t t0, rows;
     chunk_rows(ctx, c, &t0, &rows);
+    const uint64_t start = global_ns();
     if (rows > 0) router_logits<Pipe>(ctx, sm, t0, rows);
+    if (threadIdx.x == 0) ctx.record(kEventRouterLogits, start);
     router_gate(ctx, sm.router, c, t0, rows);
   }
 }
@@ -989,6 +992,7 @@ __device__ void dispatch_phase(const Ctx<T, G>& ctx, SharedUnion<T>& sm) {
     }
     team_sync();
     // Rows (16-B vectors when aligned) and their token·k + j, one warp per row.
+    const uint64_t copy_start = global_ns();
     constexpr int kVec = 16 / static_cast<int>(sizeof(T));
     for (int64_t i = part * kWarps + warp; i < rows * k; i += parts * kWarps) {
       const int32_t dst = s.list_dst[i];
@@ -1023,6 +1027,7 @@ __device__ void dispatch_phase(const Ctx<T, G>& ctx, SharedUnion<T>& sm) {
     fence_proxy_async();  // the owner's GEMM may read the rows with TMA
     __threadfence_system();
     team_sync();
+    if (threadIdx.x == 0) ctx.record(kEventDispatchCopy, copy_start);
     if (!planted) {
       for (int e = threadIdx.x; e < E; e += kThreads) {
         const int32_t n = s.written[e];
