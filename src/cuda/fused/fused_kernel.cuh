@@ -444,12 +444,16 @@ struct DispatchSmem {
 // its loads must overlap its tensor-core work). A and B both K-contiguous: x rows, gate weight rows.
 // The portable kernel keeps it small (32-wide k steps, 3 stages: ~71 KB for bf16, within the
 // shared memory of every sm_80+ GPU); the Hopper kernel, whose expert phase has ~200 KB of
-// shared memory anyway, runs 64-wide k steps with 4 stages (three steps, 48 KB, in flight).
-template <class T, int kKSteps = 32, int kStageCount = 3>
+// shared memory anyway, runs 64-wide k steps with 4 stages (three steps, 48 KB, in flight), or
+// with at most 64 experts a 64-column tile with 6 stages (five steps, 80 KB of x in flight: the
+// logits of paper-64 took 66-70 us of its 83 us router phase with three steps in flight, bound
+// by the x bytes in flight per SM, not by the tensor cores).
+template <class T, int kKSteps = 32, int kStageCount = 3, int kColumns = kTileN>
 struct RouterPipeSmem {
-  static constexpr int kK = kKSteps, kPad = 8, kStages = kStageCount;
+  static constexpr int kK = kKSteps, kPad = 8, kStages = kStageCount, kN = kColumns;
+  static_assert(kN == 64 || kN == 128, "8 warps over 128 x kN outputs");
   T a[kStages][kTileM][kK + kPad];
-  T b[kStages][kTileN][kK + kPad];
+  T b[kStages][kN][kK + kPad];
   float stage[kWarps][16][16 + 4];
 };
 struct NoSmem {};
@@ -599,19 +603,22 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory"); }
 
-// logits tile (rows of x from `a`, experts [n0, n0 + 128) of `wg`) over columns
+// logits tile (rows of x from `a`, experts [n0, n0 + P::kN) of `wg`) over columns
 // [k_begin, k_begin + k_len) of H, visit(row, col, value) per output. 16-bit types, 16-B aligned
 // rows, k_len and H multiples of 8. All kThreads threads.
 template <class P, class T, class Visit>
 __device__ void router_tile_pipelined(P& s, const T* a, int64_t rows, const T* wg, int64_t n0,
                                       int64_t E, int64_t H, int64_t k_begin, int64_t k_len, Visit visit) {
   using namespace nvcuda;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warp_m = warp / 4, warp_n = warp % 4;
+  // Warps: kWarpsM x kWarpsN, each 32 columns x kFragM 16-row fragments.
+  constexpr int kWarpsN = P::kN / 32, kWarpsM = kWarps / kWarpsN, kWarpRows = kTileM / kWarpsM;
+  constexpr int kFragM = kWarpRows / 16;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warp_m = warp / kWarpsN, warp_n = warp % kWarpsN;
   constexpr int kChunksPerRow = P::kK / 8;  // 16-B chunks
   const int nk = static_cast<int>((k_len + P::kK - 1) / P::kK);
   auto load = [&](int kt, int buf) {
 #pragma unroll 1
-    for (int c = threadIdx.x; c < 2 * kTileM * kChunksPerRow; c += kThreads) {
+    for (int c = threadIdx.x; c < (kTileM + P::kN) * kChunksPerRow; c += kThreads) {
       const bool is_b = c >= kTileM * kChunksPerRow;
       const int cc = is_b ? c - kTileM * kChunksPerRow : c;
       const int r = cc / kChunksPerRow, col = (cc % kChunksPerRow) * 8;
@@ -627,9 +634,9 @@ __device__ void router_tile_pipelined(P& s, const T* a, int64_t rows, const T* w
     }
     cp_async_commit();
   };
-  Frag<T> acc[4][2];
+  Frag<T> acc[kFragM][2];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < kFragM; ++i)
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
   // kStages - 1 k steps in flight ahead of the one computed; a step's buffer is refilled only
@@ -647,27 +654,28 @@ __device__ void router_tile_pipelined(P& s, const T* a, int64_t rows, const T* w
     else cp_async_commit();
 #pragma unroll
     for (int kk = 0; kk < P::kK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[kFragM];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], &s.a[buf][warp_m * 64 + i * 16][kk], P::kK + P::kPad);
+      for (int i = 0; i < kFragM; ++i)
+        wmma::load_matrix_sync(fa[i], &s.a[buf][warp_m * kWarpRows + i * 16][kk], P::kK + P::kPad);
 #pragma unroll
       for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &s.b[buf][warp_n * 32 + j * 16][kk], P::kK + P::kPad);
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < kFragM; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
     }
   }
   cp_async_wait<0>();
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < kFragM; ++i)
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       wmma::store_matrix_sync(&s.stage[warp][0][0], acc[i][j], 16 + 4, wmma::mem_row_major);
       __syncwarp();
       for (int e = lane; e < 256; e += 32)
-        visit(warp_m * 64 + i * 16 + e / 16, warp_n * 32 + j * 16 + e % 16, s.stage[warp][e / 16][e % 16]);
+        visit(warp_m * kWarpRows + i * 16 + e / 16, warp_n * 32 + j * 16 + e % 16, s.stage[warp][e / 16][e % 16]);
       __syncwarp();
     }
   team_sync();

@@ -268,14 +268,18 @@ struct Sm90Engine {
 
   // The router's logits pipeline: 64-wide k steps, 4 stages (fused_kernel.cuh).
   using RouterPipe = RouterPipeSmem<T, 64, 4>;
-  static_assert(sizeof(RouterPipe) <= sizeof(typename sm90::SharedStorage<typename Sm90Tiles<T>::Plain>::Tensors),
+  using RouterPipeNarrow = RouterPipeSmem<T, 64, 6, 64>;  // at most 64 experts
+  static_assert(sizeof(RouterPipe) <= sizeof(typename sm90::SharedStorage<typename Sm90Tiles<T>::Plain>::Tensors) &&
+                    sizeof(RouterPipeNarrow) <= sizeof(typename sm90::SharedStorage<typename Sm90Tiles<T>::Plain>::Tensors),
                 "the router's buffers must not reach the expert phase's mbarriers");
 
   // P1 on the consumer warpgroups with the portable router (the producer warpgroup waits).
   template <bool G>
   __device__ void router_phase(const Ctx<T, G>& ctx, unsigned char* smem_raw) const {
-    if (threadIdx.x < kThreads)
-      fusedmoe::cuda::fused::router_phase<RouterPipe>(ctx, *reinterpret_cast<SharedUnion<T>*>(smem_raw));
+    if (threadIdx.x >= kThreads) return;
+    auto& sm = *reinterpret_cast<SharedUnion<T>*>(smem_raw);
+    if (ctx.p.num_experts <= RouterPipeNarrow::kN) fusedmoe::cuda::fused::router_phase<RouterPipeNarrow>(ctx, sm);
+    else fusedmoe::cuda::fused::router_phase<RouterPipe>(ctx, sm);
   }
 
   // The finisher thread (warpgroup 2): finish_task of every task the consumers completed — the
