@@ -266,7 +266,8 @@ struct Sm90Engine {
     }
   }
 
-  // The router's logits pipeline: 64-wide k steps, 4 stages (fused_kernel.cuh).
+  // The router's logits pipelines (fused_kernel.cuh): 64-wide k steps, 4 stages of a 128-column
+  // tile, or 6 stages of a 64-column tile when the layer has at most 64 experts.
   using RouterPipe = RouterPipeSmem<T, 64, 4>;
   using RouterPipeNarrow = RouterPipeSmem<T, 64, 6, 64>;  // at most 64 experts
   static_assert(sizeof(RouterPipe) <= sizeof(typename sm90::SharedStorage<typename Sm90Tiles<T>::Plain>::Tensors) &&
