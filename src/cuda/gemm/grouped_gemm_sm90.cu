@@ -1,8 +1,8 @@
 // fusedmoe — host launchers of the Hopper grouped GEMMs (kernels in grouped_gemm_sm90.cuh and
 // grouped_gemm_wgrad_sm90.cuh).
 // Instantiations: forward {bf16, fp16} x {non-gated, gated}; dgrad (B K-major) {bf16, fp16}
-// non-gated; wgrad {bf16, fp16}. The activation and output type are runtime arguments of the
-// epilogue.
+// non-gated, plain and with the pre-activation ring (the k*Backward epilogues); wgrad {bf16,
+// fp16}. The activation and output type are runtime arguments of the epilogue.
 #include <algorithm>
 #include <cstdlib>
 #include <map>
@@ -86,9 +86,9 @@ void allow_dynamic_smem(const void* kernel, size_t bytes) {
   current = bytes;
 }
 
-template <class ElementAB, bool kGated, sm90::Operands kOperands = sm90::Operands::kForward>
+template <class ElementAB, bool kGated, sm90::Operands kOperands = sm90::Operands::kForward, bool kPreRing = false>
 void launch(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream) {
-  using Cfg = sm90::Config<ElementAB, kGated, kOperands>;
+  using Cfg = sm90::Config<ElementAB, kGated, kOperands, kPreRing>;
   using Params = sm90::Params<Cfg>;
 
   const int n = int(args.n), k = int(args.k);
@@ -140,10 +140,17 @@ void launch(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream) {
       .tma_chunk_c = c_tma ? Cfg::make_tma_chunk(static_cast<ElementAB*>(args.c), int(rows_bound), n_out)
                            : typename Cfg::TmaChunk{},
       .c_tma = c_tma,
+      .tma_pre = {},
+      .pre_width = 0,
   };
+  if constexpr (kPreRing) {
+    params.pre_width = is_gated(forward_of(args.epilogue)) ? 2 * n : n;
+    params.tma_pre = Cfg::make_tma_pre(static_cast<const ElementAB*>(args.activation_input), int(rows_bound),
+                                       params.pre_width);
+  }
 
-  const size_t smem_bytes =
-      sizeof(sm90::SharedStorage<Cfg>) + sm90::GroupTables::bytes(args.num_groups);
+  const size_t smem_bytes = sizeof(sm90::SharedStorage<Cfg>) + sm90::pre_ring_bytes<Cfg>() +
+                            sm90::GroupTables::bytes(args.num_groups);
   auto* kernel = &sm90::grouped_gemm_kernel<Cfg>;
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes);
   kernel<<<grid, Cfg::kNumThreads, smem_bytes, stream>>>(params);
@@ -190,6 +197,8 @@ void launch_wgrad(const GroupedWgradArgs& args, cudaStream_t stream) {
           .pre_tma = false,
           .tma_chunk_c = {},
           .c_tma = false,
+          .tma_pre = {},
+          .pre_width = 0,
       },
       .tma_c = tma_store ? sm90::WgradStore<Cfg>::make_tma_c(static_cast<ElementAB*>(args.c), m, n,
                                                              args.num_groups)
@@ -220,8 +229,10 @@ void grouped_gemm_wgrad(const GroupedWgradArgs& args, void* /*workspace*/, cudaS
   else launch_wgrad<cute::half_t>(args, stream);
 }
 
-size_t grouped_gemm_workspace_size(const GroupedGemmArgs& /*args*/) {
-  return size_t(current_sm_count()) * sizeof(cute::TmaDescriptor);
+size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args) {
+  // One published A descriptor per CTA; the k*Backward epilogues also one of the pre-activation.
+  const size_t per_cta = is_activation_backward(args.epilogue) ? 2 : 1;
+  return per_cta * size_t(current_sm_count()) * sizeof(cute::TmaDescriptor);
 }
 
 void grouped_gemm(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream) {
@@ -236,6 +247,14 @@ void grouped_gemm(const GroupedGemmArgs& args, void* workspace, cudaStream_t str
   const bool gated = is_gated(args.epilogue);
   constexpr auto kDgrad = sm90::Operands::kDgrad;
   if (args.b_k_major) {  // validation rejects gated epilogues here
+    // The k*Backward epilogues read the pre-activation through a shared-memory ring filled by TMA
+    // (Config::kPreRing); FUSEDMOE_NO_PRE_RING=1 runs them on the plain dgrad kernel, whose
+    // epilogue reads it from global memory (for comparisons).
+    if (is_activation_backward(args.epilogue) && !env_flag_set("FUSEDMOE_NO_PRE_RING")) {
+      if (args.a_type == ElementType::kBF16) launch<cute::bfloat16_t, false, kDgrad, true>(args, workspace, stream);
+      else launch<cute::half_t, false, kDgrad, true>(args, workspace, stream);
+      return;
+    }
     if (args.a_type == ElementType::kBF16) launch<cute::bfloat16_t, false, kDgrad>(args, workspace, stream);
     else launch<cute::half_t, false, kDgrad>(args, workspace, stream);
     return;

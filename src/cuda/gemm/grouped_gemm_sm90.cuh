@@ -87,14 +87,19 @@ using namespace cute;
 //             Used by grouped_gemm_wgrad (grouped_gemm_wgrad_sm90.cuh).
 enum class Operands { kForward, kDgrad, kWgrad };
 
-template <class ElementAB_, bool kGated_, Operands kOperands_ = Operands::kForward>
+// kPreRing (kDgrad only): the kernel of the k*Backward epilogues. The forward's pre-activation
+// reaches the epilogue through a ring of shared-memory chunks that a producer warp fills by TMA
+// while the mainloop runs (PreRing below); the mainloop keeps 3 stages to make room for it.
+template <class ElementAB_, bool kGated_, Operands kOperands_ = Operands::kForward, bool kPreRing_ = false>
 struct Config {
   using ElementAB = ElementAB_;  // cute::bfloat16_t or cute::half_t
   static constexpr bool kGated = kGated_;
   static constexpr Operands kOperands = kOperands_;
+  static constexpr bool kPreRing = kPreRing_;
   static constexpr bool kAKMajor = kOperands != Operands::kWgrad;
   static constexpr bool kBKMajor = kOperands == Operands::kDgrad;
   static_assert(!(kGated && kOperands != Operands::kForward), "gated epilogues: forward only");
+  static_assert(!kPreRing || kOperands == Operands::kDgrad, "the pre-activation ring: dgrad only");
 
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = 256;  // accumulator columns (gated: 128 gate + 128 up)
@@ -103,7 +108,8 @@ struct Config {
   static constexpr int kOutBlockN = kGated ? 128 : 256;  // output columns per tile
   // wgrad: 3 stages, the fourth stage's shared memory holds the output tile of the TMA-store
   // epilogue (grouped_gemm_wgrad_sm90.cuh).
-  static constexpr int kStages = kOperands == Operands::kWgrad ? 3 : 4;
+  // kPreRing: 3 stages, the ring takes the fourth's shared memory.
+  static constexpr int kStages = kOperands == Operands::kWgrad || kPreRing ? 3 : 4;
   static constexpr int kNumConsumerWarpgroups = 2;
   static constexpr int kNumThreads = 128 * (1 + kNumConsumerWarpgroups);
   static constexpr int kProducerRegisters = 40;
@@ -190,6 +196,18 @@ struct Config {
                          SmemLayoutChunk{}, make_shape(Int<16>{}, Int<32>{}), _1{});
   }
   using TmaChunk = decltype(make_tma_chunk(nullptr, 16, 32));
+
+  // The pre-activation ring's TMA loads (kPreRing): a 128-row x 32-column chunk of the
+  // pre-activation [rows, width] (row-major, the operands' type) into 64-B rows, no swizzle.
+  using SmemLayoutPreChunk = Layout<Shape<_128, _32>, Stride<_32, _1>>;
+  CUTE_HOST_DEVICE static auto make_gmem_pre(ElementAB const* ptr, int rows, int width) {
+    return make_tensor(make_gmem_ptr(ptr), make_shape(rows, width), make_stride(int64_t(width), _1{}));
+  }
+  static auto make_tma_pre(ElementAB const* ptr, int rows, int width) {
+    return make_tma_copy(SM90_TMA_LOAD{}, make_gmem_pre(ptr, rows, width), SmemLayoutPreChunk{},
+                         make_shape(_128{}, _32{}), _1{});
+  }
+  using TmaPre = decltype(make_tma_pre(nullptr, 128, 32));
 };
 
 // Epilogue staging: 16 rows x 32 columns per consumer warp, rows padded (f32 is the largest).
@@ -226,6 +244,31 @@ struct GroupTables {
   }
 };
 
+// The pre-activation ring of a kPreRing kernel, in dynamic shared memory between SharedStorage
+// and the group tables. Slot s holds one 32-column chunk of a tile's pre-activation for all 128
+// rows: the gate half's columns (or the only half of a non-gated kind) in data[s][0], the up
+// half's in data[s][1]. Producer warp 1 of the producer warpgroup follows the CTA's tile
+// sequence: per chunk it waits for the slot's `empty` barrier (one arrival per consumer warp),
+// then loads the chunk by TMA against the slot's `full` barrier. The consumers take the chunks
+// in the same order in the epilogue (a running count per thread: slot count % kSlots, phase
+// (count / kSlots) & 1). With 3 slots the first three chunks of a tile arrive while its
+// mainloop runs; the rest are loaded as the epilogue frees slots (from L2: the tile's
+// pre-activation is prefetched there when its mainloop starts).
+template <class Cfg>
+struct PreRing {
+  static constexpr int kSlots = 3;
+  static constexpr int kChunkElems = 128 * 32;
+  alignas(128) typename Cfg::ElementAB data[kSlots][2][kChunkElems];
+  alignas(128) cute::TmaDescriptor tensormap;  // this CTA's copy of tma_pre, before publishing
+  uint64_t full[kSlots];
+  uint64_t empty[kSlots];
+};
+template <class Cfg>
+constexpr size_t pre_ring_bytes() {
+  if constexpr (Cfg::kPreRing) return (sizeof(PreRing<Cfg>) + 127) / 128 * 128;
+  else return 0;
+}
+
 // Runtime parameters of the kernel (passed by value as a __grid_constant__).
 template <class Cfg>
 struct Params {
@@ -256,6 +299,10 @@ struct Params {
   // c of the operands' type, 16-B aligned, n_out % 8 == 0, no accumulation.
   typename Cfg::TmaChunk tma_chunk_c;
   bool c_tma;
+  // kPreRing kernels: activation_input as [rows_bound, width] (width = 2n gated, else n); each
+  // CTA publishes a copy with the real row extent in tensormap_workspace[gridDim.x + blockIdx.x].
+  typename Cfg::TmaPre tma_pre;
+  int pre_width;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -811,12 +858,16 @@ __device__ __forceinline__ float2 activation_and_grad(float x) {
   }
 }
 
+// With a ring (kPreRing kernels) the chunk's pre-activation is read from its ring slot instead
+// of global memory (see PreRing); ring_count is the consumer's running chunk count.
 template <class Cfg, class T, Epilogue kAct, class Accumulator>
 __device__ __forceinline__ void store_tile_activation_backward(TileStore const& params,
                                                                TileCoord const& tc,
                                                                int consumer_thread,
                                                                Accumulator const& accum,
-                                                               char* staging) {
+                                                               char* staging,
+                                                               PreRing<Cfg>* ring = nullptr,
+                                                               uint32_t* ring_count = nullptr) {
   using namespace epilogue_math;
   using SS = StagingShape<float>;
   typename Cfg::TiledMma tiled_mma;
@@ -848,17 +899,34 @@ __device__ __forceinline__ void store_tile_activation_backward(TileStore const& 
       }
     }
   };
-  issue_reads(0);
+  if constexpr (!Cfg::kPreRing) issue_reads(0);
   CUTE_UNROLL
   for (int chunk = 0; chunk < kChunks; ++chunk) {
     if (col_base + chunk * SS::kChunkCols >= n) break;
     uint2 gate_raw[SS::kPasses], up_raw[SS::kPasses];
-    CUTE_UNROLL
-    for (int pass = 0; pass < SS::kPasses; ++pass) {
-      gate_raw[pass] = gate_next[pass];
-      up_raw[pass] = up_next[pass];
+    if constexpr (Cfg::kPreRing) {
+      // The chunk from its ring slot (every warp takes every chunk, valid rows or not: the
+      // producer loads the same sequence), then the slot goes back to the producer.
+      const uint32_t slot = *ring_count % PreRing<Cfg>::kSlots;
+      cutlass::arch::ClusterTransactionBarrier::wait(&ring->full[slot], (*ring_count / PreRing<Cfg>::kSlots) & 1);
+      CUTE_UNROLL
+      for (int pass = 0; pass < SS::kPasses; ++pass) {
+        const int r = warp_row0 + pass * SS::kRowsPerPass + lane / SS::kLanesPerRow;
+        const int offset = r * SS::kChunkCols + (lane % SS::kLanesPerRow) * 4;
+        gate_raw[pass] = *reinterpret_cast<const uint2*>(&ring->data[slot][0][offset]);
+        up_raw[pass] = gated ? *reinterpret_cast<const uint2*>(&ring->data[slot][1][offset]) : make_uint2(0, 0);
+      }
+      __syncwarp();
+      if (lane == 0) cutlass::arch::ClusterBarrier::arrive(&ring->empty[slot]);
+      ++*ring_count;
+    } else {
+      CUTE_UNROLL
+      for (int pass = 0; pass < SS::kPasses; ++pass) {
+        gate_raw[pass] = gate_next[pass];
+        up_raw[pass] = up_next[pass];
+      }
+      if (chunk + 1 < kChunks) issue_reads(chunk + 1);
     }
-    if (chunk + 1 < kChunks) issue_reads(chunk + 1);
     CUTE_UNROLL
     for (int q = 0; q < kRegsPerChunk; q += 2) {
       const int i = chunk * kRegsPerChunk + q;
@@ -900,19 +968,24 @@ __device__ __forceinline__ void store_tile_activation_backward(TileStore const& 
 template <class Cfg, class Accumulator>
 __device__ __forceinline__ void store_tile(TileStore const& params, TileCoord const& tc,
                                            int consumer_thread, Accumulator const& accum,
-                                           char* staging) {
+                                           char* staging, PreRing<Cfg>* ring = nullptr,
+                                           uint32_t* ring_count = nullptr) {
   if constexpr (Cfg::kOperands == Operands::kDgrad) {
-    if (is_activation_backward(params.epilogue)) {
+    if (Cfg::kPreRing || is_activation_backward(params.epilogue)) {
       auto with_type = [&]<class T>(T*) {
         switch (forward_of(params.epilogue)) {
           case Epilogue::kRelu:
-            return store_tile_activation_backward<Cfg, T, Epilogue::kRelu>(params, tc, consumer_thread, accum, staging);
+            return store_tile_activation_backward<Cfg, T, Epilogue::kRelu>(params, tc, consumer_thread, accum, staging,
+                                                                           ring, ring_count);
           case Epilogue::kGelu:
-            return store_tile_activation_backward<Cfg, T, Epilogue::kGelu>(params, tc, consumer_thread, accum, staging);
+            return store_tile_activation_backward<Cfg, T, Epilogue::kGelu>(params, tc, consumer_thread, accum, staging,
+                                                                           ring, ring_count);
           case Epilogue::kSwiGlu:
-            return store_tile_activation_backward<Cfg, T, Epilogue::kSwiGlu>(params, tc, consumer_thread, accum, staging);
+            return store_tile_activation_backward<Cfg, T, Epilogue::kSwiGlu>(params, tc, consumer_thread, accum,
+                                                                             staging, ring, ring_count);
           default:
-            return store_tile_activation_backward<Cfg, T, Epilogue::kGeGlu>(params, tc, consumer_thread, accum, staging);
+            return store_tile_activation_backward<Cfg, T, Epilogue::kGeGlu>(params, tc, consumer_thread, accum,
+                                                                            staging, ring, ring_count);
         }
       };
       if (params.c_type == ElementType::kBF16) with_type(static_cast<__nv_bfloat16*>(nullptr));
@@ -920,24 +993,82 @@ __device__ __forceinline__ void store_tile(TileStore const& params, TileCoord co
       return;
     }
   }
-  switch (params.c_type) {
-    case ElementType::kBF16:
-      store_tile_typed<Cfg, __nv_bfloat16>(params, tc, consumer_thread, accum, staging);
-      break;
-    case ElementType::kF16:
-      store_tile_typed<Cfg, __half>(params, tc, consumer_thread, accum, staging);
-      break;
-    case ElementType::kF32:
-      store_tile_typed<Cfg, float>(params, tc, consumer_thread, accum, staging);
-      break;
+  if constexpr (!Cfg::kPreRing) {  // a kPreRing kernel runs only the k*Backward epilogues
+    switch (params.c_type) {
+      case ElementType::kBF16:
+        store_tile_typed<Cfg, __nv_bfloat16>(params, tc, consumer_thread, accum, staging);
+        break;
+      case ElementType::kF16:
+        store_tile_typed<Cfg, __half>(params, tc, consumer_thread, accum, staging);
+        break;
+      case ElementType::kF32:
+        store_tile_typed<Cfg, float>(params, tc, consumer_thread, accum, staging);
+        break;
+    }
   }
 }
 
 template <class Cfg, class Accumulator>
 __device__ __forceinline__ void store_tile(Params<Cfg> const& params, TileCoord const& tc,
                                            int consumer_thread, Accumulator const& accum,
-                                           char* staging) {
-  store_tile<Cfg>(tile_store_of(params), tc, consumer_thread, accum, staging);
+                                           char* staging, PreRing<Cfg>* ring = nullptr,
+                                           uint32_t* ring_count = nullptr) {
+  store_tile<Cfg>(tile_store_of(params), tc, consumer_thread, accum, staging, ring, ring_count);
+}
+
+// Producer warp of the pre-activation ring (kPreRing; warp 1 of the producer warpgroup, see
+// PreRing). Publishes its CTA's copy of tma_pre with the real row extent (as warp 0 does for A:
+// the pre-activation, like A, need only hold row_offsets[num_groups] rows), then loads every
+// chunk of every tile of the CTA in the consumers' order.
+template <class Cfg>
+__device__ __forceinline__ void produce_pre_ring(Params<Cfg> const& params, GroupTables tables,
+                                                 PreRing<Cfg>& ring, int rows_total, int total_tiles) {
+  using ElementAB = typename Cfg::ElementAB;
+  const auto* pre = static_cast<ElementAB const*>(params.activation_input);
+  cute::TmaDescriptor* desc = params.tensormap_workspace + gridDim.x + blockIdx.x;
+  const int lane = int(threadIdx.x) % 32;
+  if (lane == 0) {
+    ring.tensormap = *params.tma_pre.get_tma_descriptor();
+    cute::array<uint32_t, 5> shape = {1, 1, 1, 1, 1};
+    cute::array<uint64_t, 5> stride = {0, 0, 0, 0, 0};
+    cute::detail::fill_tma_gmem_shape_stride(params.tma_pre, Cfg::make_gmem_pre(pre, rows_total, params.pre_width),
+                                             shape, stride);
+    for (uint64_t& s : stride) s = s * sizeof(ElementAB);
+    cute::tma_descriptor_replace_dims_strides_in_shared_mem(ring.tensormap, shape, stride);
+  }
+  __syncwarp();
+  cute::tma_descriptor_cp_fence_release(desc, ring.tensormap);
+  cute::tma_descriptor_fence_acquire(desc);
+  __syncwarp();
+  if (lane != 0) return;
+  const bool gated = is_gated(forward_of(params.epilogue));
+  const uint32_t chunk_bytes = uint32_t(PreRing<Cfg>::kChunkElems * sizeof(ElementAB)) * (gated ? 2 : 1);
+  Tensor mP = params.tma_pre.get_tma_tensor(make_shape(rows_total, params.pre_width));
+  Tensor sP = make_tensor(make_smem_ptr(&ring.data[0][0][0]),
+                          make_layout(make_shape(_128{}, _32{}, Int<2 * PreRing<Cfg>::kSlots>{}),
+                                      make_stride(_32{}, _1{}, Int<PreRing<Cfg>::kChunkElems>{})));
+  uint32_t count = 0;
+  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+    const TileCoord tc = decode_tile<Cfg::kBlockM>(tables, params.num_groups, tile);
+    const int col_base = tc.n_tile * Cfg::kOutBlockN;
+    const int chunks = std::min(Cfg::kOutBlockN / 32, (params.n - col_base + 31) / 32);
+    // (128, 32, CHUNKS) views of the tile's gate (or only) half and of its up half.
+    auto chunk_tiles = [&](int col) {
+      return local_tile(domain_offset(make_coord(int(tc.row_begin), col), mP), make_shape(_128{}, _32{}),
+                        make_coord(0, _));
+    };
+    auto [tGg, tGs] = tma_partition(params.tma_pre, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sP),
+                                    group_modes<0, 2>(chunk_tiles(col_base)));
+    auto [tUg, tUs] = tma_partition(params.tma_pre, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sP),
+                                    group_modes<0, 2>(chunk_tiles(col_base + params.n)));
+    for (int c = 0; c < chunks; ++c, ++count) {
+      const uint32_t slot = count % PreRing<Cfg>::kSlots;
+      cutlass::arch::ClusterBarrier::wait(&ring.empty[slot], ((count / PreRing<Cfg>::kSlots) & 1) ^ 1);
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ring.full[slot], chunk_bytes);
+      copy(params.tma_pre.with(desc, ring.full[slot]), tGg(_, c), tGs(_, 2 * slot));
+      if (gated) copy(params.tma_pre.with(desc, ring.full[slot]), tUg(_, c), tUs(_, 2 * slot + 1));
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -950,7 +1081,10 @@ __global__ void __launch_bounds__(Cfg::kNumThreads, 1)
   using Pipeline = typename Cfg::Pipeline;
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<SharedStorage<Cfg>*>(smem_raw);
-  char* tables_raw = smem_raw + sizeof(SharedStorage<Cfg>);
+  // kPreRing: the pre-activation ring after SharedStorage (1024-B aligned: sizeof(SharedStorage)
+  // is a multiple of its alignment).
+  auto* ring = reinterpret_cast<PreRing<Cfg>*>(smem_raw + sizeof(SharedStorage<Cfg>));
+  char* tables_raw = smem_raw + sizeof(SharedStorage<Cfg>) + pre_ring_bytes<Cfg>();
   GroupTables tables{reinterpret_cast<int64_t*>(tables_raw),
                      reinterpret_cast<int*>(tables_raw +
                                             sizeof(int64_t) * (params.num_groups + 1))};
@@ -970,6 +1104,15 @@ __global__ void __launch_bounds__(Cfg::kNumThreads, 1)
   pipeline_params.is_leader = (threadIdx.x == 0);
   pipeline_params.num_consumers = 128 * Cfg::kNumConsumerWarpgroups;
   Pipeline pipeline(smem.pipeline, pipeline_params, Shape<_1, _1, _1>{});
+  if constexpr (Cfg::kPreRing) {
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < PreRing<Cfg>::kSlots; ++s) {
+        cutlass::arch::ClusterTransactionBarrier::init(&ring->full[s], 1);
+        cutlass::arch::ClusterBarrier::init(&ring->empty[s], kNumConsumerWarps);
+      }
+      cutlass::arch::fence_barrier_init();
+    }
+  }
 
   build_group_tables<Cfg::kBlockM>(tables, params.row_offsets, params.num_groups,
                                    params.n_tiles);  // contains __syncthreads
@@ -1006,6 +1149,10 @@ __global__ void __launch_bounds__(Cfg::kNumThreads, 1)
         }
       }
     }
+    if constexpr (Cfg::kPreRing) {
+      if (warp_idx == 1 && total_tiles > blockIdx.x)
+        produce_pre_ring<Cfg>(params, tables, *ring, rows_total, total_tiles);
+    }
   } else {
     // ---------------- consumer warpgroups: wgmma mainloop + epilogue ----------------
     cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegisters>();
@@ -1014,6 +1161,7 @@ __global__ void __launch_bounds__(Cfg::kNumThreads, 1)
     Tensor accum = partition_fragment_C(
         tiled_mma, make_shape(typename Cfg::BlockM{}, typename Cfg::BlockN{}));
     typename Cfg::PipelineState read_state;
+    uint32_t ring_count = 0;  // kPreRing: chunks taken from the ring so far
     for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
       const TileCoord tc = decode_tile<Cfg::kBlockM>(tables, params.num_groups, tile);
       if constexpr (Cfg::kOperands == Operands::kDgrad)
@@ -1021,7 +1169,7 @@ __global__ void __launch_bounds__(Cfg::kNumThreads, 1)
           prefetch_activation_input<Cfg>(tile_store_of(params), tc, consumer_thread);
       consume_tile<Cfg>(smem, pipeline, read_state, params.k_tiles, consumer_thread, accum);
       store_tile(params, tc, consumer_thread, accum,
-                 smem.staging[consumer_thread / 32]);
+                 smem.staging[consumer_thread / 32], ring, &ring_count);
     }
   }
 #elif defined(__CUDA_ARCH__)
