@@ -109,7 +109,8 @@ struct GroupedGemmArgs {
 inline constexpr int kMaxGroups = 1024;
 
 // Bytes of device workspace grouped_gemm needs (one 128-B TMA descriptor per SM of the current
-// device). Pass a pointer to at least this many bytes, 128-B aligned (cudaMalloc is).
+// device; two with the k*Backward epilogues, whose pre-activation is also loaded by TMA). Pass a
+// pointer to at least this many bytes, 128-B aligned (cudaMalloc is).
 size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args);
 
 // Hopper (sm_90a) grouped GEMM. Preconditions (checked, std::runtime_error naming the argument):

@@ -263,6 +263,12 @@ struct PreRing {
   uint64_t full[kSlots];
   uint64_t empty[kSlots];
 };
+// 32-column chunks of a tile starting at column col_base of an n-wide dact (the epilogue's chunk
+// loop and the ring's producer must agree on it).
+template <class Cfg>
+__device__ __forceinline__ int pre_ring_chunks(int64_t n, int col_base) {
+  return int(std::min<int64_t>(Cfg::kOutBlockN / 32, (n - col_base + 31) / 32));
+}
 template <class Cfg>
 constexpr size_t pre_ring_bytes() {
   if constexpr (Cfg::kPreRing) return (sizeof(PreRing<Cfg>) + 127) / 128 * 128;
@@ -385,6 +391,30 @@ struct BlockingWait {
     pipeline.consumer_wait(state);
   }
 };
+
+// ---------------------------------------------------------------------------------------------
+// Descriptor publishing
+// ---------------------------------------------------------------------------------------------
+// One warp writes a copy of `tma`'s descriptor with the extents of `gmem` (the real row count,
+// known only on the device) to `slot` in global memory, staged through `staging` in shared
+// memory, and makes it visible to this CTA's TMA unit. Every lane of the warp must call it.
+template <class Tma, class GmemTensor>
+__device__ __forceinline__ void publish_tma_descriptor(Tma const& tma, GmemTensor const& gmem,
+                                                       cute::TmaDescriptor& staging,
+                                                       cute::TmaDescriptor* slot) {
+  if (cute::elect_one_sync()) {
+    staging = *tma.get_tma_descriptor();
+    cute::array<uint32_t, 5> shape = {1, 1, 1, 1, 1};
+    cute::array<uint64_t, 5> stride = {0, 0, 0, 0, 0};
+    cute::detail::fill_tma_gmem_shape_stride(tma, gmem, shape, stride);
+    for (uint64_t& s : stride) s = s * sizeof(typename GmemTensor::value_type);
+    cute::tma_descriptor_replace_dims_strides_in_shared_mem(staging, shape, stride);
+  }
+  __syncwarp();
+  cute::tma_descriptor_cp_fence_release(slot, staging);
+  cute::tma_descriptor_fence_acquire(slot);
+  __syncwarp();
+}
 
 // ---------------------------------------------------------------------------------------------
 // Producer: TMA loads of one tile (one elected thread)
@@ -899,10 +929,12 @@ __device__ __forceinline__ void store_tile_activation_backward(TileStore const& 
       }
     }
   };
+  static_assert(SS::kChunkCols == 32, "pre_ring_chunks counts 32-column chunks");
+  const int chunks = pre_ring_chunks<Cfg>(n, col_base);
   if constexpr (!Cfg::kPreRing) issue_reads(0);
   CUTE_UNROLL
   for (int chunk = 0; chunk < kChunks; ++chunk) {
-    if (col_base + chunk * SS::kChunkCols >= n) break;
+    if (chunk >= chunks) break;
     uint2 gate_raw[SS::kPasses], up_raw[SS::kPasses];
     if constexpr (Cfg::kPreRing) {
       // The chunk from its ring slot (every warp takes every chunk, valid rows or not: the
@@ -1026,21 +1058,8 @@ __device__ __forceinline__ void produce_pre_ring(Params<Cfg> const& params, Grou
   using ElementAB = typename Cfg::ElementAB;
   const auto* pre = static_cast<ElementAB const*>(params.activation_input);
   cute::TmaDescriptor* desc = params.tensormap_workspace + gridDim.x + blockIdx.x;
-  const int lane = int(threadIdx.x) % 32;
-  if (lane == 0) {
-    ring.tensormap = *params.tma_pre.get_tma_descriptor();
-    cute::array<uint32_t, 5> shape = {1, 1, 1, 1, 1};
-    cute::array<uint64_t, 5> stride = {0, 0, 0, 0, 0};
-    cute::detail::fill_tma_gmem_shape_stride(params.tma_pre, Cfg::make_gmem_pre(pre, rows_total, params.pre_width),
-                                             shape, stride);
-    for (uint64_t& s : stride) s = s * sizeof(ElementAB);
-    cute::tma_descriptor_replace_dims_strides_in_shared_mem(ring.tensormap, shape, stride);
-  }
-  __syncwarp();
-  cute::tma_descriptor_cp_fence_release(desc, ring.tensormap);
-  cute::tma_descriptor_fence_acquire(desc);
-  __syncwarp();
-  if (lane != 0) return;
+  publish_tma_descriptor(params.tma_pre, Cfg::make_gmem_pre(pre, rows_total, params.pre_width), ring.tensormap, desc);
+  if (threadIdx.x % 32 != 0) return;
   const bool gated = is_gated(forward_of(params.epilogue));
   const uint32_t chunk_bytes = uint32_t(PreRing<Cfg>::kChunkElems * sizeof(ElementAB)) * (gated ? 2 : 1);
   Tensor mP = params.tma_pre.get_tma_tensor(make_shape(rows_total, params.pre_width));
@@ -1051,7 +1070,7 @@ __device__ __forceinline__ void produce_pre_ring(Params<Cfg> const& params, Grou
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
     const TileCoord tc = decode_tile<Cfg::kBlockM>(tables, params.num_groups, tile);
     const int col_base = tc.n_tile * Cfg::kOutBlockN;
-    const int chunks = std::min(Cfg::kOutBlockN / 32, (params.n - col_base + 31) / 32);
+    const int chunks = pre_ring_chunks<Cfg>(params.n, col_base);
     // (128, 32, CHUNKS) views of the tile's gate (or only) half and of its up half.
     auto chunk_tiles = [&](int col) {
       return local_tile(domain_offset(make_coord(int(tc.row_begin), col), mP), make_shape(_128{}, _32{}),
@@ -1126,19 +1145,8 @@ __global__ void __launch_bounds__(Cfg::kNumThreads, 1)
     if (warp_idx == 0 && total_tiles > blockIdx.x) {
       // Publish this CTA's A descriptor with the real row extent.
       cute::TmaDescriptor* tensormap_a = params.tensormap_workspace + blockIdx.x;
-      if (threadIdx.x == 0) {
-        smem.tensormap_a = *params.tma_a.get_tma_descriptor();
-        cute::array<uint32_t, 5> shape = {1, 1, 1, 1, 1};
-        cute::array<uint64_t, 5> stride = {0, 0, 0, 0, 0};
-        cute::detail::fill_tma_gmem_shape_stride(
-            params.tma_a, Cfg::make_gmem_a(params.a, rows_total, params.k), shape, stride);
-        for (uint64_t& s : stride) s = s * sizeof(typename Cfg::ElementAB);
-        cute::tma_descriptor_replace_dims_strides_in_shared_mem(smem.tensormap_a, shape, stride);
-      }
-      __syncwarp();
-      cute::tma_descriptor_cp_fence_release(tensormap_a, smem.tensormap_a);
-      cute::tma_descriptor_fence_acquire(tensormap_a);
-      __syncwarp();
+      publish_tma_descriptor(params.tma_a, Cfg::make_gmem_a(params.a, rows_total, params.k), smem.tensormap_a,
+                             tensormap_a);
 
       // NOTE: thread 0 is the pipeline's leader (arrive_and_expect_tx) and issues every TMA.
       if (threadIdx.x == 0) {
