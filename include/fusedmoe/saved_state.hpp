@@ -7,6 +7,13 @@
 // `T · per-token` bytes, each rounded up to 16 B, so the total is fixed + T · per_token: torch's
 // fake kernel computes it from a symbolic T (python/fusedmoe/_ops.py mirrors `make`; a test
 // compares the two). Row sections hold T · k rows (the most a forward can keep).
+//
+// Alignment: the sections of 256 B or more per token (the rows the GEMMs load and store by TMA,
+// the jitter's router input) start on 256 B for every T: the fixed part is padded to 256 B, and
+// before such a section the per-token bytes so far are padded to a multiple of 256, its own
+// rounded up to one (the buffer itself comes 512-B aligned from torch's allocator). With 16-B
+// sections only, mixtral's rows began 80 B past a 128-B line: every row segment of a TMA load or
+// store touched one line more, and its stores wrote partial sectors.
 #pragma once
 
 #include <cstdint>
@@ -27,12 +34,14 @@ struct SavedLayout {
   // per token, rows of the layer's dtype: [T·k, H], [T·k, N1], [T·k, I], [T·k, H]
   Span xperm, pre, act, out_rows;
   int64_t fixed_bytes = 0, per_token_bytes = 0, total = 0;
+  static constexpr int64_t kAlign = 256;  // start of every large section (see above)
 
   static SavedLayout make(const MoeConfig& c, int64_t num_tokens) {
     SavedLayout l;
     const int64_t T = num_tokens, E = c.num_experts, k = c.top_k, H = c.hidden_size;
     const int64_t es = static_cast<int64_t>(dtype_size(c.dtype));
-    auto round16 = [](int64_t b) { return (b + 15) / 16 * 16; };
+    auto round_up = [](int64_t b, int64_t to) { return (b + to - 1) / to * to; };
+    auto round16 = [&](int64_t b) { return round_up(b, 16); };
     int64_t offset = 0;
     auto fixed = [&](Span& s, int64_t bytes) {
       s = {offset, round16(bytes)};
@@ -42,10 +51,18 @@ struct SavedLayout {
     fixed(l.routed, 8 * E);
     fixed(l.kept_count, 8 * E);
     fixed(l.row_offsets, 8 * (E + 1));
+    offset = l.fixed_bytes = round_up(l.fixed_bytes, kAlign);
     auto per_token = [&](Span& s, int64_t bytes_per_token) {
-      s = {offset, T * round16(bytes_per_token)};
+      int64_t bytes = round16(bytes_per_token);
+      if (bytes >= kAlign) {  // pad the per-token bytes so far, then this section's own
+        const int64_t pad = round_up(l.per_token_bytes, kAlign) - l.per_token_bytes;
+        offset += T * pad;
+        l.per_token_bytes += pad;
+        bytes = round_up(bytes, kAlign);
+      }
+      s = {offset, T * bytes};
       offset += s.bytes;
-      l.per_token_bytes += round16(bytes_per_token);
+      l.per_token_bytes += bytes;
     };
     per_token(l.logits, 4 * E);
     per_token(l.probs, 4 * E);

@@ -43,16 +43,26 @@ _DTYPE_BYTES = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.flo
 
 def saved_bytes(c: MoeConfig, num_tokens, element_bytes: int):
     """Bytes of moe_forward's `saved` output on the cuda backend (SavedLayout::make):
-    fixed + num_tokens · per_token, every section rounded up to 16 B."""
-    def r16(b):
-        return (b + 15) // 16 * 16
+    fixed + num_tokens · per_token, every section rounded up to 16 B; the fixed part padded to
+    256 B, and a section of 256 B or more per token starting on 256 B (the per-token bytes before
+    it padded, its own rounded up)."""
+    def round_up(b, to):
+        return (b + to - 1) // to * to
+    align = 256
     E, k, H = c.num_experts, c.top_k, c.hidden_size
-    fixed = r16(8 * E) + r16(8 * E) + r16(8 * (E + 1))
-    per_token = [4 * E, 4 * E, 4 * E if c.gate == "noisy" else 0, 12, 4 * k, 4 * k, 4 * k, 4 * k, 4 * k, k,
-                 4 * H if c.gate == "switch" and c.jitter_eps > 0 else 0,
-                 k * H * element_bytes, k * c.ffn_in_width * element_bytes, k * c.ffn_size * element_bytes,
-                 k * H * element_bytes]
-    return fixed + num_tokens * sum(r16(b) for b in per_token)
+    fixed = round_up(round_up(8 * E, 16) + round_up(8 * E, 16) + round_up(8 * (E + 1), 16), align)
+    sections = [4 * E, 4 * E, 4 * E if c.gate == "noisy" else 0, 12, 4 * k, 4 * k, 4 * k, 4 * k, 4 * k, k,
+                4 * H if c.gate == "switch" and c.jitter_eps > 0 else 0,
+                k * H * element_bytes, k * c.ffn_in_width * element_bytes, k * c.ffn_size * element_bytes,
+                k * H * element_bytes]
+    per_token = 0
+    for b in sections:
+        b = round_up(b, 16)
+        if b >= align:
+            per_token = round_up(per_token, align)
+            b = round_up(b, align)
+        per_token += b
+    return fixed + num_tokens * per_token
 
 
 def _saves_state(x, c: MoeConfig, backend: str, save_for_backward: bool) -> bool:

@@ -420,7 +420,11 @@ class CudaBackend final : public BackendImpl {
     float* dnoise = noisy ? s.alloc<float>(Tn * E) : nullptr;
     router_backward(st.rp, r, dweight, args.d_aux, args.d_z, args.d_aux_device, args.d_z_device, dlogits, dnoise,
                     stream);
-    float* dx_acc = s.zeros<float>(Tn * H);
+    // dx accumulates in fp32: the router's part, the experts' (combine backward), the shared
+    // experts'. A 16-bit router without jitter writes it first (no zero fill: 134 MB of memset
+    // and as many bytes read back on mixtral); every other path adds to zeros.
+    const bool router_writes_dx = kIs16Bit<T> && !st.router_input_f32;
+    float* dx_acc = router_writes_dx ? s.alloc<float>(Tn * H) : s.zeros<float>(Tn * H);
     std::optional<RouterScope> router_scope(std::in_place);
     const Operand dlogits_t{dlogits, 0, 1, E};  // A(m = e, k = t)
     bool router_done = false;
@@ -457,18 +461,17 @@ class CudaBackend final : public BackendImpl {
           }
         }
         if (use_hopper_engine<T>(c, w) && E % 8 == 0 && aligned16(dlogits_16) && aligned16(w.gate_weight.data)) {
-          // dx += dlogits · Wg on the Hopper engine: one group of all tokens, K = E, fp32
-          // accumulate (the generic kernel took 0.32 ms of paper-64's backward here).
+          // dx = dlogits · Wg on the Hopper engine: one group of all tokens, K = E, fp32 out
+          // (the generic kernel took 0.32 ms of paper-64's backward here).
           int64_t* all_rows = s.alloc<int64_t>(2);
           set_range(all_rows, Tn, stream);
           run_grouped_gemm(GroupedGemmArgs{.num_groups = 1, .row_offsets = all_rows, .max_total_rows = Tn, .n = H,
                                            .k = E, .a = dlogits_16, .b = w.gate_weight.data, .c = dx_acc,
-                                           .a_type = element_type<T>(), .c_type = ElementType::kF32,
-                                           .accumulate = true},
+                                           .a_type = element_type<T>(), .c_type = ElementType::kF32},
                            s, stream);
         } else {
           gemm<T, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, H, E, {dlogits_16, 0, E, 1},
-                            {ptr<T>(w.gate_weight), 0, H, 1}, dx_acc, 0, H, true);
+                            {ptr<T>(w.gate_weight), 0, H, 1}, dx_acc, 0, H, /*accumulate=*/false);
         }
         router_done = true;
       }

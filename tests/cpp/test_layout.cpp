@@ -190,6 +190,41 @@ TEST(Planner, PlansFitSharedMemoryAndCoverTheShape) {
   EXPECT_THROW(make_plan(c, -1, DeviceInfo{}), Error);
 }
 
+// The backward's saved state: sections in order, no overlap, every section of 256 B or more per
+// token on a 256-B boundary for any T, total = fixed + T * per_token, and one size pinned (the
+// same number is pinned in tests/python/test_ops_forward.py against the Python mirror).
+TEST(SavedLayout, LargeSectionsAlignedForEveryTokenCount) {
+  MoeConfig c;
+  c.num_experts = 8; c.top_k = 2; c.hidden_size = 4096; c.ffn_size = 14336;
+  c.ffn = FfnKind::kSwiGlu; c.dtype = DType::kBFloat16;
+  MoeConfig odd = c;  // sizes that are no multiple of anything
+  odd.num_experts = 5; odd.top_k = 3; odd.hidden_size = 40; odd.ffn_size = 72; odd.gate = GateKind::kNoisyTopK;
+  MoeConfig jitter = odd;
+  jitter.gate = GateKind::kSwitchTop1; jitter.top_k = 1; jitter.jitter_eps = 0.01; jitter.hidden_size = 96;
+  for (const MoeConfig& cfg : {c, odd, jitter}) {
+    for (int64_t T : {0, 1, 3, 17, 1000, 8192}) {
+      const SavedLayout l = SavedLayout::make(cfg, T);
+      EXPECT_EQ(l.total, l.fixed_bytes + T * l.per_token_bytes);
+      EXPECT_EQ(l.fixed_bytes % SavedLayout::kAlign, 0);
+      int64_t end = 0;
+      for (const SavedLayout::Span* s : {&l.routed, &l.kept_count, &l.row_offsets, &l.logits, &l.probs, &l.noise_pre,
+                                         &l.stats, &l.selected, &l.idx, &l.weight, &l.row_of, &l.row_source, &l.kept,
+                                         &l.router_input, &l.xperm, &l.pre, &l.act, &l.out_rows}) {
+        EXPECT_GE(s->offset, end) << "overlap";
+        EXPECT_EQ(s->offset % 16, 0);
+        if (T > 0 && s->bytes >= T * SavedLayout::kAlign) EXPECT_EQ(s->offset % SavedLayout::kAlign, 0) << T;
+        end = s->offset + s->bytes;
+      }
+      EXPECT_LE(end, l.total);
+      const int64_t es = 2, k = cfg.top_k;
+      EXPECT_GE(l.xperm.bytes, T * k * cfg.hidden_size * es);
+      EXPECT_GE(l.pre.bytes, T * k * cfg.ffn_in_width() * es);
+      EXPECT_GE(l.act.bytes, T * k * cfg.ffn_size * es);
+    }
+  }
+  EXPECT_EQ(SavedLayout::make(c, 8192).total, 1679819008);
+}
+
 TEST(Noise, DeterministicUniformAndNormal) {
   EXPECT_EQ(noise::hash(1, 2, 3, 4), noise::hash(1, 2, 3, 4));
   EXPECT_NE(noise::hash(1, 2, 3, 4), noise::hash(1, 2, 3, 5));

@@ -224,3 +224,13 @@ def test_forced_routing_with_empty_choices():
     assert_forward_close(out, ref, FP64_TOL)
     assert float(out["y"][3].abs().max()) == 0.0
     assert not out["kept"][:, 1].any()
+
+
+def test_saved_bytes_mirror_pinned():
+    # SavedLayout::make pins the same number (tests/cpp/test_layout.cpp); the GPU suite compares
+    # the op's `saved` output with this function on real forwards.
+    from fusedmoe import _ops
+    from fusedmoe.config import MoeConfig
+    c = MoeConfig(num_experts=8, top_k=2, hidden_size=4096, ffn_size=14336, ffn="swiglu", dtype="bf16")
+    assert _ops.saved_bytes(c, 8192, 2) == 1679819008
+    assert _ops.saved_bytes(c, 0, 2) == 256
