@@ -482,8 +482,14 @@ int run_nccl_rank(RunOptions options) {
     throw UsageError("--world-size " + std::to_string(config.world_size) + " but the launcher started " +
                      std::to_string(me->world) + " ranks");
   config.world_size = me->world;
-  if (config.dtype == DType::kFloat64)
-    throw UsageError("--transport nccl: the fused kernel computes in fp32 (TF32), bf16 or fp16; use --dtype fp32");
+  // The command's inputs, outputs and reference live in host memory as fp32 or fp64 (HostTensor),
+  // and the fused kernel has no fp64 path: the NCCL run is fp32 (TF32). 16-bit layers across GPUs
+  // run under torchrun (examples/fused_torchrun.py, scripts/multi_gpu_all.sh).
+  if (config.dtype != DType::kFloat32)
+    throw UsageError("--transport nccl --dtype " + to_string(config.dtype) +
+                     ": this command runs fp32 across GPUs (its tensors are held in host memory as fp32 or fp64, "
+                     "and the fused kernel has no fp64 path); use --dtype fp32, or torchrun "
+                     "examples/fused_torchrun.py --dtype bf16");
   config.fp32_math = Fp32Math::kTf32;
   config.validate();
   if (options.num_tokens % me->world != 0)

@@ -111,4 +111,7 @@ fusedmoe_cli_test(cli_no_check EXIT 0 ARGS run --no-check --hidden-size 64 --ffn
 # (scripts/gpu_all.sh runs `mpirun -np 1 fusedmoe run --transport nccl`).
 fusedmoe_cli_test(cli_transport_nccl_needs_a_launcher EXIT 2 ARGS run --transport nccl
   EXPECT "no launcher environment.*mpirun -np W")
+fusedmoe_cli_test(cli_transport_nccl_fp32_only EXIT 2 ARGS run --transport nccl --dtype bf16
+  EXPECT "--dtype bf16: this command runs fp32 across GPUs.*fused_torchrun.py")
+set_tests_properties(cli_transport_nccl_fp32_only PROPERTIES ENVIRONMENT "RANK=0;WORLD_SIZE=1")
 fusedmoe_cli_test(cli_transport_unknown EXIT 2 ARGS run --transport shm EXPECT "unknown transport 'shm'")

@@ -33,6 +33,8 @@ def main() -> int:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--skew", action="store_true",
+                    help="a gate bias towards experts 0 and 1: skewed loads (rank 0's experts), experts with no tokens")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
 
@@ -45,12 +47,17 @@ def main() -> int:
 
     torch.manual_seed(0)
     layer = fusedmoe.MoE(args.experts, args.hidden, args.ffn, top_k=args.top_k, gate="softmax", ffn="swiglu",
-                         dtype=dtype, device="cuda")
+                         gate_bias=args.skew, dtype=dtype, device="cuda")
+    if args.skew:
+        with torch.no_grad():
+            layer.gate.bias.zero_()
+            layer.gate.bias[:2] = 4.0
     config = layer.config_for(dtype).to_string().replace("world_size=1", f"world_size={world}")
     if f"world_size={world}" not in config:
         config += f";world_size={world}"
     g, ex = layer.gate, layer.experts
-    weights = (g.weight.detach(), None, None, None, ex.w1.detach(), None, ex.w2.detach(), None,
+    bias = g.bias.detach() if args.skew else None
+    weights = (g.weight.detach(), bias, None, None, ex.w1.detach(), None, ex.w2.detach(), None,
                None, None, None, None, None)
     x_all = torch.randn(world * args.tokens, args.hidden, device="cuda", dtype=dtype, generator=torch.Generator(
         device="cuda").manual_seed(1))
@@ -58,7 +65,7 @@ def main() -> int:
 
     per_rank = args.experts // world
     experts = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's experts (default placement)
-    local_weights = (g.weight.detach(), None, None, None, ex.w1.detach()[experts].contiguous(), None,
+    local_weights = (g.weight.detach(), bias, None, None, ex.w1.detach()[experts].contiguous(), None,
                      ex.w2.detach()[experts].contiguous(), None, None, None, None, None, None)
 
     def fused(x, w=weights):
@@ -81,10 +88,13 @@ def main() -> int:
         fd.close_fused_transport()
     error = float((y.float() - y_ref.float()).norm() / y_ref.float().norm().clamp_min(1e-30))
     routing = int((idx != idx_ref).sum())
+    counts = torch.bincount(idx_ref.reshape(-1).long(), minlength=args.experts)
+    load = f", skewed: experts 0-1 take {int(counts[:2].sum())} of {idx_ref.numel()} rows, {int((counts == 0).sum())} experts none" \
+        if args.skew else ""
     tolerance = 2e-2 if dtype != torch.float32 else 5e-3
     ok = error <= tolerance and routing == 0
     print(f"rank {rank} of {world}: {args.tokens} tokens, fused over NCCL {start.elapsed_time(end) / args.iters:.3f} ms, "
-          f"y error vs emulated ranks {error:.2e}, routing differences {routing}: {'PASS' if ok else 'FAIL'}",
+          f"y error vs emulated ranks {error:.2e}, routing differences {routing}{load}: {'PASS' if ok else 'FAIL'}",
           flush=True)
     dist.destroy_process_group()
     return 0 if ok else 1
