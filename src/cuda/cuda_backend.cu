@@ -429,7 +429,7 @@ class CudaBackend final : public BackendImpl {
     const Operand dlogits_t{dlogits, 0, 1, E};  // A(m = e, k = t)
     bool router_done = false;
     if constexpr (kIs16Bit<T>) {
-      if (!st.router_input_f32) {
+      if (router_writes_dx) {  // the 16-bit router without jitter: its dx GEMM writes dx_acc
         // As torch does for a 16-bit router: dlogits in T, then tensor cores. dWg = dlogitsᵀ · x
         // has K = T tokens and a small output (E x H): split-K into ordered fp32 partials.
         T* dlogits_16 = s.alloc<T>(Tn * E);
