@@ -233,10 +233,12 @@ ForwardResult moe_forward(const Tensor& x, const Tensor& gate_weight, const OptT
   Tensor kept = at::empty({T, k}, x.options().dtype(at::kBool));
   Tensor expert_counts = at::empty({E}, x.options().dtype(at::kLong));
   Tensor kept_counts = at::empty({E}, x.options().dtype(at::kLong));
-  // Losses as two doubles where the backend writes them (device memory for CUDA: no sync). The
-  // CUDA backends always write both (a fill would be one more launch before the layer's first);
-  // the CPU ones may leave one unwritten, which then reads NaN.
-  Tensor losses = at::empty({2}, x.options().dtype(at::kDouble));
+  // Losses: the CUDA backends write both straight into the two 0-dim outputs in x's dtype (no
+  // conversion launches after the layer); the CPU ones write two doubles, converted below, and
+  // may leave one unwritten, which then reads NaN.
+  Tensor aux = at::empty({}, x.options());
+  Tensor z = at::empty({}, x.options());
+  Tensor losses = call.on_cuda() ? Tensor() : at::empty({2}, x.options().dtype(at::kDouble));
   if (poison_outputs()) {
     y.fill_(std::numeric_limits<double>::quiet_NaN());
     topk_weight.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -244,7 +246,11 @@ ForwardResult moe_forward(const Tensor& x, const Tensor& gate_weight, const OptT
     expert_counts.fill_(std::numeric_limits<int64_t>::min());
     kept_counts.fill_(std::numeric_limits<int64_t>::min());
   }
-  if (poison_outputs() || !call.on_cuda()) losses.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (poison_outputs()) {
+    aux.fill_(std::numeric_limits<double>::quiet_NaN());
+    z.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  if (!call.on_cuda()) losses.fill_(std::numeric_limits<double>::quiet_NaN());
   Tensor saved = at::empty({0}, x.options().dtype(at::kByte));
   translate_errors("moe_forward", [&] {
     fusedmoe::MoeLayer layer(call.config, in.weights, call.backend);
@@ -263,12 +269,19 @@ ForwardResult moe_forward(const Tensor& x, const Tensor& gate_weight, const OptT
     out.kept = T == 0 ? nullptr : reinterpret_cast<uint8_t*>(kept.data_ptr<bool>());
     out.expert_counts = expert_counts.data_ptr<int64_t>();
     out.kept_counts = kept_counts.data_ptr<int64_t>();
-    out.aux_loss = losses.data_ptr<double>();
-    out.z_loss = losses.data_ptr<double>() + 1;
+    if (call.on_cuda()) {
+      out.aux_loss_value = aux.data_ptr();
+      out.z_loss_value = z.data_ptr();
+    } else {
+      out.aux_loss = losses.data_ptr<double>();
+      out.z_loss = losses.data_ptr<double>() + 1;
+    }
     layer.forward(in.args, out);
   });
-  Tensor aux = losses[0].to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);  // outputs must not alias
-  Tensor z = losses[1].to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+  if (!call.on_cuda()) {
+    aux.copy_(losses[0]);
+    z.copy_(losses[1]);
+  }
   return {y, topk_idx, topk_weight, kept, expert_counts, kept_counts, aux, z, saved};
 }
 

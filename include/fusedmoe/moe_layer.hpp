@@ -63,6 +63,10 @@ struct ForwardOutputs {
   int64_t* kept_counts = nullptr;    // [E] assignments computed
   double* aux_loss = nullptr;      // E · Σ_e f_e · P_e   (Switch / GShard load balancing)
   double* z_loss = nullptr;        // mean_t logsumexp(logits_t)²   (router z-loss)
+  // cuda backends: the same two losses as one element each in the layer's dtype (rounded through
+  // fp32), e.g. straight into the 0-dim tensors of the torch op. Optional.
+  void* aux_loss_value = nullptr;
+  void* z_loss_value = nullptr;
   // Device memory of MoeLayer::saved_bytes(T) bytes (when that is > 0): the forward keeps in it
   // what backward needs (fusedmoe/saved_state.hpp), for BackwardArgs::saved.
   void* saved = nullptr;

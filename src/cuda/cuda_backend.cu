@@ -141,6 +141,13 @@ void run_grouped_wgrad(const GroupedWgradArgs& args, Scratch& scratch, cudaStrea
   }
 }
 
+// The router's logits by router_logits.cuh (16-bit data); FUSEDMOE_ROUTER_ENGINE=1 runs them on
+// the grouped GEMM engine instead (for comparisons).
+template <class T>
+bool router_logits_kernel_on() {
+  return kIs16Bit<T> && !env_flag("FUSEDMOE_ROUTER_ENGINE");
+}
+
 // Split-K factor of the router logits GEMM (1 = none): 16-bit data whose logits fill at most a
 // quarter of the SMs with 128 x 128 tiles while H spans at least 8 slices of 256.
 template <class T>
@@ -224,7 +231,7 @@ namespace {
 
 template <class T>
 void prepare_state(const MoeConfig& c, const ForwardArgs& args, ForwardState<T>& st, unsigned char* saved,
-                   uint8_t* kept_out) {
+                   const ForwardOutputs* out) {
   const int64_t Tn = args.x.shape[0], H = c.hidden_size, E = c.num_experts, k = c.top_k;
   const int64_t I = c.ffn_size, N1 = c.ffn_in_width();
   st.rp = RouterParams{.num_tokens = Tn, .num_experts = E, .top_k = k, .gate = c.gate,
@@ -269,13 +276,14 @@ void prepare_state(const MoeConfig& c, const ForwardArgs& args, ForwardState<T>&
   r.prob_sum = s.alloc<float>(Tn);
   r.renorm_sum = s.alloc<float>(Tn);
   r.selected = s.alloc<int32_t>(Tn * k);
-  r.idx = s.alloc<int32_t>(Tn * k);
+  // Without a saved-state buffer the routing tables the caller asked for are written in place.
+  r.idx = out && out->topk_idx ? out->topk_idx : s.alloc<int32_t>(Tn * k);
   r.weight = s.alloc<float>(Tn * k);
-  r.routed = s.alloc<int64_t>(E);
-  r.kept_count = s.alloc<int64_t>(E);
+  r.routed = out && out->expert_counts ? out->expert_counts : s.alloc<int64_t>(E);
+  r.kept_count = out && out->kept_counts ? out->kept_counts : s.alloc<int64_t>(E);
   r.row_offsets = s.alloc<int64_t>(E + 1);
   r.row_of = s.alloc<int32_t>(Tn * k);
-  r.kept = kept_out ? kept_out : s.alloc<uint8_t>(Tn * k);
+  r.kept = out && out->kept ? out->kept : s.alloc<uint8_t>(Tn * k);
   r.row_source = s.alloc<int32_t>(st.rows_max);
   st.router_input_f32 = jitter ? s.alloc<float>(Tn * H) : nullptr;
   st.xperm = s.alloc<T>(st.rows_max * H);
@@ -299,6 +307,7 @@ void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& arg
 
   // Router logits (fp32) = router input · Wgᵀ + bg.
   std::optional<RouterScope> router_scope(std::in_place);
+  bool logits_have_bias = false;  // the router kernel added gate_bias
   const Operand gate_b{ptr<T>(w.gate_weight), 0, 1, H};  // B(k = h, n = e) = Wg[e, h]
   if (st.router_input_f32) {  // Switch jitter (training)
     float* xr = st.router_input_f32;
@@ -319,6 +328,9 @@ void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& arg
     const bool launched = wmma_gemm<T, float>(p, stream);
     FUSEDMOE_CHECK(launched, "internal: router logits layout");
     sum_partials<float>(partials, splits, r.logits, Tn * E, stream);
+  } else if (router_logits_kernel_on<T>() &&
+             router_logits<T>(x, ptr<T>(w.gate_weight), ptr<T>(w.gate_bias), r.logits, Tn, H, E, stream)) {
+    logits_have_bias = true;
   } else if (use_hopper_engine<T>(c, w) && Tn > 0 && E % 8 == 0 && aligned16(w.gate_weight.data)) {
     // One group of all tokens; Wg [E, H] is B stored K-major. fp32 logits.
     int64_t* all_rows = s.alloc<int64_t>(2);
@@ -330,7 +342,8 @@ void run_forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& arg
   } else {
     gemm<T, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, E, H, {x, 0, H, 1}, gate_b, r.logits, 0, E);
   }
-  if (w.gate_bias.defined()) add_group_bias<float, T>(r.logits, ptr<T>(w.gate_bias), nullptr, 1, Tn, E, stream);
+  if (w.gate_bias.defined() && !logits_have_bias)
+    add_group_bias<float, T>(r.logits, ptr<T>(w.gate_bias), nullptr, 1, Tn, E, stream);
   if (r.noise_pre) {
     gemm<T, T, float>(stream, VaryDim::kNone, nullptr, 1, Tn, E, H, {x, 0, H, 1}, {ptr<T>(w.noise_weight), 0, 1, H},
                       r.noise_pre, 0, E);
@@ -377,23 +390,25 @@ class CudaBackend final : public BackendImpl {
   void forward(const MoeConfig& c, const MoeWeights& w, const ForwardArgs& args, const std::vector<int64_t>&,
                const ForwardOutputs& out) override {
     cudaStream_t stream = static_cast<cudaStream_t>(args.stream);
-    const int64_t Tn = args.x.shape[0], H = c.hidden_size, E = c.num_experts, k = c.top_k;
+    const int64_t Tn = args.x.shape[0], H = c.hidden_size, k = c.top_k;
     ForwardState<T> st(stream);
     // With a saved-state buffer the routing, rows and activations land there (for backward).
     auto* saved = static_cast<unsigned char*>(out.saved);
-    prepare_state<T>(c, args, st, saved, out.kept);
+    prepare_state<T>(c, args, st, saved, &out);
     run_forward<T>(c, w, args, st, /*keep_pre_activation=*/saved != nullptr);
     combine_rows<T>(st.out_rows, st.r, false, st.dense, mut<T>(out.y), Tn, k, H, stream);
-    if (saved && out.kept && Tn > 0)
-      FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(out.kept, st.r.kept, sizeof(uint8_t) * Tn * k, cudaMemcpyDeviceToDevice, stream));
-    if (out.topk_idx && Tn > 0)
-      FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(out.topk_idx, st.r.idx, sizeof(int32_t) * Tn * k, cudaMemcpyDeviceToDevice, stream));
-    if (out.topk_weight.defined()) convert<T>(st.r.weight, mut<T>(out.topk_weight), Tn * k, stream);
-    if (out.expert_counts)
-      FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(out.expert_counts, st.r.routed, sizeof(int64_t) * E, cudaMemcpyDeviceToDevice, stream));
-    if (out.kept_counts)
-      FUSEDMOE_CUDA_CHECK(cudaMemcpyAsync(out.kept_counts, st.r.kept_count, sizeof(int64_t) * E, cudaMemcpyDeviceToDevice, stream));
-    if (out.aux_loss || out.z_loss) balance_losses(st.rp, st.r, out.aux_loss, out.z_loss, stream);
+    // With a saved-state buffer the routing tables live there and are copied out.
+    forward_tail<T>(st.rp, st.r,
+                    ForwardTail<T>{.topk_weight = out.topk_weight.defined() ? mut<T>(out.topk_weight) : nullptr,
+                                   .topk_idx = saved ? out.topk_idx : nullptr,
+                                   .kept = saved ? out.kept : nullptr,
+                                   .expert_counts = saved ? out.expert_counts : nullptr,
+                                   .kept_counts = saved ? out.kept_counts : nullptr,
+                                   .aux = out.aux_loss,
+                                   .z = out.z_loss,
+                                   .aux_value = static_cast<T*>(out.aux_loss_value),
+                                   .z_value = static_cast<T*>(out.z_loss_value)},
+                    stream);
   }
 
   void backward(const MoeConfig& c, const MoeWeights& w, const BackwardArgs& args, const std::vector<int64_t>&,

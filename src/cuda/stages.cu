@@ -4,6 +4,7 @@
 #include <climits>
 
 #include "cuda/router_device.cuh"
+#include "cuda/router_logits.cuh"
 #include "cuda/stages.cuh"
 #include "gemm/epilogue_math.cuh"
 #include "fusedmoe/noise.hpp"
@@ -181,14 +182,25 @@ __global__ void gather_rows_kernel(const T* src, RoutingBuffers r, bool scale_by
   const T* in = src + t * hidden;
   T* out = dst + static_cast<int64_t>(row) * hidden;
   if (vector) {
-    for (int64_t h = lane * kVec<T>; h < hidden; h += 32 * kVec<T>) {
-      uint4 v = *reinterpret_cast<const uint4*>(in + h);
-      if (scale_by_weight) {
-        T* e = reinterpret_cast<T*>(&v);
+    // kUnroll vectors per lane in flight before their stores (one at a time left the row copies
+    // at ~2.7 TB/s on an H100).
+    constexpr int kUnroll = 4;
+    constexpr int64_t kStep = 32 * kVec<T>;
+    for (int64_t h0 = lane * kVec<T>; h0 < hidden; h0 += kUnroll * kStep) {
+      uint4 v[kUnroll];
 #pragma unroll
-        for (int j = 0; j < kVec<T>; ++j) e[j] = from_f32<T>(w * to_f32(e[j]));
+      for (int u = 0; u < kUnroll; ++u)
+        if (h0 + u * kStep < hidden) v[u] = *reinterpret_cast<const uint4*>(in + h0 + u * kStep);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (h0 + u * kStep >= hidden) break;
+        if (scale_by_weight) {
+          T* e = reinterpret_cast<T*>(&v[u]);
+#pragma unroll
+          for (int j = 0; j < kVec<T>; ++j) e[j] = from_f32<T>(w * to_f32(e[j]));
+        }
+        *reinterpret_cast<uint4*>(out + h0 + u * kStep) = v[u];
       }
-      *reinterpret_cast<uint4*>(out + h) = v;
     }
     return;
   }
@@ -249,22 +261,40 @@ __global__ void combine_rows_kernel(const T* rows, RoutingBuffers r, bool unit_w
       row_j[j] = r.row_of[t * top_k + j];
       w_j[j] = unit_weights ? 1.f : r.weight[t * top_k + j];
     }
-    for (int64_t h = h_begin + lane * kVec<T>; h < h_end; h += 32 * kVec<T>) {
-      float acc[kVec<T>];
+    // Two vectors per lane per step, so that 2k loads are in flight before the stores.
+    constexpr int kUnroll = 2;
+    constexpr int64_t kStep = 32 * kVec<T>;
+    for (int64_t h0 = h_begin + lane * kVec<T>; h0 < h_end; h0 += kUnroll * kStep) {
+      float acc[kUnroll][kVec<T>];
 #pragma unroll
-      for (int e = 0; e < kVec<T>; ++e) acc[e] = dense ? dense[t * hidden + h + e] : 0.f;
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int e = 0; e < kVec<T>; ++e)
+          acc[u][e] = dense && h0 + u * kStep < h_end ? dense[t * hidden + h0 + u * kStep + e] : 0.f;
       for (int64_t j = 0; j < top_k; ++j) {
         if (row_j[j] < 0) continue;
-        const uint4 v = *reinterpret_cast<const uint4*>(rows + static_cast<int64_t>(row_j[j]) * hidden + h);
-        const T* e = reinterpret_cast<const T*>(&v);
+        const T* src = rows + static_cast<int64_t>(row_j[j]) * hidden;
+        uint4 v[kUnroll];
 #pragma unroll
-        for (int q = 0; q < kVec<T>; ++q) acc[q] = fmaf(w_j[j], to_f32(e[q]), acc[q]);
+        for (int u = 0; u < kUnroll; ++u)
+          if (h0 + u * kStep < h_end) v[u] = *reinterpret_cast<const uint4*>(src + h0 + u * kStep);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (h0 + u * kStep >= h_end) break;
+          const T* e = reinterpret_cast<const T*>(&v[u]);
+#pragma unroll
+          for (int q = 0; q < kVec<T>; ++q) acc[u][q] = fmaf(w_j[j], to_f32(e[q]), acc[u][q]);
+        }
       }
-      uint4 out;
-      T* o = reinterpret_cast<T*>(&out);
 #pragma unroll
-      for (int q = 0; q < kVec<T>; ++q) o[q] = from_f32<T>(acc[q]);
-      *reinterpret_cast<uint4*>(y + t * hidden + h) = out;
+      for (int u = 0; u < kUnroll; ++u) {
+        if (h0 + u * kStep >= h_end) break;
+        uint4 out;
+        T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+        for (int q = 0; q < kVec<T>; ++q) o[q] = from_f32<T>(acc[u][q]);
+        *reinterpret_cast<uint4*>(y + t * hidden + h0 + u * kStep) = out;
+      }
     }
     return;
   }
@@ -343,11 +373,27 @@ __device__ void column_sums_fixed(int64_t rows, int64_t E, Value value, double* 
   }
 }
 
-__global__ void __launch_bounds__(kBalanceThreads) balance_partial_kernel(RouterParams p, RoutingBuffers r,
-                                                                          double* partial_q, double* partial_z) {
+// The forward's tail, one block per chunk of kBalanceChunk tokens: the chunk's top-k weights in
+// the layer's dtype and the routing tables the caller wants copied, then (with losses) the
+// chunk's partial sums for balance_final_kernel. Block 0 also copies the per-expert counts.
+template <class T>
+__global__ void __launch_bounds__(kBalanceThreads) forward_tail_kernel(RouterParams p, RoutingBuffers r,
+                                                                       ForwardTail<T> out, double* partial_q,
+                                                                       double* partial_z) {
   __shared__ double scratch[kBalanceThreads];
-  const int64_t chunk = blockIdx.x, E = p.num_experts;
+  const int64_t chunk = blockIdx.x, E = p.num_experts, k = p.top_k;
   const int64_t t0 = chunk * kBalanceChunk, t1 = min(p.num_tokens, t0 + kBalanceChunk);
+  for (int64_t i = t0 * k + threadIdx.x; i < t1 * k; i += kBalanceThreads) {
+    if (out.topk_weight) out.topk_weight[i] = from_f32<T>(r.weight[i]);
+    if (out.topk_idx) out.topk_idx[i] = r.idx[i];
+    if (out.kept) out.kept[i] = r.kept[i];
+  }
+  if (chunk == 0)
+    for (int64_t e = threadIdx.x; e < E; e += kBalanceThreads) {
+      if (out.expert_counts) out.expert_counts[e] = r.routed[e];
+      if (out.kept_counts) out.kept_counts[e] = r.kept_count[e];
+    }
+  if (!partial_q || t0 >= t1) return;  // block-uniform
   const bool sigmoid_gate = p.gate == GateKind::kSigmoidTopK;
   column_sums_fixed(t1 - t0, E, [&](int64_t row, int64_t e) {
     const int64_t t = t0 + row;
@@ -360,10 +406,11 @@ __global__ void __launch_bounds__(kBalanceThreads) balance_partial_kernel(Router
   if (threadIdx.x == 0) partial_z[chunk] = z;
 }
 
+template <class T>
 __global__ void __launch_bounds__(kBalanceThreads) balance_final_kernel(RouterParams p, RoutingBuffers r,
                                                                         const double* partial_q,
                                                                         const double* partial_z, int64_t chunks,
-                                                                        double* aux, double* z) {
+                                                                        ForwardTail<T> out) {
   __shared__ double scratch[kBalanceThreads];
   extern __shared__ double columns[];  // [E]
   const int64_t E = p.num_experts;
@@ -379,8 +426,13 @@ __global__ void __launch_bounds__(kBalanceThreads) balance_final_kernel(RouterPa
   for (int64_t c = threadIdx.x; c < chunks; c += kBalanceThreads) zsum += partial_z[c];
   zsum = block_sum_fixed(zsum, scratch);
   if (threadIdx.x != 0) return;
-  if (aux) *aux = p.num_tokens > 0 ? static_cast<double>(E) * acc : 0.0;
-  if (z) *z = p.num_tokens > 0 ? zsum / static_cast<double>(p.num_tokens) : 0.0;
+  const double aux = p.num_tokens > 0 ? static_cast<double>(E) * acc : 0.0;
+  const double z = p.num_tokens > 0 ? zsum / static_cast<double>(p.num_tokens) : 0.0;
+  if (out.aux) *out.aux = aux;
+  if (out.z) *out.z = z;
+  // As torch converts a double: through fp32.
+  if (out.aux_value) *out.aux_value = from_f32<T>(static_cast<float>(aux));
+  if (out.z_value) *out.z_value = from_f32<T>(static_cast<float>(z));
 }
 
 // -------------------------------------------------------------------- router backward --
@@ -596,18 +648,28 @@ void combine_rows(const T* rows, const RoutingBuffers& r, bool unit_weights, con
   FUSEDMOE_LAUNCH_CHECK();
 }
 
-void balance_losses(const RouterParams& p, const RoutingBuffers& r, double* aux, double* z, cudaStream_t stream) {
+template <class T>
+void forward_tail(const RouterParams& p, const RoutingBuffers& r, const ForwardTail<T>& out, cudaStream_t stream) {
+  const bool losses = out.aux || out.z || out.aux_value || out.z_value;
+  const bool copies = out.topk_weight || out.topk_idx || out.kept || out.expert_counts || out.kept_counts;
+  if (!losses && !copies) return;
   Scratch scratch(stream);
   const int64_t chunks = ceil_div(p.num_tokens, kBalanceChunk);
-  double* partial_q = scratch.alloc<double>(chunks * p.num_experts);
-  double* partial_z = scratch.alloc<double>(chunks);
-  if (chunks > 0) {
-    balance_partial_kernel<<<static_cast<unsigned>(chunks), kBalanceThreads, 0, stream>>>(p, r, partial_q, partial_z);
+  double* partial_q = losses ? scratch.alloc<double>(chunks * p.num_experts) : nullptr;
+  double* partial_z = losses ? scratch.alloc<double>(chunks) : nullptr;
+  if (chunks > 0 || (copies && p.num_experts > 0)) {
+    forward_tail_kernel<T><<<static_cast<unsigned>(std::max<int64_t>(chunks, 1)), kBalanceThreads, 0, stream>>>(
+        p, r, out, partial_q, partial_z);
     FUSEDMOE_LAUNCH_CHECK();
   }
-  balance_final_kernel<<<1, kBalanceThreads, sizeof(double) * static_cast<size_t>(std::max<int64_t>(p.num_experts, 1)),
-                         stream>>>(p, r, partial_q, partial_z, chunks, aux, z);
+  if (!losses) return;
+  balance_final_kernel<T><<<1, kBalanceThreads, sizeof(double) * static_cast<size_t>(std::max<int64_t>(p.num_experts, 1)),
+                            stream>>>(p, r, partial_q, partial_z, chunks, out);
   FUSEDMOE_LAUNCH_CHECK();
+}
+
+void balance_losses(const RouterParams& p, const RoutingBuffers& r, double* aux, double* z, cudaStream_t stream) {
+  forward_tail<float>(p, r, ForwardTail<float>{.aux = aux, .z = z}, stream);
 }
 
 template <class T>
@@ -674,6 +736,58 @@ void fill_nan(T* dst, int64_t n, cudaStream_t stream) {
   FUSEDMOE_LAUNCH_CHECK();
 }
 
+// The launcher lives here, in the library, so that its one-time shared-memory opt-in and the
+// kernel it opts in are the same module's.
+template <class T>
+bool router_logits(const T* x, const T* gate_weight, const T* bias, float* logits, int64_t num_tokens,
+                   int64_t hidden, int64_t experts, cudaStream_t stream) {
+  namespace d = router_logits_detail;
+  if constexpr (!std::is_same_v<T, __nv_bfloat16> && !std::is_same_v<T, __half>) {
+    return false;
+  } else {
+    auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
+    if (experts <= 0 || experts > 32 || hidden % 8 != 0 || !aligned(x) || !aligned(gate_weight))
+      return false;
+    if (num_tokens == 0) return true;
+    const unsigned row_blocks = static_cast<unsigned>(ceil_div(num_tokens, d::kRows));
+    FUSEDMOE_CHECK(row_blocks <= 65535u, "router_logits: " << num_tokens << " tokens: too many row blocks");
+    auto launch = [&](auto tile) {
+      constexpr int kETile = decltype(tile)::value;
+      auto kernel = d::router_logits_kernel<T, kETile>;
+      constexpr size_t smem = d::smem_bytes<kETile>();
+      if constexpr (smem > 48 * 1024) {  // opt in once per device
+        constexpr int kMaxDevices = 64;
+        static std::once_flag once[kMaxDevices];
+        int device = 0;
+        FUSEDMOE_CUDA_CHECK(cudaGetDevice(&device));
+        FUSEDMOE_CHECK(device >= 0 && device < kMaxDevices,
+                       "device " << device << ": at most " << kMaxDevices << " devices");
+        std::call_once(once[device], [&] {
+          FUSEDMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   static_cast<int>(smem)));
+        });
+      }
+      kernel<<<dim3(1, row_blocks), d::kThreads, smem, stream>>>(x, gate_weight, bias, logits, num_tokens,
+                                                                 hidden, experts);
+      FUSEDMOE_LAUNCH_CHECK();
+    };
+    if (experts <= 8)
+      launch(std::integral_constant<int, 8>{});
+    else if (experts <= 16)
+      launch(std::integral_constant<int, 16>{});
+    else
+      launch(std::integral_constant<int, 32>{});
+    return true;
+  }
+}
+
+template bool router_logits<float>(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t,
+                                   cudaStream_t);
+template bool router_logits<__nv_bfloat16>(const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, float*,
+                                           int64_t, int64_t, int64_t, cudaStream_t);
+template bool router_logits<__half>(const __half*, const __half*, const __half*, float*, int64_t, int64_t, int64_t,
+                                    cudaStream_t);
+
 #define FUSEDMOE_INSTANTIATE_STAGES(T)                                                                          \
   template void jitter_router_input<T>(const T*, float*, int64_t, int64_t, double, uint64_t, int64_t, cudaStream_t); \
   template void gate_topk<T>(const RouterParams&, const T*, RoutingBuffers&, cudaStream_t);                    \
@@ -685,6 +799,7 @@ void fill_nan(T* dst, int64_t n, cudaStream_t stream) {
   template void group_column_sums<T, T>(const T*, const int64_t*, int64_t, int64_t, T*, cudaStream_t, int64_t); \
   template void add_group_bias<T, T>(T*, const T*, const int64_t*, int64_t, int64_t, int64_t, cudaStream_t); \
   template void convert<T>(const float*, T*, int64_t, cudaStream_t);                                          \
+  template void forward_tail<T>(const RouterParams&, const RoutingBuffers&, const ForwardTail<T>&, cudaStream_t);                                          \
   template void fill_nan<T>(T*, int64_t, cudaStream_t);                                       \
   template void sum_partials<T>(const float*, int, T*, int64_t, cudaStream_t);
 

@@ -52,6 +52,12 @@ void jitter_router_input(const T* x, float* out, int64_t num_tokens, int64_t hid
 // probs, lse, top-k, weights (one warp per token).
 template <class T>
 void gate_topk(const RouterParams& p, const T* selection_bias, RoutingBuffers& r, cudaStream_t stream);
+// logits [T, E] (fp32) = x [T, H] · Wg [E, H]ᵀ + bias [E] (bias may be null) by the
+// bandwidth-bound kernel of router_logits.cuh. Returns false (and launches nothing) where it does
+// not apply: fp32 data, E > 32, H % 8 != 0 or operands not 16-B aligned.
+template <class T>
+bool router_logits(const T* x, const T* gate_weight, const T* bias, float* logits, int64_t num_tokens, int64_t hidden,
+                   int64_t experts, cudaStream_t stream);
 // Counts, capacity and rows. capacity = rows each expert accepts (T when dropless).
 void assign_slots(const RouterParams& p, int64_t capacity, RoutingBuffers& r, cudaStream_t stream);
 
@@ -72,6 +78,24 @@ void activation_backward(FfnKind kind, const T* pre, const float* dact, T* dpre,
 template <class T>
 void combine_rows(const T* rows, const RoutingBuffers& r, bool unit_weights, const float* dense, T* y,
                   int64_t num_tokens, int64_t top_k, int64_t hidden, cudaStream_t stream);
+// What a forward hands back after the layer, from the routing buffers: every pointer optional
+// (null = not wanted, or already in place).
+template <class T>
+struct ForwardTail {
+  T* topk_weight = nullptr;          // [T, k] ← weight, in the layer's dtype
+  int32_t* topk_idx = nullptr;       // [T, k] ← idx
+  uint8_t* kept = nullptr;           // [T, k] ← kept
+  int64_t* expert_counts = nullptr;  // [E] ← routed
+  int64_t* kept_counts = nullptr;    // [E] ← kept_count
+  double* aux = nullptr;             // balance losses (fp64)
+  double* z = nullptr;
+  T* aux_value = nullptr;            // the same in the layer's dtype (rounded through fp32, as torch does)
+  T* z_value = nullptr;
+};
+// The tail in at most two launches (one per chunk of tokens; one more block for the losses'
+// final sums), instead of a copy or conversion per output.
+template <class T>
+void forward_tail(const RouterParams& p, const RoutingBuffers& r, const ForwardTail<T>& out, cudaStream_t stream);
 // aux and z losses into device doubles.
 void balance_losses(const RouterParams& p, const RoutingBuffers& r, double* aux, double* z, cudaStream_t stream);
 // dweight[t, j] = ⟨dy_t, out[row(t, j)]⟩.

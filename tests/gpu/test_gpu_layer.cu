@@ -21,6 +21,7 @@
 
 #include "../cpp/test_util.hpp"
 #include "cuda/fused/fused_options.hpp"
+#include "cuda/stages.cuh"
 
 namespace fusedmoe::testing {
 namespace {
@@ -466,6 +467,58 @@ TEST(GpuLayer, SplitRouterLogitsOnDecodeShapes) {
       gc.saved = (n % 2) == 0;
       check_case(gc, test_seed() + ++n);
     }
+}
+
+// The router's logits kernel (router_logits.cuh) alone against fp64 sums of the same rounded
+// inputs: every column-tile width (E 1 .. 32), row blocks with tails, K tails (H not a multiple
+// of 128), with and without bias; the output is poisoned first, and E > 32 or H % 8 != 0 must
+// be refused.
+template <class T>
+void check_router_logits(DType dt, int64_t tokens, int64_t hidden, int64_t experts, bool with_bias, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  HostTensor x(DType::kFloat64, {tokens, hidden}), wg(DType::kFloat64, {experts, hidden}), bias(DType::kFloat64, {experts});
+  for (int64_t i = 0; i < x.numel(); ++i) x.set(i, normal(rng));
+  for (int64_t i = 0; i < wg.numel(); ++i) wg.set(i, normal(rng) / std::sqrt(static_cast<double>(hidden)));
+  for (int64_t i = 0; i < bias.numel(); ++i) bias.set(i, normal(rng));
+  const DeviceTensor dx = upload(x, dt), dw = upload(wg, dt), db = upload(bias, dt);
+  DeviceTensor logits = poisoned_device(DType::kFloat32, {tokens, experts});
+  ASSERT_TRUE(cuda::router_logits<T>(static_cast<const T*>(dx.view.data), static_cast<const T*>(dw.view.data),
+                               with_bias ? static_cast<const T*>(db.view.data) : nullptr,
+                               static_cast<float*>(logits.view.data), tokens, hidden, experts, nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const HostTensor got = download(logits);
+  double worst = 0;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t e = 0; e < experts; ++e) {
+      double sum = with_bias ? db.rounded.get(e) : 0.0, scale = std::abs(sum);
+      for (int64_t h = 0; h < hidden; ++h) {
+        const double p = dx.rounded.get(t * hidden + h) * dw.rounded.get(e * hidden + h);
+        sum += p;
+        scale += std::abs(p);
+      }
+      const double v = got.get(t * experts + e);
+      ASSERT_FALSE(std::isnan(v)) << "unwritten logit (" << t << ", " << e << ")";
+      worst = std::max(worst, std::abs(v - sum) / std::max(scale, 1e-30));
+    }
+  EXPECT_LT(worst, 1e-5) << "T " << tokens << " H " << hidden << " E " << experts << " bias " << with_bias;
+}
+
+TEST(GpuLayer, RouterLogitsKernelMatchesDoubleSums) {
+  REQUIRE_GPU();
+  uint64_t n = 0;
+  for (int64_t experts : {1, 5, 8, 9, 16, 17, 24, 32})
+    for (int64_t tokens : {1, 63, 65, 200}) {
+      const int64_t hidden = (n % 3 == 0) ? 8 : (n % 3 == 1) ? 200 : 1024;
+      check_router_logits<__nv_bfloat16>(DType::kBFloat16, tokens, hidden, experts, n % 2 == 0, test_seed() + ++n);
+      check_router_logits<__half>(DType::kFloat16, tokens, hidden + 64, experts, n % 2 == 1, test_seed() + ++n);
+    }
+  check_router_logits<__nv_bfloat16>(DType::kBFloat16, 1000, 4096, 8, false, test_seed() + ++n);
+  // Refused: E > 32 and H % 8 != 0 (nothing launched).
+  DeviceMemory buffer(1 << 20);
+  const auto* p = static_cast<const __nv_bfloat16*>(buffer.ptr);
+  EXPECT_FALSE(cuda::router_logits<__nv_bfloat16>(p, p, nullptr, static_cast<float*>(buffer.ptr), 4, 64, 33, nullptr));
+  EXPECT_FALSE(cuda::router_logits<__nv_bfloat16>(p, p, nullptr, static_cast<float*>(buffer.ptr), 4, 60, 8, nullptr));
 }
 
 TEST(GpuLayer, ZeroTokens) {

@@ -584,8 +584,13 @@ class FusedBackend {
     }
     if (timeline) ws.publish_timeline(grid, stream);
 
-    if (out.topk_weight.defined()) convert<T>(r.weight, static_cast<T*>(out.topk_weight.data), Tn * k, stream);
-    if (out.aux_loss || out.z_loss) balance_losses(p.router, r, out.aux_loss, out.z_loss, stream);
+    forward_tail<T>(p.router, r,
+                    ForwardTail<T>{.topk_weight = out.topk_weight.defined() ? static_cast<T*>(out.topk_weight.data) : nullptr,
+                                   .aux = out.aux_loss,
+                                   .z = out.z_loss,
+                                   .aux_value = static_cast<T*>(out.aux_loss_value),
+                                   .z_value = static_cast<T*>(out.z_loss_value)},
+                    stream);
 
     // The error record comes back to pinned memory after the kernel; checked now (sync_check)
     // or at the next forward.
