@@ -63,28 +63,23 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kETile, m0 = static_cast<int64_t>(blockIdx.y) * kRows;
   const int64_t k_blocks = (hidden + kK - 1) / kK;
 
+  // Rows row0 .. row0 + kCount - 1 (of `limit`) of a [limit, hidden] matrix, columns k0 .. k0 +
+  // kK - 1, into `dst`: 16-B cp.async chunks, zero-filled outside the matrix.
+  auto load_rows = [&](auto count, T* dst, const T* base, int64_t row0, int64_t limit, int64_t k0) {
+    constexpr int kCount = decltype(count)::value;
+    for (int i = tid; i < kCount * kChunks; i += kThreads) {
+      const int row = i / kChunks, chunk = i % kChunks;
+      const int64_t g_row = row0 + row, gk = k0 + chunk * 8;
+      const bool valid = g_row < limit && gk < hidden;
+      const T* src = valid ? base + g_row * hidden + gk : base;
+      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+          *reinterpret_cast<const cute::uint128_t*>(src),
+          *reinterpret_cast<cute::uint128_t*>(dst + swizzled(row, chunk)), valid);
+    }
+  };
   auto load_stage = [&](int stage, int64_t kb) {
-    const int64_t k0 = kb * kK;
-    T* a = a_smem + stage * kRows * kK;
-    T* b = b_smem + stage * kETile * kK;
-    for (int i = tid; i < kRows * kChunks; i += kThreads) {
-      const int row = i / kChunks, chunk = i % kChunks;
-      const int64_t gm = m0 + row, gk = k0 + chunk * 8;
-      const bool valid = gm < num_tokens && gk < hidden;
-      const T* src = valid ? x + gm * hidden + gk : x;
-      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-          *reinterpret_cast<const cute::uint128_t*>(src),
-          *reinterpret_cast<cute::uint128_t*>(a + swizzled(row, chunk)), valid);
-    }
-    for (int i = tid; i < kETile * kChunks; i += kThreads) {
-      const int row = i / kChunks, chunk = i % kChunks;
-      const int64_t gn = n0 + row, gk = k0 + chunk * 8;
-      const bool valid = gn < experts && gk < hidden;
-      const T* src = valid ? wg + gn * hidden + gk : wg;
-      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-          *reinterpret_cast<const cute::uint128_t*>(src),
-          *reinterpret_cast<cute::uint128_t*>(b + swizzled(row, chunk)), valid);
-    }
+    load_rows(std::integral_constant<int, kRows>{}, a_smem + stage * kRows * kK, x, m0, num_tokens, kb * kK);
+    load_rows(std::integral_constant<int, kETile>{}, b_smem + stage * kETile * kK, wg, n0, experts, kb * kK);
   };
 
   float acc[kETile / 8][4];
