@@ -668,10 +668,6 @@ void forward_tail(const RouterParams& p, const RoutingBuffers& r, const ForwardT
   FUSEDMOE_LAUNCH_CHECK();
 }
 
-void balance_losses(const RouterParams& p, const RoutingBuffers& r, double* aux, double* z, cudaStream_t stream) {
-  forward_tail<float>(p, r, ForwardTail<float>{.aux = aux, .z = z}, stream);
-}
-
 template <class T>
 void routing_weight_grad(const T* dy, const T* out_rows, const RoutingBuffers& r, float* dweight, int64_t num_tokens,
                          int64_t top_k, int64_t hidden, cudaStream_t stream) {

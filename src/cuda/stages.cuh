@@ -96,8 +96,6 @@ struct ForwardTail {
 // final sums), instead of a copy or conversion per output.
 template <class T>
 void forward_tail(const RouterParams& p, const RoutingBuffers& r, const ForwardTail<T>& out, cudaStream_t stream);
-// aux and z losses into device doubles.
-void balance_losses(const RouterParams& p, const RoutingBuffers& r, double* aux, double* z, cudaStream_t stream);
 // dweight[t, j] = ⟨dy_t, out[row(t, j)]⟩.
 template <class T>
 void routing_weight_grad(const T* dy, const T* out_rows, const RoutingBuffers& r, float* dweight,
