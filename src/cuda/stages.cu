@@ -7,6 +7,7 @@
 #include "cuda/router_logits.cuh"
 #include "cuda/stages.cuh"
 #include "gemm/epilogue_math.cuh"
+#include "gemm/grouped_gemm.hpp"
 #include "fusedmoe/noise.hpp"
 
 namespace fusedmoe::cuda {
@@ -732,8 +733,8 @@ void fill_nan(T* dst, int64_t n, cudaStream_t stream) {
   FUSEDMOE_LAUNCH_CHECK();
 }
 
-// The launcher lives here, in the library, so that its one-time shared-memory opt-in and the
-// kernel it opts in are the same module's.
+// The launcher lives here, in the library, so that the kernel it opts in to more shared memory
+// is the one it launches (a copy compiled into another module is another kernel).
 template <class T>
 bool router_logits(const T* x, const T* gate_weight, const T* bias, float* logits, int64_t num_tokens,
                    int64_t hidden, int64_t experts, cudaStream_t stream) {
@@ -751,18 +752,7 @@ bool router_logits(const T* x, const T* gate_weight, const T* bias, float* logit
       constexpr int kETile = decltype(tile)::value;
       auto kernel = d::router_logits_kernel<T, kETile>;
       constexpr size_t smem = d::smem_bytes<kETile>();
-      if constexpr (smem > 48 * 1024) {  // opt in once per device
-        constexpr int kMaxDevices = 64;
-        static std::once_flag once[kMaxDevices];
-        int device = 0;
-        FUSEDMOE_CUDA_CHECK(cudaGetDevice(&device));
-        FUSEDMOE_CHECK(device >= 0 && device < kMaxDevices,
-                       "device " << device << ": at most " << kMaxDevices << " devices");
-        std::call_once(once[device], [&] {
-          FUSEDMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                   static_cast<int>(smem)));
-        });
-      }
+      if constexpr (smem > 48 * 1024) allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
       kernel<<<dim3(1, row_blocks), d::kThreads, smem, stream>>>(x, gate_weight, bias, logits, num_tokens,
                                                                  hidden, experts);
       FUSEDMOE_LAUNCH_CHECK();
@@ -795,7 +785,7 @@ template bool router_logits<__half>(const __half*, const __half*, const __half*,
   template void group_column_sums<T, T>(const T*, const int64_t*, int64_t, int64_t, T*, cudaStream_t, int64_t); \
   template void add_group_bias<T, T>(T*, const T*, const int64_t*, int64_t, int64_t, int64_t, cudaStream_t); \
   template void convert<T>(const float*, T*, int64_t, cudaStream_t);                                          \
-  template void forward_tail<T>(const RouterParams&, const RoutingBuffers&, const ForwardTail<T>&, cudaStream_t);                                          \
+  template void forward_tail<T>(const RouterParams&, const RoutingBuffers&, const ForwardTail<T>&, cudaStream_t); \
   template void fill_nan<T>(T*, int64_t, cudaStream_t);                                       \
   template void sum_partials<T>(const float*, int, T*, int64_t, cudaStream_t);
 

@@ -119,6 +119,11 @@ size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args);
 // sm_90. Asynchronous on `stream`; CUDA errors at launch are thrown.
 void grouped_gemm(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream);
 
+// Raises a kernel's dynamic shared memory limit on the current device only when a launch needs
+// more than any earlier one (the attribute is per (function, device) and persists). Keyed by the
+// kernel's address: a module's own copy of a kernel gets its own entry.
+void allow_dynamic_smem(const void* kernel, size_t bytes);
+
 // Reference: same contract and same outputs (C, pre_activation), computed by a simple
 // CUDA-core kernel with fp32 accumulation in sequential k order. Needs no workspace. For tests.
 void grouped_gemm_reference(const GroupedGemmArgs& args, cudaStream_t stream);

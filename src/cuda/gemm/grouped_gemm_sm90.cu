@@ -71,21 +71,6 @@ void check_device_is_sm90() {
   }
 }
 
-// Raises a kernel's dynamic shared memory limit on the current device only when a launch needs
-// more than any earlier one (the attribute is per (function, device) and persists).
-void allow_dynamic_smem(const void* kernel, size_t bytes) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, size_t> allowed;
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  std::lock_guard<std::mutex> lock(mutex);
-  size_t& current = allowed[{kernel, device}];
-  if (bytes <= current) return;
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
-             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-  current = bytes;
-}
-
 template <class ElementAB, bool kGated, sm90::Operands kOperands = sm90::Operands::kForward, bool kPreRing = false>
 void launch(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream) {
   using Cfg = sm90::Config<ElementAB, kGated, kOperands, kPreRing>;
@@ -219,6 +204,19 @@ void launch_wgrad(const GroupedWgradArgs& args, cudaStream_t stream) {
 }
 
 }  // namespace
+
+void allow_dynamic_smem(const void* kernel, size_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> allowed;
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mutex);
+  size_t& current = allowed[{kernel, device}];
+  if (bytes <= current) return;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  current = bytes;
+}
 
 size_t grouped_gemm_wgrad_workspace_size(const GroupedWgradArgs& /*args*/) { return 0; }
 
