@@ -445,9 +445,10 @@ struct DispatchSmem {
 // The portable kernel keeps it small (32-wide k steps, 3 stages: ~71 KB for bf16, within the
 // shared memory of every sm_80+ GPU); the Hopper kernel, whose expert phase has ~200 KB of
 // shared memory anyway, runs 64-wide k steps with 4 stages (three steps, 48 KB, in flight), or
-// with at most 64 experts a 64-column tile with 6 stages (five steps, 80 KB of x in flight: the
-// logits of paper-64 took 66-70 us of its 83 us router phase with three steps in flight, bound
-// by the x bytes in flight per SM, not by the tensor cores).
+// with at most 64 experts a 64-column tile with 128-wide k steps and 3 stages (two steps, 64 KB
+// of x in flight, 256 B of each row per step). The loop is bound by how fast each SM's x bytes
+// arrive, not by the tensor cores: paper-64's logits took 66-70 us with three 16-KB steps in
+// flight, 55-57 us with five, and 52 us with two steps of 256-B row pieces (perf.md v0.19).
 template <class T, int kKSteps = 32, int kStageCount = 3, int kColumns = kTileN>
 struct RouterPipeSmem {
   static constexpr int kK = kKSteps, kPad = 8, kStages = kStageCount, kN = kColumns;

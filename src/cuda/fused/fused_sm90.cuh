@@ -267,9 +267,10 @@ struct Sm90Engine {
   }
 
   // The router's logits pipelines (fused_kernel.cuh): 64-wide k steps, 4 stages of a 128-column
-  // tile, or 6 stages of a 64-column tile when the layer has at most 64 experts.
+  // tile, or 128-wide k steps and 3 stages of a 64-column tile when the layer has at most 64
+  // experts.
   using RouterPipe = RouterPipeSmem<T, 64, 4>;
-  using RouterPipeNarrow = RouterPipeSmem<T, 64, 6, 64>;  // at most 64 experts
+  using RouterPipeNarrow = RouterPipeSmem<T, 128, 3, 64>;  // at most 64 experts
   static_assert(sizeof(RouterPipe) <= sizeof(typename sm90::SharedStorage<typename Sm90Tiles<T>::Plain>::Tensors) &&
                     sizeof(RouterPipeNarrow) <= sizeof(typename sm90::SharedStorage<typename Sm90Tiles<T>::Plain>::Tensors),
                 "the router's buffers must not reach the expert phase's mbarriers");
