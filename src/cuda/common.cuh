@@ -75,6 +75,7 @@ inline cudaMemPool_t scratch_pool(int device) {
 struct DeviceFacts {
   bool sm90 = false;  // an sm_90 (Hopper) GPU
   int sms = 0;        // multiprocessors
+  int major = 0, minor = 0;  // compute capability
 };
 inline const DeviceFacts& device_facts(int device) {
   constexpr int kMaxDevices = 64;
@@ -86,7 +87,7 @@ inline const DeviceFacts& device_facts(int device) {
     FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
     FUSEDMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    facts[device] = DeviceFacts{.sm90 = major == 9 && minor == 0, .sms = sms};
+    facts[device] = DeviceFacts{.sm90 = major == 9 && minor == 0, .sms = sms, .major = major, .minor = minor};
   });
   return facts[device];
 }

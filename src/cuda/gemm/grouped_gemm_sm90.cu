@@ -10,6 +10,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "cuda/common.cuh"
 #include "grouped_gemm.hpp"
 #include "grouped_gemm_sm90.cuh"
 #include "grouped_gemm_wgrad_sm90.cuh"
@@ -31,39 +32,19 @@ bool env_flag_set(const char* name) {
   return value != nullptr && value[0] != '\0' && value[0] != '0';
 }
 
-// Facts of a device, queried once per device: a launch of these kernels is on the host's
-// critical path (the first GEMM of a forward waits for it), and each attribute query or
-// cudaFuncSetAttribute call costs microseconds of driver time.
-struct DeviceFacts {
-  int sm_count = 0;
-  int major = 0;
-  int minor = 0;
-};
-
+// The device's facts come from device_facts (common.cuh), queried once per device: a launch of
+// these kernels is on the host's critical path (the first GEMM of a forward waits for it).
 const DeviceFacts& current_device_facts() {
-  constexpr int kMaxDevices = 64;
-  static DeviceFacts facts[kMaxDevices];
-  static std::once_flag once[kMaxDevices];
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  if (device < 0 || device >= kMaxDevices) throw std::runtime_error("grouped_gemm: device index out of range");
-  std::call_once(once[device], [device] {
-    DeviceFacts& f = facts[device];
-    check_cuda(cudaDeviceGetAttribute(&f.sm_count, cudaDevAttrMultiProcessorCount, device),
-               "cudaDeviceGetAttribute(MultiProcessorCount)");
-    check_cuda(cudaDeviceGetAttribute(&f.major, cudaDevAttrComputeCapabilityMajor, device),
-               "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
-    check_cuda(cudaDeviceGetAttribute(&f.minor, cudaDevAttrComputeCapabilityMinor, device),
-               "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
-  });
-  return facts[device];
+  return device_facts(device);
 }
 
-int current_sm_count() { return current_device_facts().sm_count; }
+int current_sm_count() { return current_device_facts().sms; }
 
 void check_device_is_sm90() {
   const DeviceFacts& f = current_device_facts();
-  if (f.major != 9 || f.minor != 0) {
+  if (!f.sm90) {
     std::ostringstream os;
     os << "grouped_gemm: needs an sm_90 (Hopper) GPU, the current device is sm_" << f.major
        << f.minor << "; use grouped_gemm_reference or another backend";
