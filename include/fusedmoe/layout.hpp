@@ -13,10 +13,15 @@
 //               it never moves when the layout changes, so a new layout (whose flag sections
 //               are cleared) keeps it.
 //   recv_rows   [W sources][rows_per_source][H]   rows other ranks dispatched to q's experts.
-//               Within one source's block rows are ordered by q's local expert. Dropless: expert
-//               e_l starts at psum_{e' < e_l} count(source, e'), so the block needs at most
-//               T_max · min(k, E_local) rows. Capacity mode: expert e_l owns the fixed range
-//               [e_l · C, (e_l + 1) · C), C = capacity(T_max).
+//               Within one source's block rows are ordered by q's local expert, and every
+//               (source, expert) segment starts on a kSegmentAlign-row boundary (its span is
+//               segment_span(count)), so that a 16-row store that starts inside a segment
+//               ends in its padding, never in the next segment (the Hopper kernel's GEMM0
+//               epilogue writes whole 16-row boxes by TMA). Dropless: expert e_l starts at
+//               psum_{e' < e_l} segment_span(count(source, e')), so the block needs at most
+//               T_max · min(k, E_local) + (kSegmentAlign - 1) · E_local rows. Capacity mode:
+//               expert e_l owns the fixed range [e_l · C', e_l · C' + C), C = capacity(T_max),
+//               C' = segment_span(C).
 //   recv_meta   [W sources][rows_per_source] int32  token·k + j of each received row, so that
 //               the owner knows where in the source's ret_rows the result goes.
 //   recv_flags  [W sources][E_local] uint64  {epoch:32 | row count:32}, raised by the source.
@@ -75,6 +80,7 @@ struct WorkspaceLayout {
   static constexpr int64_t kAlignment = 256;  // TMA needs 16 B, swizzled tiles 128 B
   static constexpr int64_t kTaskBytes = 16;
   static constexpr int64_t kMinLaunchSlots = 64;  // launch_flags slots of worlds up to 64 ranks
+  static constexpr int64_t kSegmentAlign = 16;    // rows: segments of recv_rows / hidden start here
   // GIN signal ids, per rank: [W sources][kGinLocal] dispatch, [W owners][kGinLocal] return,
   // [W] launch. Fixed per (writer, slot) whatever the config, so a signal never changes writer.
   static constexpr int64_t kGinLocal = 256;       // local experts of a rank (E <= 256)
@@ -97,8 +103,10 @@ struct WorkspaceLayout {
     l.p = params;
     const int64_t k_local = params.top_k < params.max_local_experts ? params.top_k
                                                                     : params.max_local_experts;
-    l.rows_per_source = params.capacity > 0 ? params.max_local_experts * params.capacity
-                                            : params.max_tokens * k_local;
+    l.rows_per_source = params.capacity > 0
+                            ? params.max_local_experts * segment_span(params.capacity)
+                            : align_up(params.max_tokens * k_local + (kSegmentAlign - 1) * params.max_local_experts,
+                                       kSegmentAlign);
     l.m_tiles = (params.max_tokens + params.block_m - 1) / params.block_m;
     // Every (source, local expert) segment contributes at most ceil(count / block_m) m-tiles,
     // and sum over experts of ceil(c_e / BM) <= rows / BM + E_local. Each m-tile is one GEMM
@@ -136,12 +144,16 @@ struct WorkspaceLayout {
     return l;
   }
 
+  // Rows a segment of `count` rows takes in recv_rows / hidden (whole kSegmentAlign blocks).
+  FUSEDMOE_HD static int64_t segment_span(int64_t count) { return align_up(count, kSegmentAlign); }
+
   // Row index (in rows of H) inside recv_rows for row `row` of local expert `local_expert` sent
-  // by `source`. `psum_before` = rows the source sent to q's local experts before this one
-  // (ignored in capacity mode, where the range is fixed).
+  // by `source`. `psum_before` = the segment spans (segment_span of the row counts) the source
+  // sent to q's local experts before this one (ignored in capacity mode, where the range is
+  // fixed).
   FUSEDMOE_HD int64_t recv_row(int64_t source, int64_t local_expert, int64_t psum_before,
                                int64_t row) const {
-    const int64_t within = p.capacity > 0 ? local_expert * p.capacity + row : psum_before + row;
+    const int64_t within = p.capacity > 0 ? local_expert * segment_span(p.capacity) + row : psum_before + row;
     return source * rows_per_source + within;
   }
   FUSEDMOE_HD int64_t recv_flag_index(int64_t source, int64_t local_expert) const {

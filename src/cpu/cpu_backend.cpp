@@ -112,7 +112,7 @@ class Emulation {
           segments_.push_back(Segment{.owner = owner, .source = source,
                                       .expert = c_.global_expert(owner, local), .local_expert = local,
                                       .first_row = layout_.recv_row(source, local, psum, 0), .rows = count});
-          psum += count;
+          psum += WorkspaceLayout::segment_span(count);
         }
       }
     }

@@ -8,6 +8,7 @@
 #include "cpu/ffn_math.hpp"
 #include "cpu/gemm.hpp"
 #include "cpu/tensor_io.hpp"
+#include "fusedmoe/layout.hpp"
 #include "fusedmoe/noise.hpp"
 
 namespace fusedmoe::cpu {
@@ -282,7 +283,7 @@ std::vector<int64_t> dispatch_psum(const MoeConfig& c, const Routing& r, int sou
     for (int64_t local = 0; local < c.num_local_experts(owner); ++local) {
       const int64_t e = c.global_expert(owner, local);
       psum_before[static_cast<size_t>(e)] = running;
-      running += r.kept_count[static_cast<size_t>(source * E + e)];
+      running += WorkspaceLayout::segment_span(r.kept_count[static_cast<size_t>(source * E + e)]);
     }
   }
   return psum_before;

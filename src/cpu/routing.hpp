@@ -43,8 +43,9 @@ void route_backward(const MoeConfig& config, const MoeWeights& weights, const Ro
 
 bool renormalises(const MoeConfig& config);
 
-// For one source rank: per global expert e, the rows the source sends to e's owner for the
-// owner's local experts before e (the psum of layout.recv_row), from the source's kept counts.
+// For one source rank: per global expert e, the segment spans (WorkspaceLayout::segment_span of
+// the rows) the source sends to e's owner for the owner's local experts before e (the psum of
+// layout.recv_row), from the source's kept counts.
 std::vector<int64_t> dispatch_psum(const MoeConfig& config, const Routing& routing, int source);
 
 // Writes the routing outputs a forward call asked for (indices, weights, kept, counts, losses).

@@ -239,7 +239,7 @@ class ThreadsBackend final : public BackendImpl {
             return false;
           const int64_t count = flag_count(flag);
           const int64_t first = layout.recv_row(source, local, psum, 0);
-          psum += count;
+          psum += WorkspaceLayout::segment_span(count);
           if (count == 0) continue;
           pre.resize(static_cast<size_t>(count * N1));
           act.resize(static_cast<size_t>(count * I));

@@ -38,20 +38,22 @@ TEST(Layout, SectionsAlignedOrderedNonOverlappingAndSumToTotal) {
 
 TEST(Layout, SectionSizes) {
   WorkspaceLayout l = WorkspaceLayout::make(params(4, 3, 2, 100, 0));
-  EXPECT_EQ(l.rows_per_source, 100 * 2);  // dropless: T_max · min(k, E_local)
-  EXPECT_EQ(l.recv_rows.bytes, 4 * 200 * 48 * 2);
-  EXPECT_EQ(l.recv_meta.bytes, 4 * 200 * 4);
+  // dropless: T_max · min(k, E_local) rows plus the padding of E_local segments to 16-row
+  // boundaries, rounded up to 16: 200 + 3 · 15 = 245 -> 256.
+  EXPECT_EQ(l.rows_per_source, 256);
+  EXPECT_EQ(l.recv_rows.bytes, 4 * 256 * 48 * 2);
+  EXPECT_EQ(l.recv_meta.bytes, 4 * 256 * 4);
   EXPECT_EQ(l.recv_flags.bytes, 4 * 3 * 8);
   EXPECT_EQ(l.launch_flags.offset, 0);
   EXPECT_EQ(l.launch_flags.bytes, 64 * 8);
-  EXPECT_EQ(l.hidden.bytes, 4 * 200 * 80 * 2);
+  EXPECT_EQ(l.hidden.bytes, 4 * 256 * 80 * 2);
   EXPECT_EQ(l.ret_rows.bytes, 100 * 2 * 48 * 2);
   EXPECT_EQ(l.m_tiles, 2);
   EXPECT_EQ(l.ret_flags.bytes, 12 * 2 * 8);
   WorkspaceLayout capped = WorkspaceLayout::make(params(4, 3, 2, 100, 20));
-  EXPECT_EQ(capped.rows_per_source, 3 * 20);
+  EXPECT_EQ(capped.rows_per_source, 3 * 32);  // capacity 20 takes a 32-row range per expert
   WorkspaceLayout k_above_local = WorkspaceLayout::make(params(4, 1, 4, 10, 0));
-  EXPECT_EQ(k_above_local.rows_per_source, 10);  // a token sends one row per local expert at most
+  EXPECT_EQ(k_above_local.rows_per_source, 32);  // one row per local expert at most: 10 + 15 -> 32
 }
 
 // The launch flags stay where they are whatever the problem (a new layout clears the other flag
@@ -123,10 +125,11 @@ TEST(Layout, GinSectionsAndSignals) {
   }
 }
 
-// Worst case: every slot the router can produce lands inside the source's block, and distinct
-// (source, expert, row) map to distinct rows.
+// Worst case: every slot the router can produce lands inside the source's block, distinct
+// (source, expert, row) map to distinct rows, and every segment starts on a 16-row boundary with
+// its padded span (whole 16-row stores) inside the block and clear of the next segment.
 TEST(Layout, RecvRowsOfAllSlotsAreDistinctAndInBounds) {
-  for (int64_t capacity : {0, 5}) {
+  for (int64_t capacity : {0, 5, 16, 17}) {
     const int64_t world = 3, local = 2, tokens = 7, k = 2;
     WorkspaceLayout l = WorkspaceLayout::make(params(world, local, k, tokens, capacity));
     std::set<int64_t> seen;
@@ -136,13 +139,16 @@ TEST(Layout, RecvRowsOfAllSlotsAreDistinctAndInBounds) {
       int64_t psum = 0;
       for (int64_t e = 0; e < local; ++e) {
         const int64_t rows = capacity ? capacity : (e == 0 ? per_expert : tokens * std::min(k, local) - per_expert);
-        for (int64_t r = 0; r < rows; ++r) {
+        const int64_t first = l.recv_row(s, e, psum, 0);
+        EXPECT_EQ(first % WorkspaceLayout::kSegmentAlign, 0);
+        EXPECT_LE(first + WorkspaceLayout::segment_span(rows), (s + 1) * l.rows_per_source);
+        for (int64_t r = 0; r < WorkspaceLayout::segment_span(rows); ++r) {
           const int64_t row = l.recv_row(s, e, psum, r);
           EXPECT_GE(row, s * l.rows_per_source);
           EXPECT_LT(row, (s + 1) * l.rows_per_source);
           EXPECT_TRUE(seen.insert(row).second) << "row " << row << " used twice";
         }
-        psum += rows;
+        psum += WorkspaceLayout::segment_span(rows);
       }
     }
   }

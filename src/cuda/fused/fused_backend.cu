@@ -506,7 +506,8 @@ class FusedBackend {
     p.num_shared = static_cast<int>(c.num_shared_experts);
     p.shared_ffn = c.shared_size();
     p.shared_in = c.shared_in_width();
-    p.shared_rows_cap = std::max<int64_t>(max_tokens, 1);
+    // Whole 16-row blocks: GEMM0's TMA stores write 16-row boxes (WorkspaceLayout::kSegmentAlign).
+    p.shared_rows_cap = WorkspaceLayout::segment_span(std::max<int64_t>(max_tokens, 1));
     p.shared_w1 = cptr<T>(w.shared_w1);
     p.shared_b1 = cptr<T>(w.shared_b1);
     p.shared_w2 = cptr<T>(w.shared_w2);
@@ -706,6 +707,7 @@ class FusedBackend {
     // A operands are read from the heaps of this grid's ranks only (the GEMMs run where the rows are).
     const unsigned char* first = p.heap_base + static_cast<int64_t>(p.rank_base) * p.heap_stride;
     auto at = [&](int64_t offset) { return reinterpret_cast<const Element*>(first + offset); };
+    auto at_mut = [&](int64_t offset) { return const_cast<Element*>(at(offset)); };
     Sm90Tma<T> tma{
         .a0 = Tiles::make_a(at(layout.recv_rows.offset), rows_cap, H, p.grid_ranks, heap_elements),
         .a1 = Tiles::make_a(at(layout.hidden.offset), rows_cap, I, p.grid_ranks, heap_elements),
@@ -715,6 +717,8 @@ class FusedBackend {
         .as = {},
         .bs0 = {},
         .bs1 = {},
+        .h0 = Tiles::make_store(at_mut(layout.hidden.offset), rows_cap, I, p.grid_ranks, heap_elements),
+        .hs = {},
         .x_rows = static_cast<int>(std::max<int64_t>(1, p.router.num_tokens)),
         .shared_rows = static_cast<int>(std::max<int64_t>(1, p.grid_ranks * p.num_shared * p.shared_rows_cap)),
         .rows_cap = rows_cap,
@@ -726,6 +730,7 @@ class FusedBackend {
       tma.as = Tiles::make_a(reinterpret_cast<const Element*>(p.shared_hidden), tma.shared_rows, Is, 1, 0);
       tma.bs0 = Tiles::Plain::make_tma_b(reinterpret_cast<const Element*>(p.shared_w1), Ns1, H, S);
       tma.bs1 = Tiles::Plain::make_tma_b(reinterpret_cast<const Element*>(p.shared_w2), H, Is, S);
+      tma.hs = Tiles::make_store(reinterpret_cast<Element*>(p.shared_hidden), tma.shared_rows, Is, 1, 0);
     }
     if (p.gin.on)
       cooperative_launch(fused_moe_kernel_sm90<T, true>, grid, Tiles::kThreads, Sm90Engine<T>::smem_bytes(), stream, p, tma);

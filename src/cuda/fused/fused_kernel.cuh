@@ -433,7 +433,7 @@ struct RouterSmem {
 struct DispatchSmem {
   int32_t base[kMaxTopK][kMaxExperts];   // choice-major prefix of this chunk, per (j, e)
   int32_t kept[kMaxExperts];             // kept rows of (rank, e)
-  int32_t psum[kMaxExperts];             // rows before e among its owner's experts (dropless)
+  int32_t psum[kMaxExperts];             // segment spans before e among its owner's experts (dropless)
   int32_t written[kMaxExperts];          // rows this block wrote per expert
   int32_t running[kWarps][kMaxExperts];  // per-warp ranks within the chunk
   int32_t list_dst[kChunk * kMaxTopK];   // destination row (owner's recv_rows) or -1
@@ -948,7 +948,7 @@ __device__ void dispatch_phase(const Ctx<T, G>& ctx, SharedUnion<T>& sm) {
       int64_t before = 0;
       const int owner = p.owner[e], local = p.local_index[e];
       for (int e2 = 0; e2 < E; ++e2)
-        if (p.owner[e2] == owner && p.local_index[e2] < local) before += s.kept[e2];
+        if (p.owner[e2] == owner && p.local_index[e2] < local) before += WorkspaceLayout::segment_span(s.kept[e2]);
       s.psum[e] = static_cast<int32_t>(before);
     }
     team_sync();
@@ -1127,7 +1127,7 @@ __device__ bool claim_segment(const Ctx<T, G>& ctx) {
   bool ok = true;
   for (int l = dropless ? 0 : local; l <= local && ok; ++l) {
     ok = ctx.wait_dispatch(source, l, &flag);
-    if (ok && l < local) psum += flag_count(flag);
+    if (ok && l < local) psum += WorkspaceLayout::segment_span(flag_count(flag));
   }
   uint32_t total = 0;
   if (ok) {

@@ -77,6 +77,15 @@ struct Sm90Tiles {
   }
   using TmaA = decltype(make_a(nullptr, 128, 64, 1, 0));
   using TmaB = typename Plain::TmaB;
+  // GEMM0's output by TMA stores of 16 x 32 chunks (sm90::store_tile_tma_fixed): (rows, width,
+  // heap) over W heaps, width contiguous.
+  static auto make_store(Element* base, int rows, int width, int heaps, int64_t heap_elements) {
+    using namespace cute;
+    auto g = make_tensor(make_gmem_ptr(base), make_shape(rows, width, heaps),
+                         make_stride(int64_t(width), _1{}, heap_elements));
+    return make_tma_copy(SM90_TMA_STORE{}, g, typename Plain::SmemLayoutChunk{}, make_shape(_16{}, _32{}), _1{});
+  }
+  using TmaStore = decltype(make_store(nullptr, 16, 32, 1, 0));
 };
 
 // The TMA descriptors of one launch (a second __grid_constant__ kernel parameter).
@@ -91,6 +100,8 @@ struct Sm90Tma {
   typename Sm90Tiles<T>::TmaA as;   // shared_hidden (grid ranks x S x rows_cap, Is, 1)
   typename Sm90Tiles<T>::TmaB bs0;  // shared_w1 as (Ns1, H, S)
   typename Sm90Tiles<T>::TmaB bs1;  // shared_w2 as (H, Is, S)
+  typename Sm90Tiles<T>::TmaStore h0;  // hidden as GEMM0's output (rows_cap, I, ranks of the grid)
+  typename Sm90Tiles<T>::TmaStore hs;  // shared_hidden as GEMM0's output (shared_rows, Is, 1)
   int x_rows;                      // rows of x
   int shared_rows;                 // rows of shared_hidden
   int rows_cap;                    // rows of recv_rows / hidden in one heap
@@ -215,12 +226,21 @@ struct Sm90Engine {
     // store call site per tile kind (more inlined epilogues make ptxas serialise the wgmmas).
     const int64_t e = v.expert;
     if (!v.gemm1) {
-      T* out = v.shared ? ctx.shared_hidden(v.expert) : reinterpret_cast<T*>(h + p.layout.hidden.offset);
+      // By TMA stores into the rank's heap (routed: hidden; shared: its block of shared_hidden),
+      // segments padded to 16 rows (store_tile_tma_fixed).
       const T* bias = v.shared ? p.shared_b1 : p.b1;
-      const sm90::TileStore st{tma.act, kType, out, nullptr, nullptr, bias ? bias + e * N1 : nullptr, nullptr, N1, I,
-                               false};
-      if (p.gated) sm90::store_tile_typed<typename Sm90Tiles<T>::Gated, T>(st, tc, threadIdx.x, accum, staging);
-      else sm90::store_tile_typed<Cfg, T>(st, tc, threadIdx.x, accum, staging);
+      const int64_t row_base =
+          v.shared ? (static_cast<int64_t>(ctx.rank - p.rank_base) * p.num_shared + v.expert) * p.shared_rows_cap : 0;
+      const int rows = v.shared ? tma.shared_rows : tma.rows_cap;
+      const int heaps = v.shared ? 1 : p.grid_ranks, heap = v.shared ? 0 : ctx.rank - p.rank_base;
+      auto const& store = v.shared ? tma.hs : tma.h0;
+      if (p.gated)
+        sm90::store_tile_tma_typed<typename Sm90Tiles<T>::Gated, T>(tma.act, store, rows, heaps, heap, row_base,
+                                                                     bias ? bias + e * N1 : nullptr, I, tc,
+                                                                     threadIdx.x, accum, staging);
+      else
+        sm90::store_tile_tma_typed<Cfg, T>(tma.act, store, rows, heaps, heap, row_base,
+                                           bias ? bias + e * N1 : nullptr, I, tc, threadIdx.x, accum, staging);
     } else {
       // A remote source's rows (GIN) go to out_ret in segment order, like shared rows in order.
       const bool staged = !v.shared && ctx.remote(v.source);

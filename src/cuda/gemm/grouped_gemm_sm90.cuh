@@ -585,11 +585,14 @@ __device__ __forceinline__ TileStore tile_store_of(Params<Cfg> const& params) {
 // Phase 2 of the epilogue: the warp's staged 16 x 32 chunk -> dst (row pitch `pitch` elements,
 // first column col0 < n_out) with coalesced 16-B stores, predicated on rows (< the group's end)
 // and columns (< n_out; n_out % 8 == 0 so a 16-B segment is all in or all out). The output
-// (kOutput) also applies row_index and accumulate. Ends with __syncwarp (staging reusable).
+// (kOutput) also applies row_index — through dst_rows, this lane's destination row of each pass,
+// loaded once per tile (row_index_of_passes) — and accumulate. Ends with __syncwarp (staging
+// reusable).
 template <class SS, class TOut, bool kOutput>
 __device__ __forceinline__ void flush_staged_chunk(TileStore const& params, TileCoord const& tc,
                                                    const char* staging, int lane, int warp_row0,
-                                                   TOut* dst_base, int64_t pitch, int col0) {
+                                                   TOut* dst_base, int64_t pitch, int col0,
+                                                   const int32_t* dst_rows = nullptr) {
   CUTE_UNROLL
   for (int pass = 0; pass < SS::kPasses; ++pass) {
     const int r = pass * SS::kRowsPerPass + lane / SS::kLanesPerRow;
@@ -599,7 +602,7 @@ __device__ __forceinline__ void flush_staged_chunk(TileStore const& params, Tile
     if (row < tc.row_end && col < params.n_out) {
       uint4 value = *reinterpret_cast<const uint4*>(staging + r * SS::kPitch + segment * 16);
       int64_t dst_row = row;
-      if constexpr (kOutput) dst_row = params.row_index != nullptr ? params.row_index[row] : row;
+      if constexpr (kOutput) dst_row = params.row_index != nullptr ? dst_rows[pass] : row;
       TOut* dst = dst_base + dst_row * pitch + col;
       if constexpr (kOutput && std::is_same_v<TOut, float>) {
         if (params.accumulate) {
@@ -614,6 +617,19 @@ __device__ __forceinline__ void flush_staged_chunk(TileStore const& params, Tile
     }
   }
   __syncwarp();
+}
+
+// row_index of the rows this lane stores in each pass of flush_staged_chunk (rows past the
+// group: 0, never used). Loaded once per tile: reloaded in every chunk's flush, the loads could
+// not move above the previous chunk's stores (which may alias them), a round trip per chunk.
+template <class SS>
+__device__ __forceinline__ void row_index_of_passes(TileStore const& params, TileCoord const& tc, int lane,
+                                                    int warp_row0, int32_t (&dst_rows)[SS::kPasses]) {
+  CUTE_UNROLL
+  for (int pass = 0; pass < SS::kPasses; ++pass) {
+    const int64_t row = tc.row_begin + warp_row0 + pass * SS::kRowsPerPass + lane / SS::kLanesPerRow;
+    dst_rows[pass] = row < tc.row_end ? params.row_index[row] : 0;
+  }
 }
 
 // Epilogue TMA stores of a warp's 16 x 32 chunks of 16-bit values (Config::TmaChunk): the warp
@@ -763,6 +779,8 @@ __device__ __forceinline__ void store_tile_fixed(TileStore const& params, TileCo
   // Forward kernels only (in the dgrad kernels ptxas spilled ~1 KB around it).
   const bool out_tma = Cfg::kOperands == Operands::kForward && sizeof(TOut) == 2 && params.c_tma != nullptr &&
                        params.row_index == nullptr && out_row_begin + SS::kRows <= tc.row_end;
+  int32_t dst_rows[SS::kPasses];
+  if (params.row_index != nullptr) row_index_of_passes<SS>(params, tc, lane, warp_row0, dst_rows);
   int out_count = 0;
   CUTE_UNROLL
   for (int chunk = 0; chunk < kChunks; ++chunk) {
@@ -802,7 +820,7 @@ __device__ __forceinline__ void store_tile_fixed(TileStore const& params, TileCo
       ++out_count;
     } else {
       __syncwarp();
-      flush_staged_chunk<SS, TOut, true>(params, tc, staging, lane, warp_row0, c, n_out, col0);
+      flush_staged_chunk<SS, TOut, true>(params, tc, staging, lane, warp_row0, c, n_out, col0, dst_rows);
     }
   }
   // The staging area is free for the next tile's epilogue once the TMA unit has read it.
@@ -846,6 +864,107 @@ __device__ __forceinline__ void store_tile_typed(TileStore const& params, TileCo
   };
   if (params.pre_activation != nullptr) with_pre.template operator()<true>();
   else with_pre.template operator()<false>();
+}
+
+// The persistent kernel's GEMM0 epilogue (fused_sm90.cuh): every chunk leaves by a TMA store,
+// with no register path compiled beside it (in the persistent kernel's consumers, the two
+// paths of store_tile_fixed together spilled). This needs rows that a 16-row box may overrun:
+// the kernel's segments start on 16-row boundaries and own the padding up to the next one
+// (WorkspaceLayout::kSegmentAlign), so a warp whose first row lies inside the tile's group
+// writes all 16 rows (the ones past the group's end land in its padding) and a warp whose rows
+// all lie past it writes nothing. Columns past n_out and rows past the matrix are clipped by
+// the TMA unit. `tma` is a store descriptor (Config::SmemLayoutChunk boxes) over a
+// (rows, n_out, heaps) view; the tile's rows are rows row_base + [row_begin, row_end) of heap
+// `heap`. Ends when the writes are complete (cp.async.bulk.wait_group 0, not .read): the caller
+// publishes the rows to other blocks' TMA loads after it.
+template <class Cfg, class TOut, Epilogue kEpilogue, class TmaStore, class Accumulator>
+__device__ __forceinline__ void store_tile_tma_fixed(TmaStore const& tma, int rows, int heaps, int heap,
+                                                     int64_t row_base, const TOut* bias, int64_t n_out,
+                                                     TileCoord const& tc, int consumer_thread,
+                                                     Accumulator const& accum, char* staging) {
+  using namespace epilogue_math;
+  using SS = StagingShape<TOut>;
+  static_assert(sizeof(TOut) == 2, "TMA-store epilogue: 16-bit outputs");
+  const int lane = consumer_thread % 32;
+  const int warp_row0 = (consumer_thread / 32) * SS::kRows;
+  const int64_t warp_row_begin = tc.row_begin + warp_row0;
+  if (warp_row_begin >= tc.row_end) return;  // warp-uniform
+  typename Cfg::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(consumer_thread);
+  Tensor coord = thr_mma.partition_C(
+      make_identity_tensor(make_shape(typename Cfg::BlockM{}, typename Cfg::BlockN{})));
+  // TMA coordinates of (row, column, heap), in the descriptor's own order.
+  Tensor mC = tma.get_tma_tensor(make_shape(rows, int(n_out), heaps));
+  const int col_base = tc.n_tile * Cfg::kOutBlockN;
+  constexpr int kSize = decltype(size(accum))::value;
+  constexpr int kHalf = kSize / 2;
+  constexpr int kChunks = Cfg::kOutBlockN / SS::kChunkCols;
+  constexpr int kRegsPerChunk = 16;
+  static_assert(kChunks * kRegsPerChunk == (Cfg::kGated ? kHalf : kSize));
+  auto bias_pair = [&](int tile_col, int64_t offset) {
+    const int col = col_base + tile_col;
+    if (bias == nullptr || col >= n_out) return make_float2(0.0f, 0.0f);  // n_out even
+    return make_float2(to_float(bias[offset + col]), to_float(bias[offset + col + 1]));
+  };
+  CUTE_UNROLL
+  for (int chunk = 0; chunk < kChunks; ++chunk) {
+    const int col0 = col_base + chunk * SS::kChunkCols;
+    if (col0 >= n_out) break;  // warp-uniform
+    // Buffer chunk % 2, once the store issued two chunks ago (from it) has read it.
+    if (chunk >= 2) {
+      if (lane == 0) tma_store_wait<1>();
+      __syncwarp();
+    }
+    char* buffer = staging + (chunk % 2) * 1024;
+    CUTE_UNROLL
+    for (int q = 0; q < kRegsPerChunk; q += 2) {
+      const int i = chunk * kRegsPerChunk + q;
+      const int r = get<0>(coord(i)) - warp_row0;  // 0..15
+      const int tile_col = get<1>(coord(i));
+      const float2 b = bias_pair(tile_col, 0);
+      float out0, out1;
+      if constexpr (Cfg::kGated) {
+        const float2 b_up = bias_pair(tile_col, n_out);
+        out0 = gate_up<kEpilogue>(accum(i) + b.x, accum(i + kHalf) + b_up.x);
+        out1 = gate_up<kEpilogue>(accum(i + 1) + b.y, accum(i + kHalf + 1) + b_up.y);
+      } else {
+        out0 = activate<kEpilogue>(accum(i) + b.x);
+        out1 = activate<kEpilogue>(accum(i + 1) + b.y);
+      }
+      store_pair(reinterpret_cast<TOut*>(buffer + chunk_tma_offset(r, tile_col - chunk * SS::kChunkCols)), out0, out1);
+    }
+    tma_store_fence();  // the warp's generic-proxy writes -> visible to the TMA unit
+    __syncwarp();
+    if (lane == 0) {
+      const auto crd = mC(row_base + warp_row_begin, col0, heap);
+      SM90_TMA_STORE_3D::copy(tma.get_tma_descriptor(), buffer, get<0>(crd), get<1>(crd), get<2>(crd));
+      tma_store_arrive();
+    }
+  }
+  if (lane == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  __syncwarp();
+}
+
+// The same, dispatched once per tile to the instantiation of its activation.
+template <class Cfg, class TOut, class TmaStore, class Accumulator>
+__device__ __forceinline__ void store_tile_tma_typed(Epilogue epilogue, TmaStore const& tma, int rows, int heaps,
+                                                     int heap, int64_t row_base, const TOut* bias, int64_t n_out,
+                                                     TileCoord const& tc, int consumer_thread,
+                                                     Accumulator const& accum, char* staging) {
+  auto fixed = [&]<Epilogue kEpilogue>() {
+    store_tile_tma_fixed<Cfg, TOut, kEpilogue>(tma, rows, heaps, heap, row_base, bias, n_out, tc, consumer_thread,
+                                              accum, staging);
+  };
+  if constexpr (Cfg::kGated) {
+    if (epilogue == Epilogue::kGeGlu) fixed.template operator()<Epilogue::kGeGlu>();
+    else fixed.template operator()<Epilogue::kSwiGlu>();
+  } else {
+    switch (epilogue) {
+      case Epilogue::kRelu: return fixed.template operator()<Epilogue::kRelu>();
+      case Epilogue::kGelu: return fixed.template operator()<Epilogue::kGelu>();
+      default: return fixed.template operator()<Epilogue::kIdentity>();
+    }
+  }
 }
 
 // The k*Backward epilogues (dgrad of GEMM1 + activation backward; see Epilogue): the fp32 dact
